@@ -1,0 +1,83 @@
+"""What every Hydra entry point shares: logging, seeding, loggers, prompt loading, W&B teardown."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("hawkspec")
+
+#: The Hydra config tree at the repository root (the package is installed editable from the clone).
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+
+
+def instantiate(cfg: DictConfig, what: str, **kwargs) -> Any:
+    """``hydra.utils.instantiate`` with a log line naming what is built and a readable error."""
+    target = cfg.get("_target_", "?") if isinstance(cfg, DictConfig) else "?"
+    log.info("Instantiating %s <%s>", what, target)
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except Exception as e:  # unwrap Hydra's InstantiationException chain to the real cause
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is e:
+            raise
+        raise type(cause)(f"while instantiating `{what}` ({target}): {cause}") from e
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list:
+    """Lightning loggers from the ``logger`` group (a dict of logger configs; empty for ``logger=none``)."""
+    if not cfg:
+        return []
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return [instantiate(c, f"logger.{name}") for name, c in cfg.items() if c is not None and "_target_" in c]
+
+
+def load_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from ``prompts_file`` (one per line) when set, else the ``prompts`` list."""
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file={prompts_file} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file={prompts_file} holds no prompt (one per line expected)")
+    prompts = list(prompts or [])
+    if not prompts:
+        raise ValueError("the prompt list is empty: set `prompts=[...]` or `prompts_file=PATH`")
+    return prompts
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close the W&B run of this job, if one was started (one run per job under multirun)."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
+def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap an entry point body: print the config, close W&B in ``finally`` with the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> Any:
+        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        code = 1
+        try:
+            out = fn(cfg)
+            code = 0
+            return out
+        finally:
+            finish_wandb(code)
+
+    return wrapper

@@ -1,0 +1,97 @@
+"""``hawkspec-pretrain``: train the embedded tiny model (VQ codebook, then transformer) from scratch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hawkspec.backbones.tiny import TinyBackbone
+from hawkspec.cli.common import CONF_DIR, instantiate, instantiate_loggers, task
+from hawkspec.data.procedural import VOCAB_WORDS
+from hawkspec.data.render import save_grid
+from hawkspec.data.tokens import PretrainDataModule, render_images
+from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.training.pretrain import TinyPretrainModule
+from hawkspec.vq.patch_vq import PatchVQ
+
+log = logging.getLogger("hawkspec")
+
+
+@task
+def run(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    t0 = time.perf_counter()
+    d = cfg.data
+    if d.image_size % cfg.vq.patch_size:
+        raise ValueError(f"data.image_size={d.image_size} must be a multiple of vq.patch_size={cfg.vq.patch_size}")
+    grid_side = d.image_size // cfg.vq.patch_size
+
+    log.info("Rendering %d training images", d.train_size)
+    train_images = render_images(d.train_size, cfg.seed, d.image_size)
+    log.info("Fitting the VQ codebook (%d codes, k-means)", cfg.vq.num_codes)
+    vq = PatchVQ(num_codes=cfg.vq.num_codes, patch_size=cfg.vq.patch_size)
+    vq_stats = vq.fit(train_images[0][: cfg.vq.fit_images], iters=cfg.vq.iters, seed=cfg.seed)
+    log.info("VQ: %s", vq_stats)
+
+    log.info("Instantiating backbone <hawkspec.backbones.tiny.TinyBackbone>")
+    backbone = TinyBackbone.build(list(VOCAB_WORDS), vq, rows=grid_side, cols=grid_side, seed=cfg.seed, **cfg.model)
+    datamodule = PretrainDataModule(
+        vq, backbone.layout, train_size=d.train_size, val_size=d.val_size, seed=cfg.seed,
+        image_size=d.image_size, batch_size=d.batch_size, prompt_dropout=d.prompt_dropout,
+        num_workers=d.num_workers, train_images=train_images,
+    )
+    module = TinyPretrainModule(
+        backbone, optimizer=instantiate(cfg.optimizer, "optimizer"),
+        scheduler=instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
+    )
+    trainer: L.Trainer = instantiate(cfg.trainer, "trainer", logger=instantiate_loggers(cfg.get("logger")))
+    trainer.fit(module, datamodule=datamodule)
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)
+    train_seconds = time.perf_counter() - t0
+
+    backbone.model.eval()
+    model_dir = out_dir / "tiny"
+    backbone.save_pretrained(model_dir)
+    backbone = TinyBackbone.from_pretrained(model_dir)  # what users will load, revision included
+
+    sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
+    prompts = datamodule.val_captions[: cfg.report.num_prompts]
+    gen = ar_generate(backbone, prompts, sampling, torch.Generator().manual_seed(cfg.seed), track_entropy=True)
+    save_grid(out_dir / "samples.png", list(backbone.decode_codes(gen.codes)), prompts)
+    report = {
+        "val_loss": float(val[0]["val/loss"]) if val else None,
+        "mean_entropy_nats": gen.mean_entropy,
+        "sampling": OmegaConf.to_container(cfg.sampling),
+        "vq": vq_stats,
+        "parameters": sum(p.numel() for p in backbone.model.parameters()),
+        "revision": backbone.revision,
+        "seconds": round(train_seconds, 1),
+    }
+    (model_dir / "pretrain_report.json").write_text(json.dumps(report, indent=1))
+    log.info("Pretraining report: %s", json.dumps(report))
+    if cfg.export_dir:
+        export = Path(cfg.export_dir)
+        if export.exists():
+            shutil.rmtree(export)
+        shutil.copytree(model_dir, export)
+        log.info("Exported the model to %s", export)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""transformers' own ``generate`` on a backbone, with the image layout as a logits processor.
+
+This is the reference our AR baseline is checked against: greedy outputs must match token for token, and
+our seconds per image must be within 10% of these (``make bench``). Supported without CFG only.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from hawkspec.backbones.base import Backbone
+from hawkspec.decoding.sampling import SamplingConfig
+
+
+class ImageLayoutLogitsProcessor(LogitsProcessor):
+    """Allow only image codes, and only the end-of-line token where the layout forces it."""
+
+    def __init__(self, backbone: Backbone, prompt_length: int):
+        self.prompt_length = prompt_length
+        self.forced = backbone.grid.forced_mask()
+        self.eol = backbone.eol_token_id
+        self.code_ids = backbone.code_token_ids.cpu()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        j = input_ids.shape[1] - self.prompt_length
+        out = torch.full_like(scores, float("-inf"))
+        if self.forced[j]:
+            out[:, self.eol] = 0.0
+        else:
+            out[:, self.code_ids] = scores[:, self.code_ids]
+        return out
+
+
+@torch.no_grad()
+def hf_generate(backbone: Backbone, prompts: list[str], sampling: SamplingConfig) -> torch.Tensor:
+    """Image-body tokens (B, rows*W) from ``model.generate``; seed with ``torch.manual_seed`` beforehand."""
+    if sampling.use_cfg:
+        raise ValueError("hf_generate is the no-CFG reference: set sampling.cfg_scale=1.0")
+    model = backbone.model
+    seqs = [p + [backbone.image_start_id] for p in backbone.tokenize(prompts)]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), model.config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s) :], mask[i, L - len(s) :] = torch.tensor(s), 1
+    kwargs = dict(do_sample=False) if sampling.greedy else dict(
+        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=None
+    )
+    out = model.generate(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        max_new_tokens=backbone.grid.length,
+        min_new_tokens=backbone.grid.length,
+        logits_processor=LogitsProcessorList([ImageLayoutLogitsProcessor(backbone, L)]),
+        pad_token_id=model.config.pad_token_id,
+        eos_token_id=None,
+        **kwargs,
+    )
+    return out[:, L:]
