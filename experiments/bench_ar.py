@@ -1,0 +1,73 @@
+"""Is our AR baseline as fast as transformers' own ``generate``? (The baseline every speedup divides by.)
+
+Same model, prompts, batch and sampling settings (no CFG: ``generate`` has no CFG stream); warm-up, then
+``repeats`` interleaved timed runs of each; medians reported. Writes ``results.json`` and prints a table.
+
+    python experiments/bench_ar.py num_prompts=8 batch_size=8 repeats=5 out=outputs/bench/ar_vs_generate.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from hawkspec.backbones.tiny import TinyBackbone
+from hawkspec.data.procedural import ProceduralDataset
+from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.hf_reference import hf_generate
+from hawkspec.decoding.sampling import SamplingConfig
+
+DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0,
+            "backbone_path": None, "out": "outputs/bench/ar_vs_generate.json"}
+
+
+def main() -> dict:
+    cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:]))
+    bb = TinyBackbone.from_pretrained(cfg.backbone_path)
+    ds = ProceduralDataset(cfg.num_prompts, seed=1234)
+    prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
+    batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    s = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, cfg_scale=1.0)
+
+    def ours():
+        for i, b in enumerate(batches):
+            ar_generate(bb, b, s, torch.Generator().manual_seed(i))
+
+    def theirs():
+        for i, b in enumerate(batches):
+            torch.manual_seed(i)
+            hf_generate(bb, b, s)
+
+    runs = {"hawkspec_ar": ours, "transformers_generate": theirs}
+    for fn in runs.values():  # warm-up
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(cfg.repeats):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) / len(prompts))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "backbone": bb.name, "revision": bb.revision, "num_prompts": len(prompts), "batch_size": cfg.batch_size,
+        "threads": torch.get_num_threads(), "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
+        "seconds_per_image": med, "all_runs": times,
+        "ratio_ours_over_generate": med["hawkspec_ar"] / med["transformers_generate"],
+    }
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(result, indent=1))
+    print(f"| runner | s/image (median of {cfg.repeats}) |\n|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.4f} |")
+    print(f"ours / generate = {result['ratio_ours_over_generate']:.3f} (must be <= 1.10) -> {cfg.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

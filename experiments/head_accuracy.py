@@ -1,0 +1,89 @@
+"""The Hawk paper's Figure 4 on our backbone: draft-head accuracy against the distance of the predicted token.
+
+Reads ``val_metrics.json`` of a trained Hawk head set (written by ``hawkspec-train`` next to the heads) and writes
+
+* ``head_accuracy.md``: one row per head — offset in tokens from the source position, displacement in rows and
+  columns, validation top-1 and top-5 (against the cached codes, see ``hawkspec.training.heads``);
+* ``head_accuracy.png``: top-1 against the offset in tokens, horizontal heads vs vertical heads.
+
+    python experiments/head_accuracy.py outputs/quickstart/heads/hawk
+    python experiments/head_accuracy.py path/to/val_metrics.json --out experiments/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_report(path: Path) -> dict:
+    """The ``val_metrics.json`` at ``path`` (a file, or a heads folder holding one)."""
+    path = path / "val_metrics.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train heads with `hawkspec-train` first")
+    report = json.loads(path.read_text())
+    if not any(r["top1"] is not None for r in report["heads"]):
+        raise ValueError(f"{path} has no validation metrics (was the run trained without a val split?)")
+    return report
+
+
+def markdown(report: dict, source: str) -> str:
+    b = report.get("backbone", {})
+    grid = b.get("grid", {})
+    lines = [
+        "# Draft-head accuracy vs distance (Hawk Figure 4 analogue)",
+        "",
+        f"Heads `{source}`: backbone `{b.get('backbone')}` revision `{b.get('revision')}`, grid "
+        f"{grid.get('rows')}x{grid.get('cols')} (W = {report['tokens_per_row']} tokens per row, end-of-line "
+        f"included), trained {report['global_step']} steps. Accuracy of each head's argmax (top-1) and top-5 "
+        "against the validation cache's codes at the head's target position, micro-averaged over valid targets.",
+        "",
+        "| head | offset (tokens) | rows | cols | top-1 | top-5 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["heads"]:
+        lines.append(f"| {r['name']} | {r['offset']} | {r['rows']} | {r['cols']} | {r['top1']:.3f} | {r['top5']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for kind, style in (("horizontal", "o-"), ("vertical", "s-")):
+        rows = [r for r in report["heads"] if r["kind"] == kind]
+        if rows:
+            ax.plot([r["offset"] for r in rows], [r["top1"] for r in rows], style, label=f"{kind} heads")
+            for r in rows:
+                ax.annotate(r["name"], (r["offset"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("distance of the predicted token (tokens ahead of the source)")
+    ax.set_ylabel("top-1 accuracy (val)")
+    ax.set_ylim(0, max(0.05, max(r["top1"] for r in report["heads"]) * 1.15))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Draft-head accuracy vs distance")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("heads", type=Path, help="a heads folder or its val_metrics.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    args = ap.parse_args()
+    report = load_report(args.heads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "head_accuracy.md").write_text(markdown(report, str(args.heads)))
+    plot(report, args.out / "head_accuracy.png")
+    print(f"wrote {args.out / 'head_accuracy.md'} and {args.out / 'head_accuracy.png'}")
+
+
+if __name__ == "__main__":
+    main()

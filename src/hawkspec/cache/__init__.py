@@ -1,0 +1,1 @@
+"""The hidden-state cache: the frozen backbone's last-layer states on WebDataset shards (``hawkspec-cache``)."""

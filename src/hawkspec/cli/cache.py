@@ -1,0 +1,66 @@
+"""``hawkspec-cache``: run the frozen backbone teacher-forced and write hidden-state shards (train/ and val/)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from hawkspec.backbones.base import Backbone
+from hawkspec.cache.plan import CachePlan
+from hawkspec.cache.predict import CacheModule
+from hawkspec.cache.runner import cache_split
+from hawkspec.cache.writer import ShardTarWriter
+from hawkspec.cli.common import CONF_DIR, instantiate, task
+from hawkspec.decoding.sampling import SamplingConfig
+
+log = logging.getLogger("hawkspec")
+
+
+def make_plans(cfg: DictConfig, backbone: Backbone) -> list[CachePlan]:
+    """The train split (``seed``) and, when ``cache.val_samples > 0``, the val split (``seed + 1``)."""
+    c = cfg.cache
+    if c.val_samples < 0:
+        raise ValueError(f"cache.val_samples must be >= 0 (0 skips the val split), got {c.val_samples}")
+    common = dict(
+        shard_size=int(c.shard_size), batch_size=int(c.batch_size), source=str(c.source), topk=int(c.topk),
+        sampling=OmegaConf.to_container(cfg.sampling, resolve=True), identity=backbone.identity(),
+    )
+    splits = [("train", int(c.num_samples), int(cfg.seed))]
+    if c.val_samples:
+        splits.append(("val", int(c.val_samples), int(cfg.seed) + 1))
+    out = Path(c.out_dir)
+    return [CachePlan(out_dir=out / name, split=name, num_samples=n, seed=s, **common).validate() for name, n, s in splits]
+
+
+@task
+def run(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    backbone: Backbone = instantiate(cfg.backbone, "backbone").eval()
+    sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
+    plans = make_plans(cfg, backbone)
+    module = CacheModule(backbone, sampling)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, "trainer", callbacks=[ShardTarWriter()], use_distributed_sampler=False
+    )
+    stats = [cache_split(trainer, module, plan) for plan in plans]
+    summary = {"out_dir": str(Path(cfg.cache.out_dir).resolve()), "world_size": trainer.world_size, "splits": stats}
+    if trainer.is_global_zero:
+        (Path(cfg.cache.out_dir) / "cache_summary.json").write_text(json.dumps(summary, indent=1))
+        for s in stats:
+            rate = f"{s['samples_per_s']} samples/s" if s["samples_per_s"] else "nothing to do"
+            print(f"cache {s['split']}: {s['samples_written']} of {s['num_samples']} samples written ({rate})")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cache")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Acceptance rules, by registry name (``decoder.acceptance.name``)."""
+
+from hawkspec.decoding.acceptance.base import AcceptanceRule
+from hawkspec.decoding.acceptance.exact import ExactAcceptance, GreedyAcceptance
+from hawkspec.decoding.acceptance.typical import TypicalAcceptance
+
+__all__ = ["AcceptanceRule", "ExactAcceptance", "GreedyAcceptance", "TypicalAcceptance"]

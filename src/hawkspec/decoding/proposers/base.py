@@ -1,0 +1,77 @@
+"""Proposers: where the draft candidates of each speculated position come from.
+
+The engine asks a proposer for a *pool* of candidates per speculated code (code depth ``j`` = the ``j``-th
+image code after the root, end-of-line tokens skipped) and, after verification, tells it which tokens were
+accepted with their hidden states, so proposers with memory (Hawk's vertical speculation cache) can update.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Pools:
+    """Candidate pools of a batch.
+
+    Attributes:
+        tokens: (B, J, P) code indices, best first; -1 where there is no candidate.
+        q: (B, J, P, K) distribution each candidate was sampled from, or None when every candidate was chosen
+            deterministically (top-k): point masses for the acceptance rule.
+    """
+
+    tokens: torch.Tensor
+    q: torch.Tensor | None = None
+
+
+def dedupe_first(tokens: torch.Tensor, size: int) -> torch.Tensor:
+    """Keep the first occurrence of each candidate, in order, then truncate/pad to ``size``.
+
+    tokens: (..., C) with -1 for none -> (..., size).
+    """
+    C = tokens.shape[-1]
+    earlier = torch.ones(C, C, dtype=torch.bool, device=tokens.device).tril(-1)  # [i, j]: j < i
+    dup = ((tokens.unsqueeze(-1) == tokens.unsqueeze(-2)) & earlier).any(-1)
+    keep = ~dup & (tokens >= 0)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    out = torch.where(keep, tokens, -1).gather(-1, order)
+    if C < size:
+        out = torch.cat([out, out.new_full((*out.shape[:-1], size - C), -1)], dim=-1)
+    return out[..., :size]
+
+
+class Proposer(abc.ABC):
+    """Base class. ``name`` is the registry key (``decoder.proposer.name``)."""
+
+    name: str = ""
+
+    def bind(self, backbone, sampling) -> None:
+        """Attach to a backbone and the target's sampling settings (drafts use the same top-k/temperature)."""
+        self.backbone, self.sampling = backbone, sampling
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        """Reset per-batch state before a new batch of images."""
+
+    @abc.abstractmethod
+    def propose(
+        self, src_hidden: torch.Tensor, root_pos: torch.Tensor, code_pos: torch.Tensor, pool_size: int,
+        generator: torch.Generator | None,
+    ) -> Pools:
+        """Candidate pools for the next tree.
+
+        Args:
+            src_hidden: (B, d) hidden state at the last forwarded committed token (body position root - 1).
+            root_pos: (B,) body position of the root (the committed, not yet forwarded token).
+            code_pos: (B, J) body position of each speculated code, -1 past the image end.
+            pool_size: P, candidates wanted per position.
+            generator: For sampled drafts.
+        """
+
+    def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
+        """Accepted tokens of the last step: hidden (B, A, d) at body positions (B, A); the first ``count``."""
+
+    def describe(self) -> dict:
+        return {"name": self.name}

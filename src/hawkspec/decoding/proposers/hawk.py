@@ -1,0 +1,121 @@
+"""Hawk: horizontal heads plus vertical heads whose drafts wait in a speculation cache until their row comes.
+
+Every accepted token's hidden state runs through the vertical heads; head d's draft for the token d rows
+below (body position ``s + d*W``) is stored in the *speculation cache*, keyed by that target position. When
+decoding speculates position p, the fresh horizontal draft for p and the cached vertical drafts for p are
+merged into one *spatial sampling pool* (in the configured verification order), and the tree draws its
+candidates from the pool. The cache is a ring buffer over ``(vsd + 1) * W`` positions: a target is never
+more than ``vsd * W`` ahead of the committed text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hawkspec.decoding.proposers.base import Pools, dedupe_first
+from hawkspec.decoding.proposers.medusa import MedusaProposer
+from hawkspec.heads.draft import DraftHeads
+
+ORDERS = ("vertical_first", "horizontal_first", "interleave")
+
+
+class HawkProposer(MedusaProposer):
+    """Medusa's horizontal drafts merged with cached vertical drafts.
+
+    Args:
+        heads: Draft heads with vertical heads (``heads.vertical=true``).
+        draft: ``topk`` or ``sample`` (see :class:`MedusaProposer`).
+        vertical: Use the vertical heads (False = Medusa with Hawk's plumbing, for ablations).
+        vsd: Vertical speculation depth used at decoding, <= the heads' vsd (None: all of them).
+        vertical_candidates: Candidates each vertical head contributes per position (m).
+        order: Merge order of the pool: ``vertical_first`` (the paper's), ``horizontal_first`` or
+            ``interleave``.
+    """
+
+    name = "hawk"
+
+    def __init__(
+        self, heads: DraftHeads, draft: str = "topk", vertical: bool = True, vsd: int | None = None,
+        vertical_candidates: int = 1, order: str = "vertical_first",
+    ):
+        super().__init__(heads, draft)
+        if order not in ORDERS:
+            raise ValueError(f"decoder.proposer.order must be one of {ORDERS}, got {order!r}")
+        have = heads.config.num_vertical
+        if vertical and not have:
+            raise ValueError("decoder.proposer.vertical=true needs heads trained with vertical heads (heads=hawk)")
+        self.vsd = (vsd or have) if vertical else 0
+        if self.vsd > have:
+            raise ValueError(f"decoder.proposer.vsd={self.vsd} exceeds the heads' vertical depth {have}")
+        if vertical_candidates < 1:
+            raise ValueError(f"decoder.proposer.vertical_candidates must be >= 1, got {vertical_candidates}")
+        self.m, self.order = vertical_candidates, order
+
+    def bind(self, backbone, sampling) -> None:
+        super().bind(backbone, sampling)
+        grid = backbone.grid
+        self.W, self.L = grid.tokens_per_row, grid.length
+        self.R = (self.vsd + 1) * self.W
+        self.forced = grid.forced_mask().to(self.heads.lm_head.device)
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        B, R, V, m = batch_size, self.R, max(self.vsd, 1), self.m
+        self.ring_tok = torch.full((B, R, V, m), -1, dtype=torch.long, device=device)
+        self.ring_pos = torch.full((B, R, V), -1, dtype=torch.long, device=device)
+        K = self.heads.lm_head.shape[0]
+        self.ring_q = torch.zeros((B, R, V, K), device=device) if self.draft == "sample" else None
+
+    def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
+        """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A)."""
+        if not self.vsd:
+            return
+        B, A, _ = hidden.shape
+        logits = self.heads.vertical(hidden)[..., : self.vsd, :]  # (B, A, vsd, K)
+        d = torch.arange(1, self.vsd + 1, device=hidden.device)
+        target = positions.unsqueeze(-1) + d * self.W  # (B, A, vsd)
+        ok = (torch.arange(A, device=hidden.device) < count[:, None]) & (positions >= 0)  # (B, A)
+        ok = ok.unsqueeze(-1) & (target < self.L) & ~self.forced[target.clamp(max=self.L - 1)]  # (B, A, vsd)
+        tokens, q = self._candidates(logits, ok, self.m, None if self.draft == "topk" else self._generator)
+        b, a, v = ok.nonzero(as_tuple=True)
+        slot = target[b, a, v] % self.R
+        self.ring_tok[b, slot, v] = tokens[b, a, v]
+        self.ring_pos[b, slot, v] = target[b, a, v]
+        if q is not None:
+            self.ring_q[b, slot, v] = q[b, a, v, 0]
+
+    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+        self._generator = generator
+        h_tok, h_q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator)
+        if not self.vsd:
+            return Pools(h_tok, h_q)
+        B, J = code_pos.shape
+        slot = code_pos.clamp(min=0) % self.R  # (B, J)
+        bidx = torch.arange(B, device=code_pos.device)[:, None]
+        hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
+        v_tok = torch.where(hit.unsqueeze(-1), self.ring_tok[bidx, slot], -1).flatten(2)  # (B, J, vsd*m)
+        if self.order == "vertical_first":
+            tokens = torch.cat([v_tok, h_tok], dim=-1)
+        elif self.order == "horizontal_first":
+            tokens = torch.cat([h_tok, v_tok], dim=-1)
+        else:  # interleave: v1, h1, v2, h2, ...
+            n = max(v_tok.shape[-1], h_tok.shape[-1])
+            pad = lambda t: torch.cat([t, t.new_full((B, J, n - t.shape[-1]), -1)], -1)  # noqa: E731
+            tokens = torch.stack([pad(v_tok), pad(h_tok)], dim=-1).flatten(2)
+        if self.draft == "topk":
+            return Pools(dedupe_first(tokens, pool_size))
+        # sampled drafts: duplicates are legitimate i.i.d. draws; keep each candidate's own q
+        K = h_q.shape[-1]
+        v_q = self.ring_q[bidx, slot].unsqueeze(-2).expand(B, J, self.vsd, self.m, K).flatten(2, 3)
+        qs = {"vertical_first": [v_q, h_q], "horizontal_first": [h_q, v_q]}.get(self.order)
+        if qs is None:
+            raise ValueError("decoder.proposer.order=interleave is only supported with draft=topk")
+        q = torch.cat(qs, dim=2)
+        keep = tokens >= 0
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :pool_size]
+        tokens = torch.where(keep, tokens, -1).gather(-1, order)
+        q = q.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, K))
+        return Pools(tokens, q)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "name": self.name, "vsd": self.vsd, "vertical_candidates": self.m,
+                "order": self.order}

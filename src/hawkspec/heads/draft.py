@@ -1,0 +1,160 @@
+"""Draft heads: Medusa's horizontal heads and Hawk's vertical heads on the frozen model's hidden state.
+
+Each head is a stack of ResBlocks ``x + SiLU(W x + b)`` with W and b zero-initialised (the head starts as the
+identity, i.e. it first predicts what the LM head predicts), followed by the backbone's *frozen* LM head
+restricted to image codes (Medusa-2 style). Every head has its own weights. Offsets: :mod:`.offsets`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hawkspec.heads.offsets import head_names, head_offsets
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(W x + b)``, W and b zero-initialised."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Shape of a set of draft heads.
+
+    Attributes:
+        num_horizontal: n, horizontal heads (head k predicts k tokens after the next one); >= 1.
+        vertical: Whether Hawk's vertical heads exist.
+        vsd: Vertical speculation depth: vertical heads d = 1..vsd (d rows below); >= 1 when vertical.
+        num_layers: ResBlocks per head.
+    """
+
+    num_horizontal: int = 4
+    vertical: bool = True
+    vsd: int = 2
+    num_layers: int = 1
+
+    @property
+    def num_vertical(self) -> int:
+        return self.vsd if self.vertical else 0
+
+    def validate(self, rows: int | None = None) -> "HeadsConfig":
+        """Raise a ValueError naming the key when the heads do not make sense (for this grid)."""
+        if self.num_horizontal < 1:
+            raise ValueError(f"heads.num_horizontal must be >= 1, got {self.num_horizontal}")
+        if self.num_layers < 1:
+            raise ValueError(f"heads.num_layers must be >= 1, got {self.num_layers}")
+        if self.vertical and self.vsd < 1:
+            raise ValueError(f"heads.vsd must be >= 1 when heads.vertical is true (got {self.vsd}); "
+                             "set heads.vertical=false to drop the vertical heads")
+        if self.vertical and rows is not None and self.vsd > rows - 1:
+            raise ValueError(f"heads.vsd={self.vsd} reaches below the image: set heads.vsd <= image rows - 1 = {rows - 1}")
+        return self
+
+
+class DraftHeads(nn.Module):
+    """Horizontal heads 1..n then vertical heads 1..vsd over the frozen code LM head.
+
+    Args:
+        config: Shapes.
+        hidden_size: d, the backbone's hidden size.
+        tokens_per_row: W (end-of-line included), fixes the vertical offsets.
+        lm_head: (K, d) frozen weight of the backbone's LM head rows of the image codes (not saved).
+        identity: The backbone's :meth:`~hawkspec.backbones.base.Backbone.identity`, saved with the heads.
+    """
+
+    def __init__(self, config: HeadsConfig, hidden_size: int, tokens_per_row: int, lm_head: torch.Tensor,
+                 identity: dict | None = None):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.tokens_per_row = tokens_per_row
+        self.identity = identity or {}
+        n_heads = config.num_horizontal + config.num_vertical
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[ResBlock(hidden_size) for _ in range(config.num_layers)]) for _ in range(n_heads)
+        )
+        self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)  # (K, d), frozen
+
+    @classmethod
+    def for_backbone(cls, config: HeadsConfig, backbone) -> "DraftHeads":
+        config.validate(backbone.grid.rows)
+        K0 = int(backbone.code_token_ids[0])
+        lm = backbone.model.lm_head.weight[K0 : K0 + backbone.num_codes] if hasattr(backbone, "model") else None
+        if lm is None:
+            raise TypeError("DraftHeads.for_backbone needs a backbone exposing model.lm_head")
+        return cls(config, backbone.hidden_size, backbone.grid.tokens_per_row, lm, backbone.identity())
+
+    @property
+    def offsets(self) -> list[int]:
+        """Target offset of each head, in output order (see :mod:`hawkspec.heads.offsets`)."""
+        return head_offsets(self.config.num_horizontal, self.config.num_vertical, self.tokens_per_row)
+
+    @property
+    def names(self) -> list[str]:
+        return head_names(self.config.num_horizontal, self.config.num_vertical)
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., H, d): every head's ResBlock output."""
+        return torch.stack([blk(hidden) for blk in self.blocks], dim=-2)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., H, K) code logits of every head (horizontal first, then vertical)."""
+        return self.features(hidden) @ self.lm_head.T
+
+    def _logits(self, hidden: torch.Tensor, blocks) -> torch.Tensor:
+        return torch.stack([blk(hidden) for blk in blocks], dim=-2) @ self.lm_head.T
+
+    def horizontal(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., n, K): horizontal heads only (head k at index k-1)."""
+        return self._logits(hidden, self.blocks[: self.config.num_horizontal])
+
+    def vertical(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., vsd, K): vertical heads only (head d at index d-1)."""
+        if not self.config.num_vertical:
+            raise ValueError("these heads have no vertical heads (heads.vertical=false)")
+        return self._logits(hidden, self.blocks[self.config.num_horizontal :])
+
+    # ----------------------------------------------------------------------------------------- io
+    def save(self, path: str | Path) -> Path:
+        """Write ``heads.safetensors`` and ``heads.json`` (shapes + backbone identity) into folder ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "heads.safetensors")
+        meta = {"heads": asdict(self.config), "hidden_size": self.hidden_size,
+                "tokens_per_row": self.tokens_per_row, "backbone": self.identity}
+        (path / "heads.json").write_text(json.dumps(meta, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, backbone) -> "DraftHeads":
+        """Load heads saved by :meth:`save` for ``backbone``; refuse heads trained on another backbone/grid."""
+        path = Path(path)
+        for name in ("heads.safetensors", "heads.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"draft heads checkpoint is missing {path / name}: set `decoder.heads_path` "
+                                        "to a folder written by `hawkspec-train`")
+        meta = json.loads((path / "heads.json").read_text())
+        want, have = meta.get("backbone", {}), backbone.identity()
+        for key in ("backbone", "revision", "hidden_size", "grid", "num_codes"):
+            if key in want and want[key] != have[key]:
+                raise ValueError(
+                    f"heads in {path} were trained on {key}={want[key]!r} but the backbone has {key}={have[key]!r}: "
+                    "train heads for this backbone (hawkspec-cache + hawkspec-train) or pick the matching backbone"
+                )
+        heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
+        heads.load_state_dict(load_file(path / "heads.safetensors"))
+        return heads.eval()

@@ -1,0 +1,133 @@
+"""The engine: greedy speculative decoding equals greedy AR token for token; batches whose rows accept
+different lengths; forced tokens; metrics; bad input."""
+
+import pytest
+import torch
+
+from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance, TypicalAcceptance
+from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.engine import SpeculativeDecoder
+from hawkspec.decoding.proposers import HawkProposer, MedusaProposer
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.tree import paths_from_budget
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+
+PROMPTS = ["a red circle", "a large blue square on the left", "a green ring at the top", "a small cross"]
+
+
+@pytest.fixture(scope="module")
+def bb():
+    from hawkspec.testing import build_random_backbone
+
+    return build_random_backbone(rows=5, cols=5, num_codes=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def heads(bb):
+    h = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=2), bb)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in h.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return h
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("name", ["medusa", "hawk", "hawk_horizontal_first"])
+def test_greedy_speculative_equals_greedy_ar(bb, heads, cfg_scale, name):
+    s = SamplingConfig(temperature=0, top_k=None, cfg_scale=cfg_scale)
+    proposer = {
+        "medusa": MedusaProposer(heads),
+        "hawk": HawkProposer(heads),
+        "hawk_horizontal_first": HawkProposer(heads, order="horizontal_first", vertical_candidates=2),
+    }[name]
+    dec = SpeculativeDecoder(bb, proposer, GreedyAcceptance(), s, paths_from_budget(12, 3, 3))
+    out = dec.generate(PROMPTS)
+    ref = ar_generate(bb, PROMPTS, s)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert torch.equal(out.codes, ref.codes)
+    assert out.accepted_tokens.sum() > 0
+    # rows accepted different lengths in the same batch
+    assert len(set(out.forwards_per_image.tolist())) > 1
+
+
+def test_oracle_heads_accept_everything(bb):
+    """A stub whose drafts are always right: each step commits the full tree depth (+ bonus)."""
+    s = SamplingConfig(temperature=0, top_k=None, cfg_scale=1.0)
+    ref = ar_generate(bb, PROMPTS[:1], s)
+
+    class Oracle(MedusaProposer):
+        def propose(self, src_hidden, root_pos, code_pos, pool_size, generator):
+            pools = super().propose(src_hidden, root_pos, code_pos, pool_size, generator)
+            truth = ref.tokens[0, code_pos.clamp(min=0)] - bb.layout.code_offset  # (B, J)
+            pools.tokens[..., 0] = torch.where(code_pos >= 0, truth, -1)
+            return pools
+
+    h = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=False), bb)
+    dec = SpeculativeDecoder(bb, Oracle(h), GreedyAcceptance(), s, [(0,), (0, 0), (0, 0, 0)])
+    out = dec.generate(PROMPTS[:1])
+    assert torch.equal(out.tokens, ref.tokens)
+    steps, committed = out.extras["steps"].item(), out.extras["committed"].item()
+    assert committed / steps > 3.5  # 3 drafts + bonus per step, plus free end-of-line tokens
+
+
+def test_never_accepting_drafts_is_ar_speed(bb, heads):
+    class Never(ExactAcceptance):
+        def draw(self, p, generator):
+            return None  # take the general path so that try_candidate decides
+
+        def try_candidate(self, r, x, q, u):
+            acc, r_new = super().try_candidate(r, x, q, u)
+            return torch.zeros_like(acc), r_new
+
+    s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=1.0)
+    out = SpeculativeDecoder(bb, MedusaProposer(heads), Never(), s, paths_from_budget(8, 3, 3)).generate(
+        PROMPTS, torch.Generator().manual_seed(0)
+    )
+    assert out.accepted_tokens.sum() == 0
+    # forced end-of-line tokens still come for free along the path
+    L = bb.grid.length
+    assert (out.forwards_per_image <= L).all()
+    assert (out.tokens[:, bb.grid.forced_mask()] == bb.eol_token_id).all()
+
+
+def test_sampled_decoding_is_seeded_and_valid(bb, heads):
+    s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
+    dec = SpeculativeDecoder(bb, HawkProposer(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
+    a = dec.generate(PROMPTS, torch.Generator().manual_seed(5))
+    b = dec.generate(PROMPTS, torch.Generator().manual_seed(5))
+    assert torch.equal(a.tokens, b.tokens)
+    forced = bb.grid.forced_mask()
+    assert (a.tokens[:, forced] == bb.eol_token_id).all()
+    assert (a.codes >= 0).all() and (a.codes < bb.num_codes).all()
+    assert a.accept_map.shape == (4, 5, 5)
+
+
+def test_typical_is_labelled_lossy(bb, heads):
+    s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=1.0)
+    dec = SpeculativeDecoder(bb, MedusaProposer(heads), TypicalAcceptance(), s, paths_from_budget(8, 3, 3))
+    assert not dec.lossless
+    assert SpeculativeDecoder(bb, MedusaProposer(heads), ExactAcceptance(), s, [(0,)]).lossless
+
+
+def test_tree_larger_than_maximum_is_refused(bb, heads):
+    with pytest.raises(ValueError, match="decoder.tree.max_nodes"):
+        SpeculativeDecoder(bb, MedusaProposer(heads), ExactAcceptance(), SamplingConfig(top_k=16),
+                           paths_from_budget(64, 3, 4), max_tree_nodes=32)
+
+
+def test_heads_for_another_backbone_are_refused(bb, heads):
+    from hawkspec.testing import build_random_backbone
+
+    other = build_random_backbone(rows=4, cols=4, num_codes=64)
+    with pytest.raises(ValueError, match="grid"):
+        SpeculativeDecoder(other, MedusaProposer(heads), ExactAcceptance(), SamplingConfig(top_k=16), [(0,)])
+
+
+def test_bad_proposer_settings(heads):
+    with pytest.raises(ValueError, match="decoder.proposer.vsd"):
+        HawkProposer(heads, vsd=5)
+    with pytest.raises(ValueError, match="decoder.proposer.order"):
+        HawkProposer(heads, order="diagonal")
+    with pytest.raises(ValueError, match="decoder.proposer.draft"):
+        MedusaProposer(heads, draft="beam")

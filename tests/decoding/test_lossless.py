@@ -1,0 +1,89 @@
+"""Lossless, shown: on a backbone small enough to enumerate every image (2x3 grid, 4 codes), the samples of
+the exact decoders match the exact target distribution (CFG and top-k on), and a broken rule is caught."""
+
+import pytest
+import torch
+
+from hawkspec.decoding.acceptance import ExactAcceptance
+from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.engine import SpeculativeDecoder
+from hawkspec.decoding.proposers import HawkProposer, MedusaProposer
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.tree import paths_from_budget
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+from hawkspec.metrics.lossless import chi_square, image_distribution
+
+PROMPT = "a red circle"
+SAMPLING = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
+N_SAMPLES = 3000
+ALPHA = 1e-3
+
+
+class ExactByTries(ExactAcceptance):
+    """The exact rule without the point-mass shortcut: every child is tried with ``try_candidate``."""
+
+    def draw(self, p, generator):
+        return None
+
+
+class ForgetfulResidual(ExactByTries):
+    """The classic bug: after a rejection, keep verifying siblings against the unreduced target."""
+
+    def try_candidate(self, r, x, q, u):
+        accepted, _ = super().try_candidate(r, x, q, u)
+        return accepted, r
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from hawkspec.testing import build_random_backbone
+
+    bb = build_random_backbone(rows=2, cols=3, num_codes=4, seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bb.model.parameters():  # a peaky, prompt-dependent random model
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
+        for p in heads.parameters():  # drafts that differ from the target
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    grids, probs = image_distribution(bb, PROMPT, SAMPLING)
+    return bb, heads, grids, probs
+
+
+def draw(decode) -> torch.Tensor:
+    return decode([PROMPT] * N_SAMPLES, torch.Generator().manual_seed(123)).codes.flatten(1)
+
+
+def test_enumeration_is_a_distribution(setup):
+    _, _, grids, probs = setup
+    assert grids.shape == (4**6, 6)
+    assert abs(probs.sum().item() - 1) < 1e-9
+    assert (probs == 0).sum() > 0  # top-k removes some images entirely
+
+
+def test_ar_matches_the_enumerated_distribution(setup):
+    bb, _, grids, probs = setup
+    samples = draw(lambda p, g: ar_generate(bb, p, SAMPLING, g))
+    assert chi_square(samples, grids, probs) > ALPHA
+
+
+@pytest.mark.parametrize(
+    "proposer, rule",
+    [("medusa", ExactAcceptance), ("hawk", ExactAcceptance), ("hawk", ExactByTries), ("hawk_sampled", ExactAcceptance)],
+)
+def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, rule):
+    bb, heads, grids, probs = setup
+    make = {
+        "medusa": lambda: MedusaProposer(heads),
+        "hawk": lambda: HawkProposer(heads),
+        "hawk_sampled": lambda: HawkProposer(heads, draft="sample"),
+    }[proposer]
+    paths = paths_from_budget(10, 3, 3)
+    exact = SpeculativeDecoder(bb, make(), rule(), SAMPLING, paths)
+    out = exact.generate([PROMPT] * N_SAMPLES, torch.Generator().manual_seed(123))
+    assert out.accepted_tokens.float().mean() > 1  # the drafts are really exercised
+    assert chi_square(out.codes.flatten(1), grids, probs) > ALPHA
+
+    if rule is ExactAcceptance:  # once per proposer is enough
+        broken = SpeculativeDecoder(bb, make(), ForgetfulResidual(), SAMPLING, paths)
+        assert chi_square(draw(broken.generate), grids, probs) < ALPHA
