@@ -120,7 +120,7 @@ def test_heads_for_another_backbone_are_refused(bb, heads):
     from hawkspec.testing import build_random_backbone
 
     other = build_random_backbone(rows=4, cols=4, num_codes=64)
-    with pytest.raises(ValueError, match="grid"):
+    with pytest.raises(ValueError, match="another backbone.*grid="):
         SpeculativeDecoder(other, MedusaProposer(heads), ExactAcceptance(), SamplingConfig(top_k=16), [(0,)])
 
 

@@ -209,3 +209,15 @@ class Backbone(nn.Module, abc.ABC):
             "grid": self.grid.to_dict(),
             "num_codes": self.num_codes,
         }
+
+
+IDENTITY_KEYS = ("backbone", "revision", "hidden_size", "grid", "num_codes")
+
+
+def check_identity(recorded: dict, backbone: "Backbone", what: str, fix: str) -> None:
+    """Raise a ValueError listing every field where ``recorded`` (from heads or shards) differs from the
+    backbone's :meth:`Backbone.identity`."""
+    have = backbone.identity()
+    diffs = [f"{k}={recorded[k]!r} (backbone: {have[k]!r})" for k in IDENTITY_KEYS if k in recorded and recorded[k] != have[k]]
+    if diffs:
+        raise ValueError(f"{what} was made with another backbone: " + "; ".join(diffs) + f". {fix}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from hawkspec.backbones.base import Backbone
@@ -47,7 +47,10 @@ def decoder_config(cfg: DictConfig, name: str) -> DictConfig:
     if name not in decoder_presets(CONF_DIR):
         raise ValueError(f"unknown decoder {name!r} in eval.decoders: choose from {decoder_presets(CONF_DIR)}")
     preset = compose(config_name="eval", overrides=[f"decoder={name}"]).decoder
-    return OmegaConf.merge(cfg, {"decoder": preset}).decoder  # resolve ${paths...} against this run
+    run_cfg = cfg.copy()
+    with open_dict(run_cfg):
+        run_cfg.decoder = preset  # replaces the node; ${paths...} now resolve against this run
+    return run_cfg.decoder
 
 
 def accept_heatmap(path: Path, maps: torch.Tensor, title: str) -> None:

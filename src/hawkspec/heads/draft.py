@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hawkspec.backbones.base import check_identity
 from hawkspec.heads.offsets import head_names, head_offsets
 
 
@@ -148,13 +149,8 @@ class DraftHeads(nn.Module):
                 raise FileNotFoundError(f"draft heads checkpoint is missing {path / name}: set `decoder.heads_path` "
                                         "to a folder written by `hawkspec-train`")
         meta = json.loads((path / "heads.json").read_text())
-        want, have = meta.get("backbone", {}), backbone.identity()
-        for key in ("backbone", "revision", "hidden_size", "grid", "num_codes"):
-            if key in want and want[key] != have[key]:
-                raise ValueError(
-                    f"heads in {path} were trained on {key}={want[key]!r} but the backbone has {key}={have[key]!r}: "
-                    "train heads for this backbone (hawkspec-cache + hawkspec-train) or pick the matching backbone"
-                )
+        check_identity(meta.get("backbone", {}), backbone, f"the draft heads in {path}",
+                       "Train heads for this backbone (hawkspec-cache, hawkspec-train) or set the matching backbone.")
         heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
         heads.load_state_dict(load_file(path / "heads.safetensors"))
         return heads.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hawkspec.backbones.base import check_identity
 from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.sampling import sample, target_probs
 from hawkspec.heads.draft import DraftHeads
@@ -27,13 +28,8 @@ class MedusaProposer(Proposer):
 
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
-        want, have = self.heads.identity, backbone.identity()
-        for key in ("backbone", "revision", "hidden_size", "grid", "num_codes"):
-            if key in want and want[key] != have[key]:
-                raise ValueError(
-                    f"draft heads were trained on {key}={want[key]!r}, the backbone has {key}={have[key]!r}: "
-                    "train heads for this backbone or set `decoder.heads_path` to matching heads"
-                )
+        check_identity(self.heads.identity, backbone, "the draft heads",
+                       "Train heads for this backbone or set `decoder.heads_path` to matching heads.")
         self.heads.to(next(iter(backbone.buffers())).device)
 
     def _draft_dists(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""`hawkspec-eval`: the results.json contract, the table and grids, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+from hawkspec.testing import build_random_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def eval_cli(*overrides, ok=True):
+    exe = Path(sys.executable).parent / "hawkspec-eval"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([str(exe), *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory, random_backbone_dir):
+    from hawkspec.backbones.tiny import TinyBackbone
+
+    bb = TinyBackbone.from_pretrained(random_backbone_dir)
+    root = tmp_path_factory.mktemp("heads")
+    DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=False), bb).save(root / "medusa")
+    DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=2), bb).save(root / "hawk")
+    return root
+
+
+def test_eval_writes_the_results_contract(tmp_path, random_backbone_dir, heads_dir):
+    eval_cli(
+        f"backbone.path={random_backbone_dir}", f"paths.heads_dir={heads_dir}", "eval.decoders=[ar,medusa,hawk]",
+        "eval.num_prompts=3", "eval.batch_size=2", "eval.repeats=1", "decoder.tree.budget=6",
+        f"hydra.run.dir={tmp_path}",
+    )
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["backbone"] == "tiny" and res["num_prompts"] == 3 and isinstance(res["device"], str)
+    rows = {r["decoder"]: r for r in res["rows"]}
+    assert set(rows) == {"ar", "medusa", "hawk"}
+    for r in rows.values():
+        for key, typ in [("lossless", bool), ("acceptance_length", float), ("forwards_per_image", float),
+                         ("step_compression", float), ("seconds_per_image", float), ("speedup", float)]:
+            assert isinstance(r[key], typ), (key, r[key])
+        assert Path(r["grid"]).is_file()
+    assert rows["ar"]["acceptance_length"] == pytest.approx(1.0)
+    assert rows["ar"]["step_compression"] == pytest.approx(1.0) and rows["ar"]["speedup"] == pytest.approx(1.0)
+    assert rows["hawk"]["lossless"] and rows["medusa"]["lossless"]
+    assert (tmp_path / "results.md").read_text().startswith("| decoder |")
+    assert (tmp_path / "accept_map_hawk.png").is_file()
+
+
+def test_unknown_decoder_is_named(tmp_path, random_backbone_dir, heads_dir):
+    proc = eval_cli(f"backbone.path={random_backbone_dir}", f"paths.heads_dir={heads_dir}",
+                    "eval.decoders=[ar,medusa,nope]", f"hydra.run.dir={tmp_path}", ok=False)
+    assert "unknown decoder 'nope'" in proc.stderr
+
+
+def test_heads_of_another_backbone_are_refused(tmp_path, random_backbone_dir):
+    other = build_random_backbone(rows=3, cols=3)
+    DraftHeads.for_backbone(HeadsConfig(num_horizontal=2, vertical=False), other).save(tmp_path / "h" / "medusa")
+    proc = eval_cli(f"backbone.path={random_backbone_dir}", f"paths.heads_dir={tmp_path / 'h'}",
+                    "eval.decoders=[medusa]", "decoder=medusa", f"hydra.run.dir={tmp_path}", ok=False)
+    assert "another backbone" in proc.stderr and "grid=" in proc.stderr
+
+
+def test_missing_heads_name_the_key(tmp_path, random_backbone_dir):
+    proc = eval_cli(f"backbone.path={random_backbone_dir}", f"paths.heads_dir={tmp_path}/none",
+                    "eval.decoders=[hawk]", f"hydra.run.dir={tmp_path}", ok=False)
+    assert "decoder.heads_path" in proc.stderr
