@@ -27,8 +27,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Every decoder preset against AR in one run (batch 1: per-image latency, as the papers report), then our AR
+# loop against transformers' generate. Results: outputs/bench/results.{json,md}, outputs/bench/ar_vs_generate.json
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_ar.py num_prompts=$(N)
+	$(BIN)/hawkspec-eval eval.decoders=all eval.num_prompts=$(N) eval.batch_size=1 hydra.run.dir=outputs/bench
+	$(BIN)/python experiments/bench_ar.py num_prompts=$(N) batch_size=1 out=outputs/bench/ar_vs_generate.json
 
 pretrain: $(STAMP)
 	$(BIN)/hawkspec-pretrain export_dir=src/hawkspec/assets/tiny

@@ -7,5 +7,16 @@ BIN=${BIN:-.venv/bin}
 OUT=${OUT:-outputs/quickstart}
 mkdir -p "$OUT"
 
-echo "== 1/1 generate: AR sampling with the shipped tiny model"
+echo "== 1/4 generate: AR sampling with the shipped tiny model"
 "$BIN/hawkspec-generate" hydra.run.dir="$OUT/generate"
+
+echo "== 2/4 cache: hidden states of the tiny model's own samples (self-distillation), train/ + val/ shards"
+"$BIN/hawkspec-cache" hydra.run.dir="$OUT/cache" cache.num_samples=640 cache.val_samples=128 cache.shard_size=128
+
+echo "== 3/4 train Medusa heads (horizontal only) -> $OUT/heads/medusa"
+"$BIN/hawkspec-train" hydra.run.dir="$OUT/train_medusa" shards_dir="$OUT/cache/shards" heads=medusa \
+    data.samples_per_epoch=3200 trainer.max_epochs=3 export_dir="$OUT/heads/medusa"
+
+echo "== 4/4 train Hawk heads (horizontal + vertical) -> $OUT/heads/hawk"
+"$BIN/hawkspec-train" hydra.run.dir="$OUT/train_hawk" shards_dir="$OUT/cache/shards" heads=hawk \
+    data.samples_per_epoch=3200 trainer.max_epochs=3 export_dir="$OUT/heads/hawk"

@@ -82,7 +82,7 @@ def markdown_table(rows: list[dict]) -> str:
 @task
 def run(cfg: DictConfig) -> dict:
     e = cfg.eval
-    names = list(e.decoders)
+    names = decoder_presets(CONF_DIR) if e.decoders == "all" else list(e.decoders)
     if not names:
         raise ValueError("eval.decoders is empty: name at least one decoder, e.g. 'eval.decoders=[ar,hawk]'")
     if "ar" not in names:

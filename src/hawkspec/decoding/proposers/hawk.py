@@ -93,28 +93,45 @@ class HawkProposer(MedusaProposer):
         bidx = torch.arange(B, device=code_pos.device)[:, None]
         hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
         v_tok = torch.where(hit.unsqueeze(-1), self.ring_tok[bidx, slot], -1).flatten(2)  # (B, J, vsd*m)
-        if self.order == "vertical_first":
-            tokens = torch.cat([v_tok, h_tok], dim=-1)
-        elif self.order == "horizontal_first":
-            tokens = torch.cat([h_tok, v_tok], dim=-1)
-        else:  # interleave: v1, h1, v2, h2, ...
-            n = max(v_tok.shape[-1], h_tok.shape[-1])
-            pad = lambda t: torch.cat([t, t.new_full((B, J, n - t.shape[-1]), -1)], -1)  # noqa: E731
-            tokens = torch.stack([pad(v_tok), pad(h_tok)], dim=-1).flatten(2)
         if self.draft == "topk":
-            return Pools(dedupe_first(tokens, pool_size))
+            return Pools(self._merge(v_tok, h_tok, pool_size))
         # sampled drafts: duplicates are legitimate i.i.d. draws; keep each candidate's own q
         K = h_q.shape[-1]
         v_q = self.ring_q[bidx, slot].unsqueeze(-2).expand(B, J, self.vsd, self.m, K).flatten(2, 3)
-        qs = {"vertical_first": [v_q, h_q], "horizontal_first": [h_q, v_q]}.get(self.order)
-        if qs is None:
+        if self.order == "interleave":
             raise ValueError("decoder.proposer.order=interleave is only supported with draft=topk")
-        q = torch.cat(qs, dim=2)
+        tokens = torch.cat([v_tok, h_tok] if self.order == "vertical_first" else [h_tok, v_tok], dim=-1)
+        q = torch.cat([v_q, h_q] if self.order == "vertical_first" else [h_q, v_q], dim=2)
         keep = tokens >= 0
         order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :pool_size]
         tokens = torch.where(keep, tokens, -1).gather(-1, order)
         q = q.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, K))
         return Pools(tokens, q)
+
+    def _merge(self, v_tok: torch.Tensor, h_tok: torch.Tensor, size: int) -> torch.Tensor:
+        """The spatial sampling pool of point-mass candidates: (B, J, size).
+
+        Membership is the same for every order — all cached vertical candidates, then the best horizontal
+        ones until the pool is full — so the ``order`` ablation changes only the verification order (which
+        candidate gets the deepest subtree), never which candidates exist.
+        """
+        members = dedupe_first(torch.cat([v_tok, h_tok], dim=-1), size)  # (B, J, size)
+        if self.order == "vertical_first":
+            return members
+        big = 10_000
+
+        def rank_in(src: torch.Tensor) -> torch.Tensor:  # position of each member in src, `big` if absent
+            eq = (members.unsqueeze(-1) == src.unsqueeze(-2)) & (members.unsqueeze(-1) >= 0)
+            idx = torch.arange(src.shape[-1], device=src.device).expand_as(eq)
+            return torch.where(eq, idx, big).amin(-1)
+
+        rv, rh = rank_in(v_tok), rank_in(h_tok)
+        if self.order == "horizontal_first":
+            key = torch.where(rh < big, rh, big + rv)
+        else:  # interleave: v1, h1, v2, h2, ...
+            key = torch.minimum(2 * rv, 2 * rh + 1)
+        key = torch.where(members >= 0, key, 4 * big)
+        return members.gather(-1, torch.argsort(key, dim=-1, stable=True))
 
     def describe(self) -> dict:
         return {**super().describe(), "name": self.name, "vsd": self.vsd, "vertical_candidates": self.m,
