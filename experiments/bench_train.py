@@ -5,7 +5,8 @@ throughput (samples/s) with the fraction of step time spent waiting on data, mea
 
 * ``timing``: a callback timing the gap between the end of one training batch and the start of the next (the
   DataLoader fetch plus Lightning's bookkeeping) against the whole step period;
-* ``profiler``: Lightning's SimpleProfiler, ``train_dataloader_next`` over ``train_dataloader_next + run_training_batch``.
+* ``profiler``: Lightning's SimpleProfiler, ``train_dataloader_next`` over
+  ``train_dataloader_next + run_training_batch``.
 
 The first ``--warmup`` steps (worker start-up, first allocations) are excluded.
 

@@ -1,7 +1,6 @@
 """Streaming the cache: exact and resampled epochs, per-rank splits, epoch-aware shuffling, bad shards."""
 
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

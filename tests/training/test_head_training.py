@@ -107,7 +107,8 @@ def test_training_lowers_the_loss_and_saves_the_heads(tmp_path, random_backbone,
     def val_loss():
         with torch.no_grad():
             hidden, t = batch["hidden"].float(), head_targets(batch["codes"], GRID, m.offsets)
-            return sum(torch.nn.functional.cross_entropy(m.heads(hidden)[..., h, :][t[..., h] >= 0], t[..., h][t[..., h] >= 0])
+            logits = m.heads(hidden)  # (B, S, H, K)
+            return sum(torch.nn.functional.cross_entropy(logits[..., h, :][t[..., h] >= 0], t[..., h][t[..., h] >= 0])
                        for h in range(len(m.offsets)))
 
     before = val_loss()

@@ -100,7 +100,8 @@ class CacheModule(L.LightningModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         todo = plan.pending(rank, world)
         skipped = len(plan.assigned(rank, world)) - len(todo)
-        log.info("%s split: rank %d/%d writes %d shards (%d already written)", plan.split, rank, world, len(todo), skipped)
+        log.info("%s split: rank %d/%d writes %d shards (%d already written)",
+                 plan.split, rank, world, len(todo), skipped)
         return DataLoader(ShardJobs(todo), batch_size=None, num_workers=0)
 
     def _require_plan(self) -> CachePlan:

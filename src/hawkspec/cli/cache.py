@@ -34,7 +34,9 @@ def make_plans(cfg: DictConfig, backbone: Backbone) -> list[CachePlan]:
     if c.val_samples:
         splits.append(("val", int(c.val_samples), int(cfg.seed) + 1))
     out = Path(c.out_dir)
-    return [CachePlan(out_dir=out / name, split=name, num_samples=n, seed=s, **common).validate() for name, n, s in splits]
+    return [
+        CachePlan(out_dir=out / name, split=name, num_samples=n, seed=s, **common).validate() for name, n, s in splits
+    ]
 
 
 @task

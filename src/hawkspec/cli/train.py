@@ -36,7 +36,8 @@ def run(cfg: DictConfig) -> dict:
     config.validate(backbone.grid.rows)
     distill = cfg.loss.distill_weight > 0
     datamodule = instantiate(cfg.data, "data", identity=backbone.identity(), topk=distill)
-    log.info("Building %s draft heads %s for backbone %s", "Hawk" if config.vertical else "Medusa", config, backbone.name)
+    kind = "Hawk" if config.vertical else "Medusa"
+    log.info("Building %s draft heads %s for backbone %s", kind, config, backbone.name)
     heads = DraftHeads.for_backbone(config, backbone)
     grid = backbone.grid
     del backbone  # the heads carry the frozen LM head rows; the transformer is not needed to train them

@@ -46,7 +46,8 @@ def raise_naming_shard(exn: Exception) -> bool:
     text = " ".join(str(a) for a in exn.args)
     found = re.findall(r"[^\s'\"<>=]+\.tar\b", text)
     where = found[-1] if found else "an unknown shard"
-    raise CorruptShardError(f"cannot read shard {where}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}") from exn
+    detail = exn.args[0] if exn.args else exn
+    raise CorruptShardError(f"cannot read shard {where}: {type(exn).__name__}: {detail}") from exn
 
 
 class SharedEpoch:
@@ -195,7 +196,9 @@ class ShardDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------- manifests
     def _read(self, folder: Path, key: str) -> ShardManifest:
         if not folder.is_dir():
-            raise FileNotFoundError(f"{key}={folder} does not exist: run `hawkspec-cache` first and point at its output")
+            raise FileNotFoundError(
+                f"{key}={folder} does not exist: run `hawkspec-cache` first and point at its output"
+            )
         manifest = ShardManifest.read(folder)
         if self.identity is not None:
             check_compatible(manifest, self.identity, folder)

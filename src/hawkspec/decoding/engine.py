@@ -76,28 +76,23 @@ class SpeculativeDecoder:
                 if sel.any():
                     self.code_offset[i, j] = t.depth[sel][0]
 
-    def _walk_draw(self, y, cand, forced, node_ok, children, active):
-        """Point-mass trees (:meth:`AcceptanceRule.draw`): y (B, T) is the target draw at every node; descend
-        into the child equal to y (forced children always), stop where none is; y there is the bonus."""
-        B = y.shape[0]
-        ar = torch.arange(B, device=y.device)
-        cur = torch.zeros(B, dtype=torch.long, device=y.device)
-        path = torch.zeros((B, self.table.max_depth + 1), dtype=torch.long, device=y.device)
-        n_path = torch.ones(B, dtype=torch.long, device=y.device)
-        alive = active.clone()
-        for _ in range(self.table.max_depth):
-            kids = children[ar, cur]  # (B, C)
-            kc = kids.clamp(min=0)
-            ok = (kids >= 0) & node_ok.gather(1, kc)
-            match = ok & (forced.gather(1, kc) | (cand.gather(1, kc) == y[ar, cur].unsqueeze(1)))
-            moved = alive & match.any(1)
-            if not moved.any():
-                break
-            cur = torch.where(moved, kc.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), cur)
-            path[moved, n_path[moved]] = cur[moved]
-            n_path += moved.long()
-            alive = moved
-        return cur, path, n_path, y[ar, cur]
+    def _walk_draw(self, y, cand, forced, node_ok, topo, active):
+        """Point-mass trees (:meth:`AcceptanceRule.draw`): y (B, T) is the target's draw at every node. A node
+        is accepted iff its token equals its parent's draw (forced nodes always) and so is every ancestor; the
+        deepest accepted node ends the path and its draw is the bonus token. No loop over levels."""
+        tab = self.table
+        B, T = y.shape
+        parent = tab.parent[topo]  # (B, T)
+        match = node_ok & (forced | (cand == y.gather(1, parent.clamp(min=0))))
+        match[:, 0] = True
+        on_path = ~(tab.mask[topo] & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
+        on_path &= active.unsqueeze(1) | (torch.arange(T, device=y.device) == 0)
+        depth = tab.depth[topo]
+        key = torch.where(on_path, depth, T + tab.max_depth + 1)  # siblings never both match: depths unique
+        path = torch.argsort(key, dim=1)[:, : tab.max_depth + 1]
+        n_path = on_path.sum(1)
+        cur = path.gather(1, (n_path - 1).unsqueeze(1)).squeeze(1)
+        return cur, path, n_path, y.gather(1, cur.unsqueeze(1)).squeeze(1)
 
     def _walk_tries(self, p, cand, pools, code_depth, rank, forced, node_ok, children, active, generator):
         """General trees: try the children of the current node in order with the acceptance rule against the
@@ -208,7 +203,7 @@ class SpeculativeDecoder:
             # ---- verification: walk every row's tree from the root
             y = self.acceptance.draw(p, generator) if pools.q is None else None
             if y is not None:
-                cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, children, active)
+                cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, topo, active)
             else:
                 cur, path, n_path, r = self._walk_tries(p, cand, pools, code_depth, rank, forced, node_ok,
                                                         children, active, generator)

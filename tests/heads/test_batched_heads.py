@@ -1,0 +1,18 @@
+import torch
+
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+from hawkspec.testing import build_random_backbone
+
+
+def test_batched_head_stacks_equal_the_resblock_modules():
+    bb = build_random_backbone()
+    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=2, num_layers=2), bb)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(5, 7, bb.hidden_size, generator=g)
+    reference = torch.stack([blk(x) for blk in heads.blocks], dim=-2)  # one module per head
+    torch.testing.assert_close(heads.features(x), reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(heads.horizontal(x), reference[..., :3, :] @ heads.lm_head.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(heads.vertical(x), reference[..., 3:, :] @ heads.lm_head.T, atol=1e-4, rtol=1e-4)
