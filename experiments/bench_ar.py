@@ -24,12 +24,12 @@ from hawkspec.decoding.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig
 
 DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0,
-            "backbone_path": None, "out": "outputs/bench/ar_vs_generate.json"}
+            "backbone_path": None, "device": "cpu", "out": "outputs/bench/ar_vs_generate.json"}
 
 
 def main() -> dict:
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:]))
-    bb = TinyBackbone.from_pretrained(cfg.backbone_path)
+    bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval()
     ds = ProceduralDataset(cfg.num_prompts, seed=1234)
     prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
@@ -37,7 +37,7 @@ def main() -> dict:
 
     def ours():
         for i, b in enumerate(batches):
-            ar_generate(bb, b, s, torch.Generator().manual_seed(i))
+            ar_generate(bb, b, s, torch.Generator(device=cfg.device).manual_seed(i))
 
     def theirs():
         for i, b in enumerate(batches):
@@ -56,6 +56,7 @@ def main() -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "backbone": bb.name, "revision": bb.revision, "num_prompts": len(prompts), "batch_size": cfg.batch_size,
+        "device": cfg.device if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
         "threads": torch.get_num_threads(), "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
         "seconds_per_image": med, "all_runs": times,
         "ratio_ours_over_generate": med["hawkspec_ar"] / med["transformers_generate"],

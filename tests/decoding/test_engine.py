@@ -7,7 +7,7 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance, TypicalAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, MedusaProposer
+from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProposer
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -33,15 +33,21 @@ def heads(bb):
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-@pytest.mark.parametrize("name", ["medusa", "hawk", "hawk_horizontal_first"])
+@pytest.mark.parametrize(
+    "name", ["medusa", "hawk", "hawk_horizontal_first", "hawk_vertical_only", "jacobi", "jacobi_spatial"]
+)
 def test_greedy_speculative_equals_greedy_ar(bb, heads, cfg_scale, name):
     s = SamplingConfig(temperature=0, top_k=None, cfg_scale=cfg_scale)
     proposer = {
         "medusa": MedusaProposer(heads),
         "hawk": HawkProposer(heads),
         "hawk_horizontal_first": HawkProposer(heads, order="horizontal_first", vertical_candidates=2),
+        "hawk_vertical_only": HawkProposer(heads, horizontal=False),
+        "jacobi": JacobiProposer(),
+        "jacobi_spatial": JacobiProposer(init="spatial"),
     }[name]
-    dec = SpeculativeDecoder(bb, proposer, GreedyAcceptance(), s, paths_from_budget(12, 3, 3))
+    paths = paths_from_budget(8, 8, 1) if name.startswith("jacobi") else paths_from_budget(12, 3, 3)
+    dec = SpeculativeDecoder(bb, proposer, GreedyAcceptance(), s, paths)
     out = dec.generate(PROMPTS)
     ref = ar_generate(bb, PROMPTS, s)
     assert torch.equal(out.tokens, ref.tokens)
@@ -131,3 +137,7 @@ def test_bad_proposer_settings(heads):
         HawkProposer(heads, order="diagonal")
     with pytest.raises(ValueError, match="decoder.proposer.draft"):
         MedusaProposer(heads, draft="beam")
+    with pytest.raises(ValueError, match="vertical=false and horizontal=false"):
+        HawkProposer(heads, vertical=False, horizontal=False)
+    with pytest.raises(ValueError, match="decoder.proposer.init"):
+        JacobiProposer(init="zeros")

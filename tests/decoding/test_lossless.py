@@ -7,7 +7,7 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, MedusaProposer
+from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProposer
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -69,7 +69,8 @@ def test_ar_matches_the_enumerated_distribution(setup):
 
 @pytest.mark.parametrize(
     "proposer, rule",
-    [("medusa", ExactAcceptance), ("hawk", ExactAcceptance), ("hawk", ExactByTries), ("hawk_sampled", ExactAcceptance)],
+    [("medusa", ExactAcceptance), ("hawk", ExactAcceptance), ("hawk", ExactByTries), ("hawk_sampled", ExactAcceptance),
+     ("sjd", ExactAcceptance), ("sjd_spatial", ExactAcceptance)],
 )
 def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, rule):
     bb, heads, grids, probs = setup
@@ -77,8 +78,10 @@ def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, 
         "medusa": lambda: MedusaProposer(heads),
         "hawk": lambda: HawkProposer(heads),
         "hawk_sampled": lambda: HawkProposer(heads, draft="sample"),
+        "sjd": lambda: JacobiProposer(),
+        "sjd_spatial": lambda: JacobiProposer(init="spatial"),
     }[proposer]
-    paths = paths_from_budget(10, 3, 3)
+    paths = paths_from_budget(4, 4, 1) if proposer.startswith("sjd") else paths_from_budget(10, 3, 3)
     exact = SpeculativeDecoder(bb, make(), rule(), SAMPLING, paths)
     out = exact.generate([PROMPT] * N_SAMPLES, torch.Generator().manual_seed(123))
     assert out.accepted_tokens.float().mean() > 1  # the drafts are really exercised
@@ -87,3 +90,19 @@ def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, 
     if rule is ExactAcceptance:  # once per proposer is enough
         broken = SpeculativeDecoder(bb, make(), ForgetfulResidual(), SAMPLING, paths)
         assert chi_square(draw(broken.generate), grids, probs) < ALPHA
+
+
+@pytest.mark.parametrize("name", ["sjd_gsd", "medusa_lantern"])
+def test_relaxed_decoders_are_caught_as_lossy(setup, name):
+    """GSD and LANTERN say `lossless: false`, and the same test shows they are right to."""
+    from hawkspec.decoding.acceptance import GroupedAcceptance, LanternAcceptance
+
+    bb, heads, grids, probs = setup
+    if name == "sjd_gsd":
+        dec = SpeculativeDecoder(bb, JacobiProposer(), GroupedAcceptance(group=1, prob_threshold=None,
+                                 embed_threshold=None), SAMPLING, paths_from_budget(4, 4, 1))
+    else:
+        dec = SpeculativeDecoder(bb, MedusaProposer(heads), LanternAcceptance(k=2, delta=0.3), SAMPLING,
+                                 paths_from_budget(10, 3, 3))
+    assert not dec.lossless
+    assert chi_square(draw(dec.generate), grids, probs) < ALPHA

@@ -233,9 +233,13 @@ class SpeculativeDecoder:
             stats.steps += active.long()
             stats.committed += (n_new - n)
             stats.accepted += ((commit & ~forced.gather(1, path)).sum(1))
-            bar.update(int((n_new - n).sum()))
+            if progress:  # reading the count waits for the device; skip it when nobody watches
+                bar.update(int((n_new - n).sum()))
             n = n_new
 
+            if self.proposer.wants_tree_outputs:
+                node_pos = torch.where(node_ok & active[:, None], root_pos[:, None] + depth, -1)
+                self.proposer.observe_tree(p, node_pos, codes, generator)
             count = torch.where(active, n_path, 0)
             bb.compact(state, path.repeat(S, 1), count.repeat(S))
             h_cond = h[:B]

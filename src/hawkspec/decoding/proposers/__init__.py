@@ -2,6 +2,7 @@
 
 from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.proposers.hawk import HawkProposer
+from hawkspec.decoding.proposers.jacobi import JacobiProposer
 from hawkspec.decoding.proposers.medusa import MedusaProposer
 
-__all__ = ["Pools", "Proposer", "MedusaProposer", "HawkProposer"]
+__all__ = ["Pools", "Proposer", "MedusaProposer", "HawkProposer", "JacobiProposer"]

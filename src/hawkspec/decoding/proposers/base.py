@@ -73,5 +73,21 @@ class Proposer(abc.ABC):
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
         """Accepted tokens of the last step: hidden (B, A, d) at body positions (B, A); the first ``count``."""
 
+    #: Set by proposers that draft from the verification outputs themselves (Jacobi): the engine then calls
+    #: :meth:`observe_tree` after every step. Others skip that call.
+    wants_tree_outputs: bool = False
+
+    def observe_tree(
+        self, probs: torch.Tensor, node_pos: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | None
+    ) -> None:
+        """Every tree node's target distribution of the last step, for proposers that draft from them.
+
+        Args:
+            probs: (B, T, K) the target at every node; node ``i`` predicts body position ``node_pos[:, i] + 1``.
+            node_pos: (B, T) body position of each node, -1 for nodes that were not in the tree.
+            codes: (B, L) the committed codes after this step, -1 where not committed (or forced).
+            generator: For drafts drawn from ``probs``.
+        """
+
     def describe(self) -> dict:
         return {"name": self.name}

@@ -26,6 +26,8 @@ class HawkProposer(MedusaProposer):
         heads: Draft heads with vertical heads (``heads.vertical=true``).
         draft: ``topk`` or ``sample`` (see :class:`MedusaProposer`).
         vertical: Use the vertical heads (False = Medusa with Hawk's plumbing, for ablations).
+        horizontal: Use the horizontal heads (False = drafts from the speculation cache only, the paper's
+            "vertical-only" ablation).
         vsd: Vertical speculation depth used at decoding, <= the heads' vsd (None: all of them).
         vertical_candidates: Candidates each vertical head contributes per position (m).
         order: Merge order of the pool: ``vertical_first`` (the paper's), ``horizontal_first`` or
@@ -36,9 +38,12 @@ class HawkProposer(MedusaProposer):
 
     def __init__(
         self, heads: DraftHeads, draft: str = "topk", vertical: bool = True, vsd: int | None = None,
-        vertical_candidates: int = 1, order: str = "vertical_first",
+        vertical_candidates: int = 1, order: str = "vertical_first", horizontal: bool = True,
     ):
         super().__init__(heads, draft)
+        if not (vertical or horizontal):
+            raise ValueError("decoder.proposer: vertical=false and horizontal=false leave no drafts; enable one")
+        self.horizontal = horizontal
         if order not in ORDERS:
             raise ValueError(f"decoder.proposer.order must be one of {ORDERS}, got {order!r}")
         have = heads.config.num_vertical
@@ -60,10 +65,11 @@ class HawkProposer(MedusaProposer):
 
     def start(self, batch_size: int, device: torch.device) -> None:
         B, R, V, m = batch_size, self.R, max(self.vsd, 1), self.m
-        self.ring_tok = torch.full((B, R, V, m), -1, dtype=torch.long, device=device)
-        self.ring_pos = torch.full((B, R, V), -1, dtype=torch.long, device=device)
+        # one extra slot (index R) absorbs the writes of invalid targets, so filling needs no nonzero()
+        self.ring_tok = torch.full((B, R + 1, V, m), -1, dtype=torch.long, device=device)
+        self.ring_pos = torch.full((B, R + 1, V), -1, dtype=torch.long, device=device)
         K = self.heads.lm_head.shape[0]
-        self.ring_q = torch.zeros((B, R, V, K), device=device) if self.draft == "sample" else None
+        self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
         """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A)."""
@@ -76,19 +82,25 @@ class HawkProposer(MedusaProposer):
         ok = (torch.arange(A, device=hidden.device) < count[:, None]) & (positions >= 0)  # (B, A)
         ok = ok.unsqueeze(-1) & (target < self.L) & ~self.forced[target.clamp(max=self.L - 1)]  # (B, A, vsd)
         tokens, q = self._candidates(logits, ok, self.m, None if self.draft == "topk" else self._generator)
-        b, a, v = ok.nonzero(as_tuple=True)
-        slot = target[b, a, v] % self.R
-        self.ring_tok[b, slot, v] = tokens[b, a, v]
-        self.ring_pos[b, slot, v] = target[b, a, v]
+        slot = torch.where(ok, target % self.R, self.R)  # (B, A, vsd); invalid -> the spare slot
+        b = torch.arange(B, device=hidden.device).view(B, 1, 1)
+        v = torch.arange(self.vsd, device=hidden.device).view(1, 1, -1)
+        self.ring_tok[b, slot, v] = tokens
+        self.ring_pos[b, slot, v] = torch.where(ok, target, -1)
         if q is not None:
-            self.ring_q[b, slot, v] = q[b, a, v, 0]
+            self.ring_q[b, slot, v] = q[..., 0, :]
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         self._generator = generator
-        h_tok, h_q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator)
+        B, J = code_pos.shape
+        if self.horizontal:
+            h_tok, h_q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator)
+        else:
+            h_tok = code_pos.new_full((B, J, pool_size), -1)
+            h_q = None if self.draft == "topk" else torch.zeros((B, J, pool_size, self.heads.lm_head.shape[0]),
+                                                                device=code_pos.device)
         if not self.vsd:
             return Pools(h_tok, h_q)
-        B, J = code_pos.shape
         slot = code_pos.clamp(min=0) % self.R  # (B, J)
         bidx = torch.arange(B, device=code_pos.device)[:, None]
         hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
@@ -135,4 +147,4 @@ class HawkProposer(MedusaProposer):
 
     def describe(self) -> dict:
         return {**super().describe(), "name": self.name, "vsd": self.vsd, "vertical_candidates": self.m,
-                "order": self.order}
+                "order": self.order, "horizontal": self.horizontal}

@@ -1,0 +1,98 @@
+"""Speculative Jacobi decoding (SJD, Teng et al. 2024): a training-free proposer.
+
+The tree is a chain of ``L`` speculated codes (the *window*, ``decoder.tree`` with ``max_rank: 1`` and
+``budget = max_depth = L``). The draft at every position carries the distribution it was drawn from:
+
+* a position seen for the first time is initialised at random — uniformly over the image codes
+  (``init: uniform``, the paper's), or with the committed code one row above (``init: spatial``, a point
+  mass; uniform where the row above is not committed yet);
+* after each verification forward, every position the chain predicted and that was not committed gets a
+  fresh draft drawn from that forward's output at the node before it, and that output is kept as its draft
+  distribution. Nodes past the first rejection were conditioned on rejected drafts: that is Jacobi
+  iteration, and it does not matter for exactness, because the draft distribution is fixed before the
+  target that judges it is computed.
+
+With the exact rule (accept with ``min(1, p(x) / q(x))``, resample the first rejection from
+``norm(max(p - q, 0))``) this is lossless; with GSD's grouped rule it is GSD.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hawkspec.decoding.proposers.base import Pools, Proposer
+from hawkspec.decoding.sampling import sample
+
+INITS = ("uniform", "spatial")
+
+
+class JacobiProposer(Proposer):
+    """Drafts carried from the previous Jacobi iteration; fresh random drafts where there are none.
+
+    Args:
+        init: How a position without a carried draft starts: ``uniform`` over the image codes (SJD) or
+            ``spatial`` (the committed code one row above, else uniform).
+    """
+
+    name = "jacobi"
+    wants_tree_outputs = True
+
+    def __init__(self, init: str = "uniform"):
+        if init not in INITS:
+            raise ValueError(f"decoder.proposer.init must be one of {INITS}, got {init!r}")
+        self.init = init
+
+    def bind(self, backbone, sampling) -> None:
+        super().bind(backbone, sampling)
+        grid = backbone.grid
+        self.W, self.L, self.K = grid.tokens_per_row, grid.length, backbone.num_codes
+        self.forced = grid.forced_mask().to(backbone.code_token_ids.device)
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        # one spare column (index L) absorbs writes for positions outside the image
+        self.tok = torch.full((batch_size, self.L + 1), -1, dtype=torch.long, device=device)
+        self.q = torch.zeros((batch_size, self.L + 1, self.K), device=device)
+        self.codes = None  # committed codes, known after the first step
+
+    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+        B, J = code_pos.shape
+        dev = code_pos.device
+        bidx = torch.arange(B, device=dev)[:, None]
+        pos = torch.where(code_pos >= 0, code_pos, self.L)
+        tokens, q = self.tok[bidx, pos], self.q[bidx, pos]  # (B, J), (B, J, K)
+        fresh = tokens < 0
+        if fresh.any():
+            init_tok = torch.randint(self.K, (B, J), generator=generator, device=dev)
+            init_q = torch.full((B, J, self.K), 1.0 / self.K, device=dev)
+            if self.init == "spatial" and self.codes is not None:
+                above = pos - self.W
+                code_above = torch.where(above >= 0, self.codes[bidx, above.clamp(min=0)], -1)
+                known = code_above >= 0
+                init_tok = torch.where(known, code_above, init_tok)
+                point = torch.nn.functional.one_hot(code_above.clamp(min=0), self.K).to(init_q.dtype)
+                init_q = torch.where(known.unsqueeze(-1), point, init_q)
+            tokens = torch.where(fresh, init_tok, tokens)
+            q = torch.where(fresh.unsqueeze(-1), init_q, q)
+        ok = code_pos >= 0
+        tokens = torch.where(ok, tokens, -1)
+        # one candidate per position (the chain); further ranks are empty
+        pool_tok = torch.full((B, J, pool_size), -1, dtype=torch.long, device=dev)
+        pool_tok[..., 0] = tokens
+        pool_q = q.new_zeros((B, J, pool_size, self.K))
+        pool_q[..., 0, :] = q
+        return Pools(pool_tok, pool_q)
+
+    def observe_tree(self, probs, node_pos, codes, generator) -> None:
+        self.codes = codes
+        B, T, _ = probs.shape
+        bidx = torch.arange(B, device=probs.device)[:, None]
+        target = node_pos + 1  # (B, T) the position each node predicts
+        ok = (node_pos >= 0) & (target < self.L)
+        t = target.clamp(max=self.L - 1)
+        ok &= ~self.forced[t] & (codes[bidx, t] < 0)
+        slot = torch.where(ok, target, self.L)
+        self.tok[bidx, slot] = torch.where(ok, sample(probs, generator), -1)
+        self.q[bidx, slot] = probs
+
+    def describe(self) -> dict:
+        return {"name": self.name, "init": self.init}
