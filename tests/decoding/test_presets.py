@@ -1,0 +1,48 @@
+"""Every decoder preset in conf/decoder/ builds on a backbone, decodes a valid image, and says truthfully
+whether it is lossless; the GPU tree composes with any tree decoder."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from hawkspec.cli.common import CONF_DIR
+from hawkspec.decoding.build import build_decoder, decoder_presets
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+
+LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True, "sjd": True,
+            "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from hawkspec.testing import build_random_backbone
+
+    bb = build_random_backbone(rows=4, cols=4, num_codes=64, seed=5)
+    root = tmp_path_factory.mktemp("heads")
+    DraftHeads.for_backbone(HeadsConfig(num_horizontal=4, vertical=False), bb).save(root / "medusa")
+    DraftHeads.for_backbone(HeadsConfig(num_horizontal=4, vertical=True, vsd=2), bb).save(root / "hawk")
+    return bb, root
+
+
+def test_every_preset_is_known():
+    assert set(decoder_presets(CONF_DIR)) == set(LOSSLESS), "add new presets to LOSSLESS with their truth"
+
+
+TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd"})  # ar has no tree; sjd/gsd a chain window
+
+
+@pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])
+def test_preset_builds_decodes_and_labels_itself(setup, name, tree):
+    bb, heads_dir = setup
+    overrides = [f"decoder={name}", f"paths.heads_dir={heads_dir}"]
+    if tree:
+        overrides.append(f"decoder/tree={tree}")
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=overrides)
+    s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0).validate(bb.num_codes)
+    dec = build_decoder(cfg.decoder, bb, s)
+    assert dec.lossless is LOSSLESS[name]
+    out = dec.generate(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
+    assert out.codes.shape == (2, 4, 4) and (out.codes >= 0).all() and (out.codes < 64).all()
+    assert dec.describe()["name"] == name
