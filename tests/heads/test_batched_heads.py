@@ -16,3 +16,20 @@ def test_batched_head_stacks_equal_the_resblock_modules():
     torch.testing.assert_close(heads.features(x), reference, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(heads.horizontal(x), reference[..., :3, :] @ heads.lm_head.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(heads.vertical(x), reference[..., 3:, :] @ heads.lm_head.T, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_stack_cache_follows_weight_updates():
+    """Decoding caches the stacked head weights; an in-place update (an optimizer step) must invalidate it."""
+    import torch
+
+    from hawkspec.heads.draft import DraftHeads, HeadsConfig
+
+    heads = DraftHeads(HeadsConfig(num_horizontal=2, vertical=True, vsd=1), 8, 5, torch.randn(16, 8))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = heads(x)
+        for p in heads.parameters():
+            p.add_(0.5)
+        after = heads(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, heads(x).detach())  # grad-enabled path (no cache) agrees

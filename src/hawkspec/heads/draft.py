@@ -113,10 +113,23 @@ class DraftHeads(nn.Module):
         layer instead of one small matmul per head: the decoding loop calls this every step)."""
         x = hidden.unsqueeze(-2).expand(*hidden.shape[:-1], len(blocks), hidden.shape[-1])  # (..., H, d)
         for layer in range(self.config.num_layers):
-            w = torch.stack([blk[layer].linear.weight for blk in blocks])  # (H, d_out, d_in)
-            b = torch.stack([blk[layer].linear.bias for blk in blocks])  # (H, d)
-            x = x + nn.functional.silu((x.unsqueeze(-2) @ w.transpose(-1, -2)).squeeze(-2) + b)
+            wt, b = self._stacked(blocks, layer)  # (H, d_in, d_out), (H, d)
+            x = x + nn.functional.silu((x.unsqueeze(-2) @ wt).squeeze(-2) + b)
         return x
+
+    def _stacked(self, blocks, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of ``blocks`` at ``layer`` stacked per head. Without autograd (decoding) the stack is
+        cached and rebuilt when a weight changed (in-place updates bump ``_version``) or moved (``.to``)."""
+        params = [p for blk in blocks for p in (blk[layer].linear.weight, blk[layer].linear.bias)]
+        if torch.is_grad_enabled():
+            return torch.stack(params[0::2]).transpose(-1, -2), torch.stack(params[1::2])
+        key = tuple((p.data_ptr(), p.device, p.dtype, p._version) for p in params)
+        cache = self.__dict__.setdefault("_stack_cache", {})
+        if key not in cache:
+            cache[key] = (torch.stack(params[0::2]).transpose(-1, -2).contiguous(), torch.stack(params[1::2]))
+            if len(cache) > 16:  # stale versions of a module being trained and evaluated in turn
+                cache.pop(next(iter(cache)))
+        return cache[key]
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., H, d): every head's ResBlock output (horizontal first, then vertical)."""
