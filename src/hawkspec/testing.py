@@ -14,3 +14,106 @@ def build_random_backbone(rows: int = 4, cols: int = 4, num_codes: int = 512, se
         list(VOCAB_WORDS), vq, rows=rows, cols=cols, hidden_size=64, num_layers=2, num_heads=2,
         intermediate_size=128, max_length=96, seed=seed,
     ).eval()
+
+
+def build_tiny_clip(path, seed: int = 0):
+    """Save a randomly initialised, tiny CLIP model and processor (transformers classes) to folder ``path``.
+
+    The tokenizer knows the procedural captions' words (a word-level BPE vocabulary, no merges needed), the image
+    processor resizes to 32 px. Loadable by ``CLIPModel`` / ``CLIPProcessor.from_pretrained(path)``, as a real
+    CLIP checkpoint is: it exercises the CLIP-score path without downloading one.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in sorted(set("".join(VOCAB_WORDS))):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for w in VOCAB_WORDS:
+        vocab.setdefault(w + "</w>", len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    merges = ["#version: 0.2"]
+    for w in VOCAB_WORDS:  # merge every word into one token, left to right
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1]] + parts[2:]
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def wandb_offline_records(run_file) -> list:
+    """The records of an offline W&B run file (``offline-run-*/run-*.wandb``), parsed as ``wandb`` protobufs.
+
+    The file is W&B's transaction log (a 7-byte ``:W&B`` header, then LevelDB-log blocks of 32 KiB whose records
+    are full, or first / middle / last fragments); wandb >= 0.2x no longer ships a Python reader for it.
+    """
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{run_file} is not a W&B run file")
+    block, head = 32768, 7
+    pos, pending, chunks = head, b"", []
+    while pos + head <= len(data):
+        left = block - pos % block
+        if left < head:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + head])
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + head : pos + head + length]
+        pos += head + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+            pending = b""
+    records = []
+    for chunk in chunks:
+        rec = pb.Record()
+        rec.ParseFromString(chunk)
+        records.append(rec)
+    return records
+
+
+def wandb_offline_summary(run_file) -> dict:
+    """The final summary of an offline W&B run: ``key -> JSON value string`` (nested keys joined by ``/``)."""
+    summary = {}
+    for rec in wandb_offline_records(run_file):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = item.value_json
+    return summary

@@ -1,8 +1,11 @@
 """``hawkspec-eval``: run several decoders on the same prompts and seeds, time them against AR in the same
-run, and write ``results.json`` (the contract other tools read), ``results.md`` and image grids."""
+run, score their images (FID, diversity, prompt alignment, CLIP score; :mod:`hawkspec.metrics.quality`) beside
+AR's noise floor, and write ``results.json`` (the contract other tools read), ``results.md``, ``results.csv``,
+image grids and acceptance heatmaps; the same go to the configured loggers (one W&B run per job)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import statistics
@@ -24,6 +27,7 @@ from hawkspec.data.procedural import ProceduralDataset
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
 from hawkspec.metrics.speed import image_counters, summarize
 
 log = logging.getLogger("hawkspec")
@@ -70,13 +74,90 @@ def accept_heatmap(path: Path, maps: torch.Tensor, title: str) -> None:
     plt.close(fig)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = ["decoder", "lossless", "acceptance_length", "forwards_per_image", "step_compression",
-            "seconds_per_image", "speedup"]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+SPEED_COLUMNS = ["decoder", "lossless", "acceptance_length", "forwards_per_image", "step_compression",
+                 "seconds_per_image", "speedup"]
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    """The speed columns, then the quality figures present in any row."""
+    return SPEED_COLUMNS + [k for k in QUALITY_KEYS if any(r.get(k) is not None for r in rows)]
+
+
+def markdown_table(rows: list[dict], quality: dict | None = None) -> str:
+    """The results table; with ``quality``, FID is labelled with its feature space and the noise floor follows."""
+    cols = table_columns(rows)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
+    head = [f"fid ({quality['fid_features']})" if c == "fid" and quality else c for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    if quality:
+        ref = quality["reference"]
+        lines += ["", f"Quality over {rows[0].get('quality_images')} images per decoder; FID features: "
+                  f"`{quality['fid_features']}` against {ref['num_images']} real images ({ref['source']}"
+                  + (f", seed {ref['seed']}" if "seed" in ref else "") + ")."]
+        floor = quality.get("noise_floor")
+        if floor:
+            parts = [f"{k} ±{floor['delta'][k]:.3f}" for k in QUALITY_KEYS if k in floor["delta"]]
+            lines += [f"Noise floor — AR with seed {floor['seed']} instead of {floor['base_seed']}, same prompts and "
+                      f"size: {', '.join(parts)}; FID(AR, AR') = {floor['fid_ar_vs_ar']:.3f}. A decoder's difference "
+                      "from AR smaller than this is sampling noise."]
     return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One line per decoder with every scalar of its row (always written, whatever the loggers)."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if v is None or isinstance(v, (int, float, str))))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def quality_settings(cfg: DictConfig, num_images: int) -> QualitySettings | None:
+    """``eval.quality`` checked before anything heavy runs; None when quality is off."""
+    q = cfg.eval.get("quality")
+    if not q or not q.get("enabled", False):
+        return None
+    known = set(QualitySettings.__dataclass_fields__) | {"noise_floor_seed"}
+    unknown = set(q) - known
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in eval.quality: expected {sorted(known)}")
+    if q.get("noise_floor") and q.get("noise_floor_seed") is not None and int(q.noise_floor_seed) == cfg.seed:
+        raise ValueError(f"eval.quality.noise_floor_seed={q.noise_floor_seed} equals seed: the noise floor needs "
+                         "another seed (null: seed + 1)")
+    kw = {k: v for k, v in OmegaConf.to_container(q, resolve=True).items() if k != "noise_floor_seed"}
+    return QualitySettings(**kw).validate(num_images)
+
+
+def log_results(cfg: DictConfig, results: dict) -> None:
+    """Send the run to every configured logger under stable names.
+
+    Metrics: ``eval/<decoder>/<metric>`` (every scalar of a row) and ``eval/noise_floor/<metric>``; the config as
+    hyperparameters; with W&B, also the run summary, the results table (``eval/results``), the image grids
+    (``eval/grid/<decoder>``) and the acceptance heatmaps (``eval/accept_map/<decoder>``).
+    """
+    rows = results["rows"]
+    metrics = {f"eval/{r['decoder']}/{k}": float(v) for r in rows for k, v in r.items() if isinstance(v, (int, float))}
+    floor = (results.get("quality") or {}).get("noise_floor")
+    if floor:
+        metrics.update({f"eval/noise_floor/{k}": float(v) for k, v in floor["delta"].items()})
+        metrics["eval/noise_floor/fid_ar_vs_ar"] = float(floor["fid_ar_vs_ar"])
+    for lg in instantiate_loggers(cfg.get("logger")):
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(metrics)
+        if hasattr(lg, "log_table"):  # W&B
+            cols = table_columns(rows) + (["fid_features"] if results.get("quality") else [])
+            lg.log_table("eval/results", columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+            for row in rows:
+                lg.log_image(f"eval/grid/{row['decoder']}", [row["grid"]])
+                if row.get("accept_map"):
+                    lg.log_image(f"eval/accept_map/{row['decoder']}", [row["accept_map"]])
+            summary = {**metrics, "backbone": results["backbone"], "num_prompts": results["num_prompts"],
+                       "device": results["device"]}
+            if results.get("quality"):
+                summary["fid_features"] = results["quality"]["fid_features"]
+            lg.experiment.summary.update(summary)
+        lg.finalize("success")
 
 
 @task
@@ -88,8 +169,11 @@ def run(cfg: DictConfig) -> dict:
     if "ar" not in names:
         names = ["ar"] + names  # speedup is always against AR measured in the same run
     L.seed_everything(cfg.seed, workers=True)
+    if e.get("threads"):
+        torch.set_num_threads(int(e.threads))
     out_dir = Path(cfg.paths.output_dir)
     prompts = eval_prompts(cfg)
+    quality = quality_settings(cfg, len(prompts))
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
     decoders = {}
@@ -100,10 +184,10 @@ def run(cfg: DictConfig) -> dict:
     ar_forwards = backbone.grid.length
     batches = [prompts[i : i + e.batch_size] for i in range(0, len(prompts), e.batch_size)]
 
-    def one_pass(dec, keep: bool):
+    def one_pass(dec, keep: bool, seed: int = cfg.seed):
         outs, t0 = [], time.perf_counter()
         for bi, batch in enumerate(batches):
-            g = torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi)
+            g = torch.Generator(device=cfg.device).manual_seed(seed * 100_003 + bi)
             out = dec.generate(batch, g)
             if keep:
                 outs.append(out)
@@ -121,7 +205,7 @@ def run(cfg: DictConfig) -> dict:
             if rep == 0:
                 outputs[name] = outs
 
-    rows = []
+    rows, images_of = [], {}
     ar_sec = statistics.median(seconds["ar"]) / len(prompts)
     for name, dec in decoders.items():
         outs = outputs[name]
@@ -131,8 +215,10 @@ def run(cfg: DictConfig) -> dict:
                "seconds_per_image": sec, "speedup": ar_sec / sec,
                "seconds_per_pass": seconds[name], "config": dec.describe()}
         codes = torch.cat([o.codes for o in outs])
-        images = backbone.decode_codes(codes[: e.grid_images])
-        row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images), prompts[: e.grid_images]))
+        images = backbone.decode_codes(codes)  # (N, 3, H, W) uint8
+        row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[: e.grid_images]),
+                                    prompts[: e.grid_images]))
+        images_of[name] = images  # scored below (quality), once every decoder is timed
         maps = [o.accept_map for o in outs if o.accept_map is not None]
         if maps:
             accept_heatmap(out_dir / f"accept_map_{name}.png", torch.cat(maps), f"{name}: acceptance by position")
@@ -144,21 +230,37 @@ def run(cfg: DictConfig) -> dict:
                "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
                "batch_size": e.batch_size, "repeats": e.repeats,
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
+    if quality is not None:
+        results["quality"] = score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(rows)
+    write_csv(out_dir / "results.csv", rows)
+    table = markdown_table(rows, results.get("quality"))
     (out_dir / "results.md").write_text(table)
     print(table)
-    for lg in instantiate_loggers(cfg.get("logger")):
-        for row in rows:
-            lg.log_metrics({f"eval/{row['decoder']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
-        if hasattr(lg, "log_table"):
-            cols = ["decoder", "lossless", "acceptance_length", "forwards_per_image", "step_compression",
-                    "seconds_per_image", "speedup"]
-            lg.log_table("eval/results", columns=cols, data=[[r[c] for c in cols] for r in rows])
-            for row in rows:
-                lg.log_image(f"eval/grid_{row['decoder']}", [row["grid"]])
-        lg.finalize("success")
+    log_results(cfg, results)
     return results
+
+
+def score_quality(cfg, settings: QualitySettings, backbone: Backbone, ar, one_pass, rows: list[dict],
+                  images: dict[str, torch.Tensor], prompts: list[str]) -> dict:
+    """Add the quality figures to every row; AR sampled again with another seed (untimed) gives the noise floor."""
+    side = int(images["ar"].shape[-1])
+    log.info("Instantiating quality meter <hawkspec.metrics.quality.QualityMeter>")
+    meter = QualityMeter(settings, side, cfg.device)
+    for row in rows:
+        row.update(meter.measure(images[row["decoder"]], prompts))
+    out = meter.describe()
+    if settings.noise_floor:
+        seed = cfg.eval.quality.get("noise_floor_seed")
+        seed = cfg.seed + 1 if seed is None else int(seed)
+        log.info("Noise floor: AR again with seed %d (untimed)", seed)
+        _, outs = one_pass(ar, keep=True, seed=seed)
+        again = backbone.decode_codes(torch.cat([o.codes for o in outs]))
+        ar_row = next(r for r in rows if r["decoder"] == "ar")
+        reseed = meter.measure(again, prompts)
+        out["noise_floor"] = {"base_seed": cfg.seed, "seed": seed, "ar_reseed": reseed,
+                              "delta": noise_floor(ar_row, reseed), "fid_ar_vs_ar": meter.fid_between(images["ar"], again)}
+    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
