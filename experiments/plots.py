@@ -74,6 +74,11 @@ def speed_quality(jobs: list[Job], out: Path, x: str = "speedup", y: str = "fid"
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+    return _save(fig, out, command)
+
+
+def _save(fig, out: Path, command: str) -> Path:
+    """Write ``fig`` to ``out`` with the command that made it in small print."""
     if command:
         fig.text(0.01, 0.005, command, fontsize=5, color="0.4")
     fig.tight_layout()
@@ -106,13 +111,7 @@ def acceptance_vsd(jobs: list[Job], out: Path, decoder: str = "hawk", command: s
     ax.set_title(f"{decoder}: acceptance vs VSD ({jobs[0].results.get('num_prompts')} prompts)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if command:
-        fig.text(0.01, 0.005, command, fontsize=5, color="0.4")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(fig, out, command)
 
 
 def main(argv: list[str] | None = None) -> None:

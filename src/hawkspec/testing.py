@@ -7,6 +7,22 @@ from hawkspec.data.procedural import VOCAB_WORDS
 from hawkspec.vq.patch_vq import PatchVQ
 
 
+def run_cli(name: str, *overrides: str, ok: bool = True, env: dict | None = None, timeout: int = 600):
+    """Run console script ``name`` of this venv from the repository root (W&B disabled and Hydra's short errors
+    unless ``env`` says otherwise) and assert it succeeded (``ok``) or failed; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / name
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    proc = subprocess.run([str(exe), *overrides], cwd=root, capture_output=True, text=True, env=env, timeout=timeout)
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def build_random_backbone(rows: int = 4, cols: int = 4, num_codes: int = 512, seed: int = 0) -> TinyBackbone:
     """A randomly initialised tiny backbone (transformers Llama classes), fast on a CPU."""
     vq = PatchVQ(num_codes=num_codes, patch_size=4)

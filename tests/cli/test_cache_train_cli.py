@@ -1,9 +1,6 @@
 """``hawkspec-cache`` and ``hawkspec-train`` as a user runs them (subprocesses, tiny settings), DDP included."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,20 +8,12 @@ from hydra import compose, initialize_config_dir
 
 from hawkspec.cli.train import heads_config
 from hawkspec.data.manifest import ShardManifest, sample_key
+from hawkspec.testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_TINY = ["cache.shard_size=4", "cache.batch_size=4", "sampling.top_k=32"]
 
 
-def run_cli(script: str, *overrides: str, ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / script
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(exe), *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    else:
-        assert proc.returncode != 0
-    return proc
 
 
 def keys(folder: Path) -> list[str]:
@@ -89,7 +78,7 @@ def test_heads_group_options_compose_and_validate():
 
 
 def test_train_cli_refuses_shards_of_another_backbone(tmp_path, cli_cache):
-    from hawkspec.testing import build_random_backbone
+    from hawkspec.testing import build_random_backbone, run_cli
 
     other = tmp_path / "other"
     build_random_backbone(rows=3, cols=3).save_pretrained(other)

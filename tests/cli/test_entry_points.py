@@ -1,25 +1,15 @@
 """The console scripts, run as a user runs them (subprocesses, tiny settings)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from hawkspec.testing import run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(script: str, *overrides: str, ok: bool = True) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / script
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(exe), *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    else:
-        assert proc.returncode != 0
-    return proc
 
 
 def test_generate_writes_grid(tmp_path, random_backbone_dir):

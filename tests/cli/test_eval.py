@@ -1,25 +1,18 @@
 """`hawkspec-eval`: the results.json contract, the table and grids, and its errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
-from hawkspec.testing import build_random_backbone
+from hawkspec.testing import build_random_backbone, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def eval_cli(*overrides, ok=True):
-    exe = Path(sys.executable).parent / "hawkspec-eval"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(exe), *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_cli("hawkspec-eval", *overrides, ok=ok)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ and the errors of `eval.quality` keys."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +11,13 @@ from hydra import compose, initialize_config_dir
 from hawkspec.cli.eval import quality_settings
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.metrics.evaluator import EXTRACTOR_NAME
+from hawkspec.testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def eval_cli(*overrides, ok=True, env=None):
-    exe = Path(sys.executable).parent / "hawkspec-eval"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([str(exe), *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_cli("hawkspec-eval", *overrides, ok=ok, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.fixture(scope="module")

@@ -2,30 +2,24 @@
 launcher configs (joblib locally, submitit for SLURM), and the sweep commands listed in experiments/README.md."""
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hawkspec.testing import wandb_offline_records, wandb_offline_summary
+from hawkspec.testing import run_cli, wandb_offline_records, wandb_offline_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 
 def multirun(*overrides, env=None) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "hawkspec-eval"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
-    proc = subprocess.run([str(exe), "-m", *overrides], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_cli("hawkspec-eval", "-m", *overrides, env={"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})},
+                   timeout=900)
 
 
 def test_wandb_multirun_makes_one_offline_run_per_job_and_one_table(tmp_path):

@@ -3,13 +3,12 @@
 
 import importlib.util
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from hawkspec.testing import run_cli
 
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 
@@ -20,10 +19,7 @@ spec.loader.exec_module(tables)
 
 
 def run(cmd: list[str]) -> None:
-    exe = Path(sys.executable).parent / cmd[0]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(exe), *cmd[1:]], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_cli(cmd[0], *cmd[1:], env={"OMP_NUM_THREADS": "1"})
 
 
 def test_rerunning_the_recorded_command_reproduces_the_table(tmp_path, random_backbone_dir):
