@@ -67,7 +67,7 @@ class GroupedAcceptance(AcceptanceRule):
         # a strict order with ties broken by index, so "above" and "below" split the vocabulary
         above = (r > rx) | ((r == rx) & (idx < x.unsqueeze(-1)))
         below = ~above & (idx != x.unsqueeze(-1))
-        inf = torch.tensor(float("inf"), device=r.device)
+        inf = float("inf")
         up = torch.where(above, r, inf).topk(G, dim=-1, largest=False)  # the G just above x
         down = torch.where(below, r, -inf).topk(G, dim=-1, largest=True)  # the G just below x
         members = torch.cat([up.indices, down.indices], dim=-1)
