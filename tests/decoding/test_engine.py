@@ -34,7 +34,9 @@ def heads(bb):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize(
-    "name", ["medusa", "hawk", "hawk_horizontal_first", "hawk_vertical_only", "jacobi", "jacobi_spatial"]
+    "name",
+    ["medusa", "hawk", "hawk_horizontal_first", "hawk_vertical_only", "jacobi", "jacobi_spatial", "hawk_jacobi",
+     "hawk_jacobi_first"],
 )
 def test_greedy_speculative_equals_greedy_ar(bb, heads, cfg_scale, name):
     s = SamplingConfig(temperature=0, top_k=None, cfg_scale=cfg_scale)
@@ -45,8 +47,10 @@ def test_greedy_speculative_equals_greedy_ar(bb, heads, cfg_scale, name):
         "hawk_vertical_only": HawkProposer(heads, horizontal=False),
         "jacobi": JacobiProposer(),
         "jacobi_spatial": JacobiProposer(init="spatial"),
+        "hawk_jacobi": HawkProposer(heads, jacobi="fill"),
+        "hawk_jacobi_first": HawkProposer(heads, jacobi="first"),
     }[name]
-    paths = paths_from_budget(8, 8, 1) if name.startswith("jacobi") else paths_from_budget(12, 3, 3)
+    paths = paths_from_budget(8, 8, 1) if "jacobi" in name else paths_from_budget(12, 3, 3)
     dec = SpeculativeDecoder(bb, proposer, GreedyAcceptance(), s, paths)
     out = dec.generate(PROMPTS)
     ref = ar_generate(bb, PROMPTS, s)
@@ -141,3 +145,28 @@ def test_bad_proposer_settings(heads):
         HawkProposer(heads, vertical=False, horizontal=False)
     with pytest.raises(ValueError, match="decoder.proposer.init"):
         JacobiProposer(init="zeros")
+
+
+def test_hawk_jacobi_fills_the_slots_the_heads_leave_empty(bb, heads):
+    """Past the horizontal heads' reach (no vertical draft cached yet), the pool's first slot holds the draft
+    that the last verification forward drew for that position, with that forward's distribution as its q;
+    point-mass members get a one-hot q."""
+    s = SamplingConfig(temperature=1.0, top_k=None, cfg_scale=1.0)
+    hawk = HawkProposer(heads, jacobi="fill")
+    hawk.bind(bb, s)
+    hawk.start(1, torch.device("cpu"))
+    K, n = bb.num_codes, heads.config.num_horizontal
+    probs = torch.softmax(torch.randn(1, 6, K, generator=torch.Generator().manual_seed(0)), -1)
+    codes = torch.full((1, bb.grid.length), -1)
+    codes[0, 0] = 5
+    node_pos = torch.arange(6)[None]  # nodes at body positions 0..5 predict positions 1..6
+    hawk.observe_tree(probs, node_pos, codes, torch.Generator().manual_seed(1))
+    code_pos = torch.tensor([[1, 2, 3, 4]])  # position 4 is past the 3 horizontal heads from root 0
+    src = torch.randn(1, bb.hidden_size)
+    pools = hawk.propose(src, torch.tensor([0]), code_pos, 2, torch.Generator().manual_seed(2))
+    tok, q = pools.tokens[0], pools.q[0]
+    assert n == 3 and (tok[:3] >= 0).all()  # the heads fill depths 1-3: no room for Jacobi drafts there
+    carried = hawk.jdrafts.tok[0, 4]
+    assert carried >= 0 and tok[3, 0] == carried and tok[3, 1] == -1
+    assert torch.allclose(q[3, 0], probs[0, 3])  # node at position 3 predicted position 4
+    assert torch.equal(q[0, 0], torch.nn.functional.one_hot(tok[0, 0], K).float())

@@ -70,7 +70,8 @@ def test_ar_matches_the_enumerated_distribution(setup):
 @pytest.mark.parametrize(
     "proposer, rule",
     [("medusa", ExactAcceptance), ("hawk", ExactAcceptance), ("hawk", ExactByTries), ("hawk_sampled", ExactAcceptance),
-     ("sjd", ExactAcceptance), ("sjd_spatial", ExactAcceptance)],
+     ("sjd", ExactAcceptance), ("sjd_spatial", ExactAcceptance), ("hawk_jacobi", ExactAcceptance),
+     ("vertical_jacobi", ExactAcceptance)],
 )
 def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, rule):
     bb, heads, grids, probs = setup
@@ -80,14 +81,24 @@ def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, 
         "hawk_sampled": lambda: HawkProposer(heads, draft="sample"),
         "sjd": lambda: JacobiProposer(),
         "sjd_spatial": lambda: JacobiProposer(init="spatial"),
+        # Jacobi drafts (sampled, own q) mixed with point masses in one pool, past the 3 horizontal heads
+        "hawk_jacobi": lambda: HawkProposer(heads, jacobi="fill"),
+        "vertical_jacobi": lambda: HawkProposer(heads, horizontal=False, jacobi="first"),
     }[proposer]
-    paths = paths_from_budget(4, 4, 1) if proposer.startswith("sjd") else paths_from_budget(10, 3, 3)
+    if proposer.startswith("sjd"):
+        paths = paths_from_budget(4, 4, 1)
+    elif proposer.endswith("jacobi"):
+        paths = paths_from_budget(8, 5, 2)  # deeper than the 3 horizontal heads: Jacobi drafts fill the gaps
+    else:
+        paths = paths_from_budget(10, 3, 3)
     exact = SpeculativeDecoder(bb, make(), rule(), SAMPLING, paths)
     out = exact.generate([PROMPT] * N_SAMPLES, torch.Generator().manual_seed(123))
     assert out.accepted_tokens.float().mean() > 1  # the drafts are really exercised
     assert chi_square(out.codes.flatten(1), grids, probs) > ALPHA
 
-    if rule is ExactAcceptance:  # once per proposer is enough
+    # once per proposer is enough; vertical_jacobi's pools hold at most two members (a vertical and a Jacobi
+    # draft): too few siblings for the forgetful residual to show reliably at this sample size
+    if rule is ExactAcceptance and proposer != "vertical_jacobi":
         broken = SpeculativeDecoder(bb, make(), ForgetfulResidual(), SAMPLING, paths)
         assert chi_square(draw(broken.generate), grids, probs) < ALPHA
 

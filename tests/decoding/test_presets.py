@@ -11,7 +11,8 @@ from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 
 LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True, "sjd": True,
-            "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False}
+            "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False,
+            "hawk_jacobi": True, "hawk_jacobi_gsd": False}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def test_every_preset_is_known():
     assert set(decoder_presets(CONF_DIR)) == set(LOSSLESS), "add new presets to LOSSLESS with their truth"
 
 
-TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd"})  # ar has no tree; sjd/gsd a chain window
+# ar has no tree; the Jacobi presets decode a chain window
+TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "hawk_jacobi", "hawk_jacobi_gsd"})
 
 
 @pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])

@@ -270,12 +270,14 @@ class TinyBackbone(Backbone):
             raise RuntimeError("compact() needs a pending tree block (forward with tree_mask first)")
         L0 = state.length - T
         A = keep.shape[1]
-        for layer in state.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)  # (N, heads, L0+T, head_dim)
-                idx = (L0 + keep)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
-                t[:, :, L0 : L0 + A] = torch.gather(t, 2, idx)
-                setattr(layer, name, t[:, :, : L0 + A])
+        idx = None
+        for layer in state.cache.layers:  # every layer's keys and values have the same shape: one index
+            k, v = layer.keys, layer.values  # (N, heads, L0+T, head_dim)
+            if idx is None:
+                idx = (L0 + keep)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            k[:, :, L0 : L0 + A] = k.gather(2, idx)
+            v[:, :, L0 : L0 + A] = v.gather(2, idx)
+            layer.keys, layer.values = k[:, :, : L0 + A], v[:, :, : L0 + A]
         valid = torch.arange(A, device=keep.device)[None, :] < count[:, None]
         state.key_mask = torch.cat([state.key_mask[:, :L0], valid], dim=1)
         state.next_pos = state.next_pos + count

@@ -63,6 +63,11 @@ class SpeculativeDecoder:
                 f"the candidate tree has {self.table.num_nodes} nodes (forced tokens included), more than "
                 f"decoder.tree.max_nodes={max_tree_nodes}: lower decoder.tree.budget or shorten decoder.tree.paths"
             )
+        T = self.table.num_nodes
+        # a chain (every node's parent is the node before it): verified without a loop over levels
+        self.is_chain = T > 1 and bool(
+            ((self.table.parent[:, 1:] == torch.arange(T - 1)) | ~self.table.valid[:, 1:]).all()
+        ) and self.table.max_depth == T - 1
         device = backbone.code_token_ids.device
         self.table.to(device)
         proposer.bind(backbone, sampling)
@@ -76,19 +81,18 @@ class SpeculativeDecoder:
                 if sel.any():
                     self.code_offset[i, j] = t.depth[sel][0]
 
-    def _walk_draw(self, y, cand, forced, node_ok, topo, active):
+    def _walk_draw(self, y, cand, forced, node_ok, topo, active, anc, arT):
         """Point-mass trees (:meth:`AcceptanceRule.draw`): y (B, T) is the target's draw at every node. A node
         is accepted iff its token equals its parent's draw (forced nodes always) and so is every ancestor; the
-        deepest accepted node ends the path and its draw is the bonus token. No loop over levels."""
+        deepest accepted node ends the path and its draw is the bonus token. No loop over levels.
+        ``anc`` (B, T, T) is the ancestor-or-self mask of each row's topology, ``arT`` = arange(T)."""
         tab = self.table
-        B, T = y.shape
-        parent = tab.parent[topo]  # (B, T)
-        match = node_ok & (forced | (cand == y.gather(1, parent.clamp(min=0))))
+        T = y.shape[1]
+        match = node_ok & (forced | (cand == y.gather(1, tab.parent[topo].clamp(min=0))))
         match[:, 0] = True
-        on_path = ~(tab.mask[topo] & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
-        on_path &= active.unsqueeze(1) | (torch.arange(T, device=y.device) == 0)
-        depth = tab.depth[topo]
-        key = torch.where(on_path, depth, T + tab.max_depth + 1)  # siblings never both match: depths unique
+        on_path = ~(anc & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
+        on_path &= active.unsqueeze(1) | (arT == 0)
+        key = torch.where(on_path, tab.depth[topo], T + tab.max_depth + 1)  # siblings never both match
         path = torch.argsort(key, dim=1)[:, : tab.max_depth + 1]
         n_path = on_path.sum(1)
         cur = path.gather(1, (n_path - 1).unsqueeze(1)).squeeze(1)
@@ -134,6 +138,35 @@ class SpeculativeDecoder:
             alive &= moved
         return cur, path, n_path, r
 
+    def _walk_chain(self, p, cand, pools, code_depth, rank, forced, node_ok, active, generator):
+        """Chains (SJD's window: every node has at most one child, node i + 1 under node i): each node is tried
+        against its parent's untouched target, so every test runs at once and the path is the run of leading
+        acceptances. Same decisions and residuals as :meth:`_walk_tries`, without a loop over levels."""
+        B, T, K = p.shape
+        dev = p.device
+        x = cand[:, 1:]  # (B, T-1) node i+1 judged by node i's target
+        r = p[:, :-1]
+        q = None
+        if pools.q is not None:
+            P = pools.q.shape[2]
+            flat = (code_depth[:, 1:] * P + rank[:, 1:]).unsqueeze(-1).expand(-1, -1, K)
+            q = pools.q.flatten(1, 2).gather(1, flat).reshape(-1, K)
+        u = torch.rand((B, T - 1), generator=generator, device=dev)
+        ok, r_new = self.acceptance.try_candidate(r.reshape(-1, K), x.clamp(min=0).reshape(-1), q, u.reshape(-1))
+        tried = node_ok[:, 1:] & active[:, None]
+        acc = tried & (forced[:, 1:] | ok.view(B, T - 1))
+        n_acc = acc.long().cumprod(1).sum(1)  # (B,) leading acceptances
+        n_path = n_acc + 1
+        arA = torch.arange(self.table.max_depth + 1, device=dev)
+        path = torch.where(arA < n_path[:, None], arA, 0)
+        cur = n_acc
+        # the bonus comes from the residual of the rejected child, or from the target where nothing was tried
+        nxt = cur.clamp(max=T - 2)
+        rejected = (cur < T - 1) & tried.gather(1, nxt[:, None]).squeeze(1)
+        ar = torch.arange(B, device=dev)
+        r_final = torch.where(rejected[:, None], r_new.view(B, T - 1, K)[ar, nxt], p[ar, cur])
+        return cur, path, n_path, r_final
+
     @property
     def lossless(self) -> bool:
         return self.acceptance.lossless
@@ -157,9 +190,11 @@ class SpeculativeDecoder:
         eol = bb.eol_token_id
         code_ids = bb.code_token_ids
 
-        tokens = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        codes = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        accept_map = torch.zeros((B, L), device=dev)
+        # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step
+        tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        codes = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        accept_map = torch.zeros((B, L + 1), device=dev)
+        forced_body = torch.cat([forced_body, forced_body.new_zeros(1)])
         stats = StepStats(*(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3)))
         ent_sum, ent_n = 0.0, 0
 
@@ -170,8 +205,12 @@ class SpeculativeDecoder:
         n = torch.ones(B, dtype=torch.long, device=dev)
         src_hidden = hidden[:B]  # conditional stream at the image-start token
         self.proposer.start(B, dev)
+        observes = self.proposer.wants_accepted_hidden
         bar = tqdm(total=L * B, disable=not progress, desc=self.proposer.name, leave=False)
         bar.update(B)
+        arT = torch.arange(tab.num_nodes, device=dev)
+        eye = torch.eye(tab.num_nodes, dtype=torch.bool, device=dev)
+        arA = torch.arange(tab.max_depth + 1, device=dev)
 
         while True:
             active = n < L
@@ -180,18 +219,19 @@ class SpeculativeDecoder:
             root_pos = (n - 1).clamp(max=L - 1)
             topo = tab.lookup(root_pos)  # (B,)
             depth, code_depth, rank = tab.depth[topo], tab.code_depth[topo], tab.rank[topo]  # (B, T)
-            forced, valid, children = tab.forced[topo], tab.valid[topo], tab.children[topo]
-            code_pos = torch.where(self.code_offset[topo] >= 0, root_pos[:, None] + self.code_offset[topo], -1)
+            forced, valid = tab.forced[topo], tab.valid[topo]
+            offset = self.code_offset[topo]
+            code_pos = torch.where(offset >= 0, root_pos[:, None] + offset, -1)
             pools = self.proposer.propose(src_hidden, root_pos, code_pos, max(tab.pool_sizes), generator)
-            cand = pools.tokens.gather(1, code_depth.unsqueeze(-1).expand(-1, -1, pools.tokens.shape[-1]))
-            cand = cand.gather(2, rank.unsqueeze(-1)).squeeze(-1)  # (B, T) code of each node, -1 none
+            P = pools.tokens.shape[-1]
+            cand = pools.tokens.flatten(1).gather(1, code_depth * P + rank)  # (B, T) code of each node, -1 none
             cand[:, 0] = codes[ar, root_pos]
             node_ok = valid & (forced | (cand >= 0)) & active[:, None]
             node_ok[:, 0] = True
             node_tok = torch.where(forced, eol, code_ids[cand.clamp(min=0)])
             node_tok[:, 0] = tokens[ar, root_pos]
-            mask = tab.mask[topo] & node_ok.unsqueeze(1)  # (B, T, T)
-            mask |= torch.eye(mask.shape[-1], dtype=torch.bool, device=dev)
+            anc = tab.mask[topo]  # (B, T, T) ancestors-or-self
+            mask = (anc & node_ok.unsqueeze(1)) | eye
 
             h = bb.forward(state, node_tok.repeat(S, 1), tree_mask=mask.repeat(S, 1, 1), depth=depth.repeat(S, 1))
             p = target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)  # (B, T, K)
@@ -203,48 +243,51 @@ class SpeculativeDecoder:
             # ---- verification: walk every row's tree from the root
             y = self.acceptance.draw(p, generator) if pools.q is None else None
             if y is not None:
-                cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, topo, active)
+                cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, topo, active, anc, arT)
             else:
-                cur, path, n_path, r = self._walk_tries(p, cand, pools, code_depth, rank, forced, node_ok,
-                                                        children, active, generator)
+                if self.is_chain:
+                    walk = self._walk_chain(p, cand, pools, code_depth, rank, forced, node_ok, active, generator)
+                else:
+                    walk = self._walk_tries(p, cand, pools, code_depth, rank, forced, node_ok, tab.children[topo],
+                                            active, generator)
+                cur, path, n_path, r = walk
                 bonus = self.acceptance.bonus(r, generator)
 
-            # ---- commit accepted path + bonus
-            path_depth = depth.gather(1, path)  # (B, A) body offsets (root = 0)
-            path_ok = torch.arange(path.shape[1], device=dev)[None] < n_path[:, None]
-            pos = root_pos[:, None] + path_depth  # (B, A)
+            # ---- commit the accepted path (root excluded: committed last step) and the bonus token
+            path_ok = arA < n_path[:, None]  # (B, A)
+            pos = root_pos[:, None] + depth.gather(1, path)  # (B, A) body positions
             commit = path_ok & active[:, None]
-            commit[:, 0] = False  # the root was committed last step
-            b_idx, a_idx = commit.nonzero(as_tuple=True)
-            tokens[b_idx, pos[b_idx, a_idx]] = node_tok[b_idx, path[b_idx, a_idx]]
-            codes[b_idx, pos[b_idx, a_idx]] = torch.where(
-                forced[b_idx, path[b_idx, a_idx]], -1, cand[b_idx, path[b_idx, a_idx]]
-            )
-            accept_map[b_idx, pos[b_idx, a_idx]] = 1.0
-            last_pos = root_pos + depth[ar, cur]
+            commit[:, 0] = False
+            path_forced = forced.gather(1, path)
+            last_pos = root_pos + depth.gather(1, cur[:, None]).squeeze(1)
             bonus_pos = last_pos + 1
             need = active & (bonus_pos < L)
-            bonus_forced = forced_body[bonus_pos.clamp(max=L - 1)]
-            bp = bonus_pos[need]
-            codes[need, bp] = torch.where(bonus_forced[need], -1, bonus[need])
-            tokens[need, bp] = torch.where(bonus_forced[need], eol, code_ids[bonus[need]])
+            bonus_forced = forced_body[bonus_pos]
+            where_to = torch.cat([torch.where(commit, pos, L), torch.where(need, bonus_pos, L)[:, None]], dim=1)
+            tokens.scatter_(1, where_to, torch.cat(
+                [node_tok.gather(1, path), torch.where(bonus_forced, eol, code_ids[bonus])[:, None]], dim=1))
+            codes.scatter_(1, where_to, torch.cat(
+                [torch.where(path_forced, -1, cand.gather(1, path)), torch.where(bonus_forced, -1, bonus)[:, None]],
+                dim=1))
+            accept_map.scatter_(1, where_to[:, :-1], 1.0)
 
             n_new = torch.where(need, bonus_pos + 1, torch.where(active, last_pos + 1, n))
             stats.steps += active.long()
-            stats.committed += (n_new - n)
-            stats.accepted += ((commit & ~forced.gather(1, path)).sum(1))
+            stats.committed += n_new - n
+            stats.accepted += (commit & ~path_forced).sum(1)
             if progress:  # reading the count waits for the device; skip it when nobody watches
                 bar.update(int((n_new - n).sum()))
             n = n_new
 
             if self.proposer.wants_tree_outputs:
                 node_pos = torch.where(node_ok & active[:, None], root_pos[:, None] + depth, -1)
-                self.proposer.observe_tree(p, node_pos, codes, generator)
+                self.proposer.observe_tree(p, node_pos, codes[:, :L], generator)
             count = torch.where(active, n_path, 0)
             bb.compact(state, path.repeat(S, 1), count.repeat(S))
             h_cond = h[:B]
-            acc_hidden = h_cond.gather(1, path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
-            self.proposer.observe(acc_hidden, torch.where(path_ok, pos, -1), count)
+            if observes:
+                acc_hidden = h_cond.gather(1, path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
+                self.proposer.observe(acc_hidden, torch.where(path_ok, pos, -1), count)
             src_hidden = torch.where(active[:, None], h_cond[ar, cur], src_hidden)
         bar.close()
 
@@ -252,7 +295,7 @@ class SpeculativeDecoder:
         forwards = 1 + stats.steps
         return GenerationOutput(
             codes=codes[:, code_positions].view(B, grid.rows, grid.cols),
-            tokens=tokens,
+            tokens=tokens[:, :L],
             forwards=int(forwards.max()),
             forwards_per_image=forwards.cpu(),
             accepted_tokens=stats.accepted.cpu(),

@@ -61,13 +61,14 @@ def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     Greedy (temperature 0) gives the one-hot of the argmax, so every exact acceptance rule reduces to
     "accept iff the draft equals the argmax".
     """
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits / cfg.temperature, dim=-1)
+    return torch.softmax(logits if cfg.temperature == 1 else logits / cfg.temperature, dim=-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

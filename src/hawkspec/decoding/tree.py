@@ -183,15 +183,15 @@ class TopologyTable:
             self.children[i, :s, : t.children.shape[1]] = t.children
         self.mask = ancestor_mask(self.parent)  # (n, T, T)
         self.topologies = topos
+        # every root position's topology id, so the decoding loop looks it up with one index
+        pos = torch.arange(L)
+        self.by_pos = self.ids[pos % W, (L - 1 - pos).clamp(0, horizon)]
 
     def lookup(self, root_pos: torch.Tensor) -> torch.Tensor:
-        """(B,) body position of each row's root -> (B,) topology ids."""
-        W, L = self.grid.tokens_per_row, self.grid.length
-        col = root_pos % W
-        rem = (L - 1 - root_pos).clamp(0, self.horizon)
-        return self.ids[col, rem]
+        """(B,) body position of each row's root (0 <= root_pos < grid length) -> (B,) topology ids."""
+        return self.by_pos[root_pos]
 
     def to(self, device) -> "TopologyTable":
-        for name in ("ids", "depth", "code_depth", "rank", "parent", "forced", "valid", "children", "mask"):
+        for name in ("ids", "by_pos", "depth", "code_depth", "rank", "parent", "forced", "valid", "children", "mask"):
             setattr(self, name, getattr(self, name).to(device))
         return self

@@ -111,11 +111,14 @@ class DraftHeads(nn.Module):
     def _features(self, hidden: torch.Tensor, blocks) -> torch.Tensor:
         """(..., d) -> (..., H, d): the ResBlock stacks of ``blocks`` run together (one batched matmul per
         layer instead of one small matmul per head: the decoding loop calls this every step)."""
-        x = hidden.unsqueeze(-2).expand(*hidden.shape[:-1], len(blocks), hidden.shape[-1])  # (..., H, d)
+        lead, d, H = hidden.shape[:-1], hidden.shape[-1], len(blocks)
+        # heads on the batch dim of a bmm: (H, M, d) @ (H, d, d) -- no per-row copy of the weights, which a
+        # broadcast (..., H, 1, d) @ (H, d, d) matmul would make
+        x = hidden.reshape(1, -1, d).expand(H, -1, d)
         for layer in range(self.config.num_layers):
             wt, b = self._stacked(blocks, layer)  # (H, d_in, d_out), (H, d)
-            x = x + nn.functional.silu((x.unsqueeze(-2) @ wt).squeeze(-2) + b)
-        return x
+            x = x + nn.functional.silu(torch.baddbmm(b.unsqueeze(1), x, wt))
+        return x.transpose(0, 1).reshape(*lead, H, d)
 
     def _stacked(self, blocks, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The weights of ``blocks`` at ``layer`` stacked per head. Without autograd (decoding) the stack is

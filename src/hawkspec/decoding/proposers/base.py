@@ -8,6 +8,7 @@ accepted with their hidden states, so proposers with memory (Hawk's vertical spe
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +28,18 @@ class Pools:
     q: torch.Tensor | None = None
 
 
+@functools.lru_cache(maxsize=32)
+def _earlier(C: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
+
+
 def dedupe_first(tokens: torch.Tensor, size: int) -> torch.Tensor:
     """Keep the first occurrence of each candidate, in order, then truncate/pad to ``size``.
 
     tokens: (..., C) with -1 for none -> (..., size).
     """
     C = tokens.shape[-1]
-    earlier = torch.ones(C, C, dtype=torch.bool, device=tokens.device).tril(-1)  # [i, j]: j < i
+    earlier = _earlier(C, tokens.device)  # [i, j]: j < i
     dup = ((tokens.unsqueeze(-1) == tokens.unsqueeze(-2)) & earlier).any(-1)
     keep = ~dup & (tokens >= 0)
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
@@ -70,8 +76,13 @@ class Proposer(abc.ABC):
             generator: For sampled drafts.
         """
 
+    #: Set by proposers that read the accepted tokens' hidden states (Hawk's vertical heads): the engine then
+    #: gathers them and calls :meth:`observe` after every step. Others skip that work.
+    wants_accepted_hidden: bool = False
+
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
-        """Accepted tokens of the last step: hidden (B, A, d) at body positions (B, A); the first ``count``."""
+        """Accepted tokens of the last step: hidden (B, A, d) at body positions (B, A); the first ``count``.
+        Called only when :attr:`wants_accepted_hidden` is true."""
 
     #: Set by proposers that draft from the verification outputs themselves (Jacobi): the engine then calls
     #: :meth:`observe_tree` after every step. Others skip that call.

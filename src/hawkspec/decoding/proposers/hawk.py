@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from hawkspec.decoding.proposers.base import Pools, dedupe_first
+from hawkspec.decoding.proposers.jacobi import JacobiDrafts
 from hawkspec.decoding.proposers.medusa import MedusaProposer
 from hawkspec.heads.draft import DraftHeads
 
 ORDERS = ("vertical_first", "horizontal_first", "interleave")
+JACOBI = ("none", "fill", "first")
 
 
 class HawkProposer(MedusaProposer):
@@ -32,15 +34,26 @@ class HawkProposer(MedusaProposer):
         vertical_candidates: Candidates each vertical head contributes per position (m).
         order: Merge order of the pool: ``vertical_first`` (the paper's), ``horizontal_first`` or
             ``interleave``.
+        jacobi: Also take the drafts Jacobi iteration gets for free from the last verification forward (each
+            uncommitted position the tree predicted, drawn from that node's output, see
+            :class:`~hawkspec.decoding.proposers.jacobi.JacobiDrafts`): ``none`` (the paper's Hawk), ``fill``
+            (into the first pool slot the heads leave empty: positions past the horizontal heads' reach that
+            no vertical draft covers) or ``first`` (ahead of the heads' drafts; the heads then draft the
+            positions Jacobi has not reached, where SJD starts from random codes). Ours, not the paper's.
+            Exact with the exact rule: each draft keeps the distribution it was drawn from.
     """
 
     name = "hawk"
 
     def __init__(
         self, heads: DraftHeads, draft: str = "topk", vertical: bool = True, vsd: int | None = None,
-        vertical_candidates: int = 1, order: str = "vertical_first", horizontal: bool = True,
+        vertical_candidates: int = 1, order: str = "vertical_first", horizontal: bool = True, jacobi: str = "none",
     ):
         super().__init__(heads, draft)
+        if jacobi not in JACOBI:
+            raise ValueError(f"decoder.proposer.jacobi must be one of {JACOBI}, got {jacobi!r}")
+        self.jacobi_mode = jacobi
+        self.jacobi = jacobi != "none"
         if not (vertical or horizontal):
             raise ValueError("decoder.proposer: vertical=false and horizontal=false leave no drafts; enable one")
         self.horizontal = horizontal
@@ -56,12 +69,24 @@ class HawkProposer(MedusaProposer):
             raise ValueError(f"decoder.proposer.vertical_candidates must be >= 1, got {vertical_candidates}")
         self.m, self.order = vertical_candidates, order
 
+    @property
+    def wants_accepted_hidden(self) -> bool:
+        return self.vsd > 0
+
+    @property
+    def wants_tree_outputs(self) -> bool:
+        return self.jacobi
+
+    def observe_tree(self, probs, node_pos, codes, generator) -> None:
+        self.jdrafts.observe(probs, node_pos, codes, generator)
+
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
         grid = backbone.grid
         self.W, self.L = grid.tokens_per_row, grid.length
         self.R = (self.vsd + 1) * self.W
         self.forced = grid.forced_mask().to(self.heads.lm_head.device)
+        self.jdrafts = JacobiDrafts(grid, backbone.num_codes, self.heads.lm_head.device) if self.jacobi else None
 
     def start(self, batch_size: int, device: torch.device) -> None:
         B, R, V, m = batch_size, self.R, max(self.vsd, 1), self.m
@@ -70,6 +95,8 @@ class HawkProposer(MedusaProposer):
         self.ring_pos = torch.full((B, R + 1, V), -1, dtype=torch.long, device=device)
         K = self.heads.lm_head.shape[0]
         self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
+        if self.jacobi:
+            self.jdrafts.start(batch_size, device)
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
         """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A)."""
@@ -91,6 +118,30 @@ class HawkProposer(MedusaProposer):
             self.ring_q[b, slot, v] = q[..., 0, :]
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+        pools = self._spatial_pool(src_hidden, root_pos, code_pos, pool_size, generator)
+        return self._fill_jacobi(pools, code_pos) if self.jacobi else pools
+
+    def _fill_jacobi(self, pools: Pools, code_pos: torch.Tensor) -> Pools:
+        """Put each position's carried Jacobi draft into the first empty pool slot (if any). The pool then
+        mixes point masses and sampled drafts, so every member gets its q (one-hot for point masses)."""
+        j_tok, j_q = self.jdrafts.lookup(code_pos)  # (B, J), (B, J, K)
+        tokens, K = pools.tokens, j_q.shape[-1]
+        q = pools.q
+        if q is None:
+            q = torch.nn.functional.one_hot(tokens.clamp(min=0), K).to(j_q.dtype)
+        have = (j_tok >= 0).unsqueeze(-1)  # (B, J, 1)
+        if self.jacobi_mode == "first":  # shift the heads' drafts one rank down where a Jacobi draft exists
+            shifted = torch.cat([tokens[..., :1], tokens[..., :-1]], dim=-1)
+            tokens = torch.where(have, shifted, tokens)
+            q = torch.where(have.unsqueeze(-1), torch.cat([q[..., :1, :], q[..., :-1, :]], dim=2), q)
+            slot = have & (torch.arange(tokens.shape[-1], device=tokens.device) == 0)
+        else:
+            empty = tokens < 0
+            slot = empty & (empty.cumsum(-1) == 1) & have  # (B, J, P)
+        q = torch.where(slot.unsqueeze(-1), j_q.unsqueeze(2), q)
+        return Pools(torch.where(slot, j_tok.unsqueeze(-1), tokens), q)
+
+    def _spatial_pool(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         self._generator = generator
         B, J = code_pos.shape
         if self.horizontal:
@@ -147,4 +198,4 @@ class HawkProposer(MedusaProposer):
 
     def describe(self) -> dict:
         return {**super().describe(), "name": self.name, "vsd": self.vsd, "vertical_candidates": self.m,
-                "order": self.order, "horizontal": self.horizontal}
+                "order": self.order, "horizontal": self.horizontal, "jacobi": self.jacobi_mode}

@@ -26,6 +26,41 @@ from hawkspec.decoding.sampling import sample
 INITS = ("uniform", "spatial")
 
 
+class JacobiDrafts:
+    """The carried drafts of Jacobi iteration, keyed by body position: after each verification forward, every
+    position a tree node predicted and that is still uncommitted gets a fresh draft from that node's output,
+    which is kept as the draft's distribution. Shared by :class:`JacobiProposer` and Hawk's ``jacobi`` pool.
+    """
+
+    def __init__(self, grid, num_codes: int, device):
+        self.W, self.L, self.K = grid.tokens_per_row, grid.length, num_codes
+        self.forced = grid.forced_mask().to(device)
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        # one spare column (index L) absorbs writes for positions outside the image
+        self.tok = torch.full((batch_size, self.L + 1), -1, dtype=torch.long, device=device)
+        self.q = torch.zeros((batch_size, self.L + 1, self.K), device=device)
+        self.codes = None  # committed codes, known after the first step
+
+    def lookup(self, code_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, J) positions (-1 none) -> carried tokens (B, J) (-1 where none) and their q (B, J, K)."""
+        bidx = torch.arange(code_pos.shape[0], device=code_pos.device)[:, None]
+        pos = torch.where(code_pos >= 0, code_pos, self.L)
+        return self.tok[bidx, pos], self.q[bidx, pos]
+
+    def observe(self, probs, node_pos, codes, generator) -> None:
+        """See :meth:`Proposer.observe_tree`."""
+        self.codes = codes
+        bidx = torch.arange(probs.shape[0], device=probs.device)[:, None]
+        target = node_pos + 1  # (B, T) the position each node predicts
+        ok = (node_pos >= 0) & (target < self.L)
+        t = target.clamp(max=self.L - 1)
+        ok &= ~self.forced[t] & (codes[bidx, t] < 0)
+        slot = torch.where(ok, target, self.L)
+        self.tok[bidx, slot] = torch.where(ok, sample(probs, generator), -1)
+        self.q[bidx, slot] = probs
+
+
 class JacobiProposer(Proposer):
     """Drafts carried from the previous Jacobi iteration; fresh random drafts where there are none.
 
@@ -44,29 +79,25 @@ class JacobiProposer(Proposer):
 
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
-        grid = backbone.grid
-        self.W, self.L, self.K = grid.tokens_per_row, grid.length, backbone.num_codes
-        self.forced = grid.forced_mask().to(backbone.code_token_ids.device)
+        self.W, self.K = backbone.grid.tokens_per_row, backbone.num_codes
+        self.drafts = JacobiDrafts(backbone.grid, self.K, backbone.code_token_ids.device)
 
     def start(self, batch_size: int, device: torch.device) -> None:
-        # one spare column (index L) absorbs writes for positions outside the image
-        self.tok = torch.full((batch_size, self.L + 1), -1, dtype=torch.long, device=device)
-        self.q = torch.zeros((batch_size, self.L + 1, self.K), device=device)
-        self.codes = None  # committed codes, known after the first step
+        self.drafts.start(batch_size, device)
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         B, J = code_pos.shape
         dev = code_pos.device
-        bidx = torch.arange(B, device=dev)[:, None]
-        pos = torch.where(code_pos >= 0, code_pos, self.L)
-        tokens, q = self.tok[bidx, pos], self.q[bidx, pos]  # (B, J), (B, J, K)
+        tokens, q = self.drafts.lookup(code_pos)  # (B, J), (B, J, K)
         fresh = tokens < 0
         if fresh.any():
             init_tok = torch.randint(self.K, (B, J), generator=generator, device=dev)
             init_q = torch.full((B, J, self.K), 1.0 / self.K, device=dev)
-            if self.init == "spatial" and self.codes is not None:
-                above = pos - self.W
-                code_above = torch.where(above >= 0, self.codes[bidx, above.clamp(min=0)], -1)
+            codes = self.drafts.codes
+            if self.init == "spatial" and codes is not None:
+                bidx = torch.arange(B, device=dev)[:, None]
+                above = code_pos - self.W
+                code_above = torch.where(above >= 0, codes[bidx, above.clamp(min=0)], -1)
                 known = code_above >= 0
                 init_tok = torch.where(known, code_above, init_tok)
                 point = torch.nn.functional.one_hot(code_above.clamp(min=0), self.K).to(init_q.dtype)
@@ -83,16 +114,7 @@ class JacobiProposer(Proposer):
         return Pools(pool_tok, pool_q)
 
     def observe_tree(self, probs, node_pos, codes, generator) -> None:
-        self.codes = codes
-        B, T, _ = probs.shape
-        bidx = torch.arange(B, device=probs.device)[:, None]
-        target = node_pos + 1  # (B, T) the position each node predicts
-        ok = (node_pos >= 0) & (target < self.L)
-        t = target.clamp(max=self.L - 1)
-        ok &= ~self.forced[t] & (codes[bidx, t] < 0)
-        slot = torch.where(ok, target, self.L)
-        self.tok[bidx, slot] = torch.where(ok, sample(probs, generator), -1)
-        self.q[bidx, slot] = probs
+        self.drafts.observe(probs, node_pos, codes, generator)
 
     def describe(self) -> dict:
         return {"name": self.name, "init": self.init}
