@@ -1,8 +1,12 @@
-"""Acceptance length and step compression of decoder variants, untimed (machine-independent and fast).
+"""Acceptance length and step compression of decoder variants; with ``--timed R`` also their speedup over AR.
 
 Each variant is a space-separated list of Hydra overrides of ``conf/eval.yaml``; all variants decode the same
-prompts with the same seed, in one process, with the backbone loaded once. Wall-clock belongs to
-``hawkspec-eval`` (``make bench``); this is for ablations where the forward count is the question.
+prompts with the same seed, in one process, with the backbone loaded once. Untimed (the default) is
+machine-independent and fast: for ablations where the forward count is the question. ``--timed R`` makes it a
+benchmark of variants that presets cannot name (a VSD, a tree size): AR is added, every decoder decodes one
+warm-up batch, then R passes run with AR and the variants interleaved, and each decoder's seconds are its
+median pass, so ``speedup`` = AR seconds / variant seconds comes from one run (``make bench`` does the same for
+the presets). Use ``--batch-size 1`` for latency, as the papers report.
 
     python experiments/acceptance_sweep.py --prompts 16 --out experiments/results/vsd_sweep.md \\
         --variant "decoder=hawk decoder.proposer.vertical=false" \\
@@ -16,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from tqdm.auto import tqdm
 
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.cli.eval import eval_prompts
@@ -37,7 +44,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="markdown table (a .json beside it)")
+    ap.add_argument("--timed", type=int, default=0, metavar="R", help="R timed passes after a warm-up (0: untimed)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     common = shlex.split(args.common)
     # paths.root_dir resolves through Hydra's runtime config outside a Hydra app; pin it to the repository
     pinned = [f"paths.root_dir={Path(CONF_DIR).parent}"]
@@ -48,23 +59,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sampling = SamplingConfig(**base.sampling).validate(backbone.num_codes)
         prompts = eval_prompts(base)
         batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-        for variant in args.variant:
+        decoders = []
+        for variant in (["decoder=ar"] if args.timed else []) + args.variant:
             cfg = compose("eval", overrides=pinned + common + shlex.split(variant))
-            decoder = build_decoder(cfg.decoder, backbone, sampling)
-            outs = [decoder.generate(b, torch.Generator(device=base.device).manual_seed(args.seed * 100_003 + i))
-                    for i, b in enumerate(batches)]
-            L = backbone.grid.length
-            stats = summarize([image_counters(o, L) for o in outs], L)
-            rows.append({"variant": variant, "lossless": bool(decoder.lossless), **stats})
-            print(f"{variant}: acceptance {stats['acceptance_length']:.3f}, "
-                  f"step compression {stats['step_compression']:.3f}", flush=True)
+            decoders.append((variant, build_decoder(cfg.decoder, backbone, sampling)))
+
+        def one_pass(decoder):
+            gens = [torch.Generator(device=base.device).manual_seed(args.seed * 100_003 + i) for i in range(len(batches))]
+            t0 = time.perf_counter()
+            outs = [decoder.generate(b, g) for b, g in zip(batches, gens)]
+            return outs, time.perf_counter() - t0
+
+        seconds = {v: [] for v, _ in decoders}
+        outs = {}
+        if args.timed:
+            for _, decoder in decoders:  # warm-up
+                decoder.generate(batches[0], torch.Generator(device=base.device).manual_seed(args.seed))
+            for _ in tqdm(range(args.timed), desc="timed passes"):
+                for variant, decoder in decoders:
+                    outs[variant], sec = one_pass(decoder)
+                    seconds[variant].append(sec / len(prompts))
+        else:
+            for variant, decoder in decoders:
+                outs[variant] = one_pass(decoder)[0]
+        L = backbone.grid.length
+        ar_sec = statistics.median(seconds["decoder=ar"]) if args.timed else None
+        for variant, decoder in decoders:
+            stats = summarize([image_counters(o, L) for o in outs[variant]], L)
+            row = {"variant": variant, "lossless": bool(decoder.lossless), **stats}
+            msg = f"{variant}: acceptance {stats['acceptance_length']:.3f}, step compression {stats['step_compression']:.3f}"
+            if args.timed:
+                row["seconds_per_image"] = statistics.median(seconds[variant])
+                row["seconds_per_pass"] = [x * len(prompts) for x in seconds[variant]]
+                row["speedup"] = ar_sec / row["seconds_per_image"]
+                msg += f", {row['seconds_per_image']:.3f} s/image, speedup {row['speedup']:.2f}"
+            rows.append(row)
+            print(msg, flush=True)
     if args.out:
         cmd = "python experiments/acceptance_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        timing = (f" Timed: 1 warm-up batch, then {args.timed} passes with the decoders interleaved; seconds = the "
+                  f"median pass; device {base.device}, {torch.get_num_threads()} threads." if args.timed else "")
         lines = [f"Made by: `{cmd}`", "", f"{args.prompts} procedural prompts, batch {args.batch_size}, seed "
-                 f"{args.seed}; sampling: {dict(base.sampling)}.", "",
-                 "| variant | lossless | acceptance length | forwards/image | step compression |", "|---|---|---|---|---|"]
-        lines += [f"| `{r['variant']}` | {r['lossless']} | {r['acceptance_length']:.3f} | "
-                  f"{r['forwards_per_image']:.2f} | {r['step_compression']:.3f} |" for r in rows]
+                 f"{args.seed}; sampling: {dict(base.sampling)}.{timing}", ""]
+        head = "| variant | lossless | acceptance length | forwards/image | step compression |"
+        lines += [head + (" s/image | speedup |" if args.timed else ""), "|---" * (7 if args.timed else 5) + "|"]
+        for r in rows:
+            line = (f"| `{r['variant']}` | {r['lossless']} | {r['acceptance_length']:.3f} | "
+                    f"{r['forwards_per_image']:.2f} | {r['step_compression']:.3f} |")
+            if args.timed:
+                line += f" {r['seconds_per_image']:.3f} | {r['speedup']:.2f} |"
+            lines.append(line)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

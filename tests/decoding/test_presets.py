@@ -12,7 +12,7 @@ from hawkspec.heads.draft import DraftHeads, HeadsConfig
 
 LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True, "sjd": True,
             "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False,
-            "hawk_jacobi": True, "hawk_jacobi_gsd": False}
+            "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_every_preset_is_known():
 
 
 # ar has no tree; the Jacobi presets decode a chain window
-TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "hawk_jacobi", "hawk_jacobi_gsd"})
+TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd"})
 
 
 @pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])

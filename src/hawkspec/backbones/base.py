@@ -179,12 +179,14 @@ class Backbone(nn.Module, abc.ABC):
         """
 
     @abc.abstractmethod
-    def compact(self, state: KVState, keep: torch.Tensor, count: torch.Tensor) -> None:
+    def compact(self, state: KVState, keep: torch.Tensor, count: torch.Tensor, prefix: bool = False) -> None:
         """Resolve a pending tree block: keep the accepted nodes, in order, and drop the rest.
 
         Args:
             keep: (N, A) long node indices into the pending block (padded arbitrarily past ``count``).
             count: (N,) long, how many of ``keep`` are real for each row; ``next_pos`` advances by it.
+            prefix: the caller guarantees ``keep[:, j] == j`` for ``j < count`` (a chain block: the accepted
+                nodes are its first ones, already in place), so no cache entry needs to move.
         """
 
     # ----------------------------------------------------------------------------------------- image side

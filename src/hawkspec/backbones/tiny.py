@@ -264,7 +264,7 @@ class TinyBackbone(Backbone):
         return out.last_hidden_state
 
     @torch.no_grad()
-    def compact(self, state: KVState, keep: torch.Tensor, count: torch.Tensor) -> None:
+    def compact(self, state: KVState, keep: torch.Tensor, count: torch.Tensor, prefix: bool = False) -> None:
         T = state.pending
         if not T:
             raise RuntimeError("compact() needs a pending tree block (forward with tree_mask first)")
@@ -273,6 +273,9 @@ class TinyBackbone(Backbone):
         idx = None
         for layer in state.cache.layers:  # every layer's keys and values have the same shape: one index
             k, v = layer.keys, layer.values  # (N, heads, L0+T, head_dim)
+            if prefix:  # the kept nodes are already in place
+                layer.keys, layer.values = k[:, :, : L0 + A], v[:, :, : L0 + A]
+                continue
             if idx is None:
                 idx = (L0 + keep)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             k[:, :, L0 : L0 + A] = k.gather(2, idx)

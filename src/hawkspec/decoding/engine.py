@@ -283,7 +283,7 @@ class SpeculativeDecoder:
                 node_pos = torch.where(node_ok & active[:, None], root_pos[:, None] + depth, -1)
                 self.proposer.observe_tree(p, node_pos, codes[:, :L], generator)
             count = torch.where(active, n_path, 0)
-            bb.compact(state, path.repeat(S, 1), count.repeat(S))
+            bb.compact(state, path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
             h_cond = h[:B]
             if observes:
                 acc_hidden = h_cond.gather(1, path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
