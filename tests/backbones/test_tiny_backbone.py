@@ -58,6 +58,25 @@ def test_tree_forward_matches_linear_forward_and_compaction(random_backbone, pro
     torch.testing.assert_close(after_tree[[1, 3]], ref[[1, 3]], atol=1e-5, rtol=1e-4)
 
 
+def test_prefix_compaction_of_a_chain_equals_the_gathering_one(random_backbone, prompts):
+    """compact(prefix=True) skips the KV gather for chain blocks; the next forward must not notice."""
+    bb = random_backbone
+    ids = bb.tokenize(prompts)
+    chain = torch.randint(0, bb.num_codes, (2, 4), generator=torch.Generator().manual_seed(1)) + bb.layout.code_offset
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    keep = torch.tensor([[0, 1, 2, 0]] * 4)  # padding past count is arbitrary
+    count = torch.tensor([3, 1, 3, 1])
+    nxt = torch.full((4, 1), bb.layout.code_offset + 7)
+    outs = []
+    for prefix in (False, True):
+        state, _ = bb.prefill(ids, cfg=True)
+        bb.forward(state, chain.repeat(2, 1), tree_mask=mask, depth=torch.arange(4))
+        bb.compact(state, keep, count, prefix=prefix)
+        outs.append((bb.forward(state, nxt), state.next_pos.clone(), state.key_mask.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
+
+
 def test_prefill_streams_and_hidden(random_backbone, prompts):
     state, hidden = random_backbone.prefill(random_backbone.tokenize(prompts), cfg=True)
     assert state.streams == 2 and state.batch_size == 2
