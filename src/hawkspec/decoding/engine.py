@@ -138,32 +138,28 @@ class SpeculativeDecoder:
             alive &= moved
         return cur, path, n_path, r
 
-    def _walk_chain(self, p, cand, pools, code_depth, rank, forced, node_ok, active, generator):
+    def _walk_chain(self, p, cand, pools, slot, forced, node_ok, active, ar, arA, generator):
         """Chains (SJD's window: every node has at most one child, node i + 1 under node i): each node is tried
         against its parent's untouched target, so every test runs at once and the path is the run of leading
-        acceptances. Same decisions and residuals as :meth:`_walk_tries`, without a loop over levels."""
+        acceptances. Same decisions and residuals as :meth:`_walk_tries`, without a loop over levels.
+        ``slot`` (B, T) is each node's flat index into the (J, P) pool; ``ar``, ``arA`` = arange(B), arange(A)."""
         B, T, K = p.shape
-        dev = p.device
         x = cand[:, 1:]  # (B, T-1) node i+1 judged by node i's target
         r = p[:, :-1]
         q = None
         if pools.q is not None:
-            P = pools.q.shape[2]
-            flat = (code_depth[:, 1:] * P + rank[:, 1:]).unsqueeze(-1).expand(-1, -1, K)
-            q = pools.q.flatten(1, 2).gather(1, flat).reshape(-1, K)
-        u = torch.rand((B, T - 1), generator=generator, device=dev)
+            q = pools.q.flatten(1, 2).gather(1, slot[:, 1:, None].expand(-1, -1, K)).reshape(-1, K)
+        u = torch.rand((B, T - 1), generator=generator, device=p.device)
         ok, r_new = self.acceptance.try_candidate(r.reshape(-1, K), x.clamp(min=0).reshape(-1), q, u.reshape(-1))
         tried = node_ok[:, 1:] & active[:, None]
         acc = tried & (forced[:, 1:] | ok.view(B, T - 1))
         n_acc = acc.long().cumprod(1).sum(1)  # (B,) leading acceptances
         n_path = n_acc + 1
-        arA = torch.arange(self.table.max_depth + 1, device=dev)
         path = torch.where(arA < n_path[:, None], arA, 0)
         cur = n_acc
         # the bonus comes from the residual of the rejected child, or from the target where nothing was tried
         nxt = cur.clamp(max=T - 2)
         rejected = (cur < T - 1) & tried.gather(1, nxt[:, None]).squeeze(1)
-        ar = torch.arange(B, device=dev)
         r_final = torch.where(rejected[:, None], r_new.view(B, T - 1, K)[ar, nxt], p[ar, cur])
         return cur, path, n_path, r_final
 
@@ -223,8 +219,8 @@ class SpeculativeDecoder:
             offset = self.code_offset[topo]
             code_pos = torch.where(offset >= 0, root_pos[:, None] + offset, -1)
             pools = self.proposer.propose(src_hidden, root_pos, code_pos, max(tab.pool_sizes), generator)
-            P = pools.tokens.shape[-1]
-            cand = pools.tokens.flatten(1).gather(1, code_depth * P + rank)  # (B, T) code of each node, -1 none
+            slot = code_depth * pools.tokens.shape[-1] + rank  # (B, T) each node's flat index into the (J, P) pool
+            cand = pools.tokens.flatten(1).gather(1, slot)  # (B, T) code of each node, -1 none
             cand[:, 0] = codes[ar, root_pos]
             node_ok = valid & (forced | (cand >= 0)) & active[:, None]
             node_ok[:, 0] = True
@@ -246,7 +242,7 @@ class SpeculativeDecoder:
                 cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, topo, active, anc, arT)
             else:
                 if self.is_chain:
-                    walk = self._walk_chain(p, cand, pools, code_depth, rank, forced, node_ok, active, generator)
+                    walk = self._walk_chain(p, cand, pools, slot, forced, node_ok, active, ar, arA, generator)
                 else:
                     walk = self._walk_tries(p, cand, pools, code_depth, rank, forced, node_ok, tab.children[topo],
                                             active, generator)

@@ -52,8 +52,7 @@ class HawkProposer(MedusaProposer):
         super().__init__(heads, draft)
         if jacobi not in JACOBI:
             raise ValueError(f"decoder.proposer.jacobi must be one of {JACOBI}, got {jacobi!r}")
-        self.jacobi_mode = jacobi
-        self.jacobi = jacobi != "none"
+        self.jacobi = jacobi
         if not (vertical or horizontal):
             raise ValueError("decoder.proposer: vertical=false and horizontal=false leave no drafts; enable one")
         self.horizontal = horizontal
@@ -75,7 +74,7 @@ class HawkProposer(MedusaProposer):
 
     @property
     def wants_tree_outputs(self) -> bool:
-        return self.jacobi
+        return self.jacobi != "none"
 
     def observe_tree(self, probs, node_pos, codes, generator) -> None:
         self.jdrafts.observe(probs, node_pos, codes, generator)
@@ -86,7 +85,7 @@ class HawkProposer(MedusaProposer):
         self.W, self.L = grid.tokens_per_row, grid.length
         self.R = (self.vsd + 1) * self.W
         self.forced = grid.forced_mask().to(self.heads.lm_head.device)
-        self.jdrafts = JacobiDrafts(grid, backbone.num_codes, self.heads.lm_head.device) if self.jacobi else None
+        self.jdrafts = JacobiDrafts(grid, backbone.num_codes, self.heads.lm_head.device) if self.wants_tree_outputs else None
 
     def start(self, batch_size: int, device: torch.device) -> None:
         B, R, V, m = batch_size, self.R, max(self.vsd, 1), self.m
@@ -95,7 +94,7 @@ class HawkProposer(MedusaProposer):
         self.ring_pos = torch.full((B, R + 1, V), -1, dtype=torch.long, device=device)
         K = self.heads.lm_head.shape[0]
         self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
-        if self.jacobi:
+        if self.wants_tree_outputs:
             self.jdrafts.start(batch_size, device)
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
@@ -119,7 +118,7 @@ class HawkProposer(MedusaProposer):
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         pools = self._spatial_pool(src_hidden, root_pos, code_pos, pool_size, generator)
-        return self._fill_jacobi(pools, code_pos) if self.jacobi else pools
+        return self._fill_jacobi(pools, code_pos) if self.wants_tree_outputs else pools
 
     def _fill_jacobi(self, pools: Pools, code_pos: torch.Tensor) -> Pools:
         """Put each position's carried Jacobi draft into the first empty pool slot (if any). The pool then
@@ -130,7 +129,7 @@ class HawkProposer(MedusaProposer):
         if q is None:
             q = torch.nn.functional.one_hot(tokens.clamp(min=0), K).to(j_q.dtype)
         have = (j_tok >= 0).unsqueeze(-1)  # (B, J, 1)
-        if self.jacobi_mode == "first":  # shift the heads' drafts one rank down where a Jacobi draft exists
+        if self.jacobi == "first":  # shift the heads' drafts one rank down where a Jacobi draft exists
             shifted = torch.cat([tokens[..., :1], tokens[..., :-1]], dim=-1)
             tokens = torch.where(have, shifted, tokens)
             q = torch.where(have.unsqueeze(-1), torch.cat([q[..., :1, :], q[..., :-1, :]], dim=2), q)
@@ -198,4 +197,4 @@ class HawkProposer(MedusaProposer):
 
     def describe(self) -> dict:
         return {**super().describe(), "name": self.name, "vsd": self.vsd, "vertical_candidates": self.m,
-                "order": self.order, "horizontal": self.horizontal, "jacobi": self.jacobi_mode}
+                "order": self.order, "horizontal": self.horizontal, "jacobi": self.jacobi}
