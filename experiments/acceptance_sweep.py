@@ -4,7 +4,7 @@ Each variant is a space-separated list of Hydra overrides of ``conf/eval.yaml``;
 prompts with the same seed, in one process, with the backbone loaded once. Untimed (the default) is
 machine-independent and fast: for ablations where the forward count is the question. ``--timed R`` makes it a
 benchmark of variants that presets cannot name (a VSD, a tree size): AR is added, every decoder decodes one
-warm-up batch, then R passes run with AR and the variants interleaved, and each decoder's seconds are its
+warm-up batch, then R passes run with AR and the variants taking turns on every batch, and each decoder's seconds are its
 median pass, so ``speedup`` = AR seconds / variant seconds comes from one run (``make bench`` does the same for
 the presets). Use ``--batch-size 1`` for latency, as the papers report.
 
@@ -22,18 +22,16 @@ import json
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from tqdm.auto import tqdm
 
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.cli.eval import eval_prompts
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig
-from hawkspec.metrics.speed import image_counters, summarize
+from hawkspec.metrics.speed import image_counters, interleaved_passes, summarize
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -64,24 +62,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg = compose("eval", overrides=pinned + common + shlex.split(variant))
             decoders.append((variant, build_decoder(cfg.decoder, backbone, sampling)))
 
-        def one_pass(decoder):
-            gens = [torch.Generator(device=base.device).manual_seed(args.seed * 100_003 + i) for i in range(len(batches))]
-            t0 = time.perf_counter()
-            outs = [decoder.generate(b, g) for b, g in zip(batches, gens)]
-            return outs, time.perf_counter() - t0
+        def gen(i: int) -> torch.Generator:
+            return torch.Generator(device=base.device).manual_seed(args.seed * 100_003 + i)
 
-        seconds = {v: [] for v, _ in decoders}
-        outs = {}
-        if args.timed:
-            for _, decoder in decoders:  # warm-up
-                decoder.generate(batches[0], torch.Generator(device=base.device).manual_seed(args.seed))
-            for _ in tqdm(range(args.timed), desc="timed passes"):
-                for variant, decoder in decoders:
-                    outs[variant], sec = one_pass(decoder)
-                    seconds[variant].append(sec / len(prompts))
+        if args.timed:  # warm-up, then passes in which the decoders take turns on every batch
+            passes, outs = interleaved_passes(dict(decoders), batches, gen, repeats=args.timed)
+            seconds = {v: [x / len(prompts) for x in passes[v]] for v in passes}
         else:
-            for variant, decoder in decoders:
-                outs[variant] = one_pass(decoder)[0]
+            outs = {v: [d.generate(b, gen(i)) for i, b in enumerate(batches)] for v, d in decoders}
         L = backbone.grid.length
         ar_sec = statistics.median(seconds["decoder=ar"]) if args.timed else None
         for variant, decoder in decoders:
@@ -97,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(msg, flush=True)
     if args.out:
         cmd = "python experiments/acceptance_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        timing = (f" Timed: 1 warm-up batch, then {args.timed} passes with the decoders interleaved; seconds = the "
+        timing = (f" Timed: 1 warm-up batch, then {args.timed} passes, the decoders taking turns on every batch; seconds = the "
                   f"median pass; device {base.device}, {torch.get_num_threads()} threads." if args.timed else "")
         lines = [f"Made by: `{cmd}`", "", f"{args.prompts} procedural prompts, batch {args.batch_size}, seed "
                  f"{args.seed}; sampling: {dict(base.sampling)}.{timing}", ""]

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hawkspec.backbones.base import Backbone, ImageGrid, KVState
+from hawkspec.backbones.kv_cache import slab_cache
 from hawkspec.vq.patch_vq import PatchVQ
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class TinyBackbone(Backbone):
             mask[i, L - len(s) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = slab_cache()  # in-place writes: no cat of the whole cache per forward, free rewinds
         out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         state = KVState(cache=cache, key_mask=mask.bool(), next_pos=mask.sum(1), streams=2 if cfg else 1)
         return state, out.last_hidden_state[:, -1]

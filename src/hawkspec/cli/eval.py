@@ -19,7 +19,6 @@ import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
-from tqdm.auto import tqdm
 
 from hawkspec.backbones.base import Backbone
 from hawkspec.cli.common import CONF_DIR, instantiate, instantiate_loggers, load_prompts, task
@@ -28,7 +27,7 @@ from hawkspec.data.render import save_grid
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
-from hawkspec.metrics.speed import image_counters, summarize
+from hawkspec.metrics.speed import image_counters, interleaved_passes, summarize
 
 log = logging.getLogger("hawkspec")
 
@@ -193,17 +192,10 @@ def run(cfg: DictConfig) -> dict:
                 outs.append(out)
         return time.perf_counter() - t0, outs
 
-    for name, dec in decoders.items():  # warm-up
-        for batch in batches[: e.warmup_batches]:
-            dec.generate(batch, torch.Generator(device=cfg.device).manual_seed(0))
-    seconds = {name: [] for name in decoders}
-    outputs = {}
-    for rep in tqdm(range(max(1, e.repeats)), desc="timed passes"):
-        for name, dec in decoders.items():  # interleaved, so drift hits every decoder alike
-            dt, outs = one_pass(dec, keep=rep == 0)
-            seconds[name].append(dt)
-            if rep == 0:
-                outputs[name] = outs
+    seconds, outputs = interleaved_passes(
+        decoders, batches, lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi),
+        repeats=e.repeats, warmup_batches=e.warmup_batches,
+    )
 
     rows, images_of = [], {}
     ar_sec = statistics.median(seconds["ar"]) / len(prompts)

@@ -72,9 +72,20 @@ def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row. probs: (..., K) -> (...) long."""
+    """One draw per row by inverting the CDF with one uniform per row. probs: (..., K), non-negative, rows
+    not all zero (need not sum to one) -> (...) long.
+
+    ``torch.multinomial`` draws one exponential per *entry* (K of them per row): on a CPU that is 4x slower
+    for a tree's rows (17 x 512: 310 vs 85 us) and as fast for AR's single row; every decoder, AR included,
+    samples here. A zero-probability code is never drawn: ``searchsorted(right=True)`` skips the flat steps
+    of the CDF, and the rare ``u * total`` that rounds up to the total is clamped to the last code with mass
+    (the first index where the CDF reaches its maximum).
+    """
     flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    cdf = flat.cumsum(-1)
+    u = torch.rand((flat.shape[0], 1), generator=generator, device=flat.device, dtype=cdf.dtype)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return torch.minimum(idx, cdf.argmax(-1)).reshape(probs.shape[:-1])
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
