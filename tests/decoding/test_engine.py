@@ -170,3 +170,23 @@ def test_hawk_jacobi_fills_the_slots_the_heads_leave_empty(bb, heads):
     assert carried >= 0 and tok[3, 0] == carried and tok[3, 1] == -1
     assert torch.allclose(q[3, 0], probs[0, 3])  # node at position 3 predicted position 4
     assert torch.equal(q[0, 0], torch.nn.functional.one_hot(tok[0, 0], K).float())
+
+
+def test_hawk_drafts_from_the_horizontal_logits_its_observe_made(bb, heads, monkeypatch):
+    """Hawk runs every head once per step (in observe, on the accepted tokens): the horizontal logits it keeps
+    for the next proposal are the heads' logits at that proposal's src_hidden, every step."""
+    seen = []
+    original = MedusaProposer.horizontal_candidates
+
+    def checked(self, src_hidden, root_pos, code_pos, size, generator, logits=None):
+        if logits is not None:
+            live = root_pos < bb.grid.length - 1  # finished rows keep a stale src_hidden and draft nothing
+            torch.testing.assert_close(logits[live], self.heads.horizontal(src_hidden)[live], atol=1e-5, rtol=1e-4)
+        seen.append(logits is not None)
+        return original(self, src_hidden, root_pos, code_pos, size, generator, logits)
+
+    monkeypatch.setattr(MedusaProposer, "horizontal_candidates", checked)
+    s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
+    dec = SpeculativeDecoder(bb, HawkProposer(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
+    dec.generate(PROMPTS, torch.Generator().manual_seed(0))
+    assert seen[0] is False and all(seen[1:]) and len(seen) > 5  # only the first step has no observe before it

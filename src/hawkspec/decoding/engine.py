@@ -283,7 +283,7 @@ class SpeculativeDecoder:
             h_cond = h[:B]
             if observes:
                 acc_hidden = h_cond.gather(1, path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
-                self.proposer.observe(acc_hidden, torch.where(path_ok, pos, -1), count)
+                self.proposer.observe(acc_hidden, torch.where(path_ok & active[:, None], pos, -1), count)
             src_hidden = torch.where(active[:, None], h_cond[ar, cur], src_hidden)
         bar.close()
 

@@ -81,8 +81,9 @@ class Proposer(abc.ABC):
     wants_accepted_hidden: bool = False
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
-        """Accepted tokens of the last step: hidden (B, A, d) at body positions (B, A); the first ``count``.
-        Called only when :attr:`wants_accepted_hidden` is true."""
+        """Accepted tokens of the last step: hidden (B, A, d) at body positions (B, A), the first ``count`` of
+        each row (positions are -1 past them). The last of them is the next step's ``src_hidden``. Called only
+        when :attr:`wants_accepted_hidden` is true."""
 
     #: Set by proposers that draft from the verification outputs themselves (Jacobi): the engine then calls
     #: :meth:`observe_tree` after every step. Others skip that call.

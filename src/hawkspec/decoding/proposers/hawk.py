@@ -94,23 +94,34 @@ class HawkProposer(MedusaProposer):
         self.ring_pos = torch.full((B, R + 1, V), -1, dtype=torch.long, device=device)
         K = self.heads.lm_head.shape[0]
         self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
+        self._h_logits = None  # the horizontal heads' logits at the next src_hidden, made by observe()
+        if self.vsd:
+            V, W, L = self.vsd, self.W, self.L
+            self._down = torch.arange(1, V + 1, device=device) * W  # (vsd,) offset of vertical head d
+            # a target is cached iff it lies in the image and is not a forced token: one lookup, any target
+            self._cacheable = torch.cat([~self.forced, self.forced.new_zeros(V * W + 1)])
+            self._bv = (torch.arange(B, device=device).view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V))
         if self.wants_tree_outputs:
             self.jdrafts.start(batch_size, device)
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
-        """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A)."""
+        """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A).
+
+        Every head runs here, in one call: the vertical heads on every accepted token, and the horizontal
+        heads' logits at the last one (the next step's ``src_hidden``) are kept for :meth:`propose`, which
+        then needs no heads call of its own."""
         if not self.vsd:
             return
-        B, A, _ = hidden.shape
-        logits = self.heads.vertical(hidden)[..., : self.vsd, :]  # (B, A, vsd, K)
-        d = torch.arange(1, self.vsd + 1, device=hidden.device)
-        target = positions.unsqueeze(-1) + d * self.W  # (B, A, vsd)
-        ok = (torch.arange(A, device=hidden.device) < count[:, None]) & (positions >= 0)  # (B, A)
-        ok = ok.unsqueeze(-1) & (target < self.L) & ~self.forced[target.clamp(max=self.L - 1)]  # (B, A, vsd)
-        tokens, q = self._candidates(logits, ok, self.m, None if self.draft == "topk" else self._generator)
+        n, vsd = self.heads.config.num_horizontal, self.vsd
+        logits = self.heads(hidden)  # (B, A, n + V, K)
+        last = (count - 1).clamp(min=0)
+        self._h_logits = logits[torch.arange(hidden.shape[0], device=hidden.device), last, :n]  # (B, n, K)
+        target = positions.unsqueeze(-1) + self._down  # (B, A, vsd)
+        ok = (positions >= 0).unsqueeze(-1) & self._cacheable[target.clamp(min=0)]
+        tokens, q = self._candidates(logits[..., n : n + vsd, :], ok, self.m,
+                                     None if self.draft == "topk" else self._generator)
         slot = torch.where(ok, target % self.R, self.R)  # (B, A, vsd); invalid -> the spare slot
-        b = torch.arange(B, device=hidden.device).view(B, 1, 1)
-        v = torch.arange(self.vsd, device=hidden.device).view(1, 1, -1)
+        b, v = self._bv
         self.ring_tok[b, slot, v] = tokens
         self.ring_pos[b, slot, v] = torch.where(ok, target, -1)
         if q is not None:
@@ -144,7 +155,9 @@ class HawkProposer(MedusaProposer):
         self._generator = generator
         B, J = code_pos.shape
         if self.horizontal:
-            h_tok, h_q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator)
+            h_tok, h_q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator,
+                                                    logits=self._h_logits)
+            self._h_logits = None
         else:
             h_tok = code_pos.new_full((B, J, pool_size), -1)
             h_q = None if self.draft == "topk" else torch.zeros((B, J, pool_size, self.heads.lm_head.shape[0]),

@@ -44,9 +44,12 @@ class MedusaProposer(Proposer):
         tokens = sample(q.unsqueeze(-2).expand(*q.shape[:-1], size, q.shape[-1]), generator)  # (B, J, size)
         return torch.where(ok.unsqueeze(-1), tokens, -1), q.unsqueeze(-2).expand(*tokens.shape, q.shape[-1])
 
-    def horizontal_candidates(self, src_hidden, root_pos, code_pos, size, generator):
+    def horizontal_candidates(self, src_hidden, root_pos, code_pos, size, generator, logits=None):
+        """Pools of the horizontal heads at ``src_hidden`` (B, d), or from their ``logits`` (B, n, K) when the
+        caller already has them."""
         n = self.heads.config.num_horizontal
-        logits = self.heads.horizontal(src_hidden)  # (B, n, K)
+        if logits is None:
+            logits = self.heads.horizontal(src_hidden)  # (B, n, K)
         k = code_pos - root_pos[:, None]  # (B, J) head index (1-based) drafting each position
         ok = (code_pos >= 0) & (k >= 1) & (k <= n)
         per_pos = logits.gather(1, (k.clamp(1, n) - 1).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, J, K)
