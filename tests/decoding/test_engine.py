@@ -190,3 +190,21 @@ def test_hawk_drafts_from_the_horizontal_logits_its_observe_made(bb, heads, monk
     dec = SpeculativeDecoder(bb, HawkProposer(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
     dec.generate(PROMPTS, torch.Generator().manual_seed(0))
     assert seen[0] is False and all(seen[1:]) and len(seen) > 5  # only the first step has no observe before it
+
+
+@pytest.mark.parametrize("a, b", [(3, 7), (7, 3)])
+def test_jacobi_drafts_of_sibling_nodes_keep_one_nodes_token_and_q(bb, a, b):
+    """Siblings in a tree predict the same position: the carried draft is the first node's, token and q together
+    (a token from one sibling with another's q would break exactness)."""
+    from hawkspec.decoding.proposers.jacobi import JacobiDrafts
+
+    K = bb.num_codes
+    drafts = JacobiDrafts(bb.grid, K, torch.device("cpu"))
+    drafts.start(1, torch.device("cpu"))
+    probs = torch.nn.functional.one_hot(torch.tensor([0, a, b]), K).float()[None]  # (1, 3, K) point masses
+    node_pos = torch.tensor([[1, 2, 2]])  # the root at 1; two siblings at position 2 both predict position 3
+    codes = torch.full((1, bb.grid.length), -1)
+    codes[0, :2] = 1
+    drafts.observe(probs, node_pos, codes, torch.Generator().manual_seed(0))
+    assert drafts.tok[0, 2] == 0 and drafts.tok[0, 3] == a
+    assert torch.equal(drafts.q[0, 3], probs[0, 1])

@@ -277,7 +277,7 @@ class SpeculativeDecoder:
 
             if self.proposer.wants_tree_outputs:
                 node_pos = torch.where(node_ok & active[:, None], root_pos[:, None] + depth, -1)
-                self.proposer.observe_tree(p, node_pos, codes[:, :L], generator)
+                self.proposer.observe_tree(p, node_pos, codes[:, :L], generator, chain=self.is_chain)
             count = torch.where(active, n_path, 0)
             bb.compact(state, path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
             h_cond = h[:B]

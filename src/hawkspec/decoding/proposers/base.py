@@ -90,7 +90,8 @@ class Proposer(abc.ABC):
     wants_tree_outputs: bool = False
 
     def observe_tree(
-        self, probs: torch.Tensor, node_pos: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | None
+        self, probs: torch.Tensor, node_pos: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | None,
+        chain: bool = False,
     ) -> None:
         """Every tree node's target distribution of the last step, for proposers that draft from them.
 
@@ -99,6 +100,7 @@ class Proposer(abc.ABC):
             node_pos: (B, T) body position of each node, -1 for nodes that were not in the tree.
             codes: (B, L) the committed codes after this step, -1 where not committed (or forced).
             generator: For drafts drawn from ``probs``.
+            chain: The tree is a chain (at most one node per position), so no two nodes predict one position.
         """
 
     def describe(self) -> dict:

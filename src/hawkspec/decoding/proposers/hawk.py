@@ -76,8 +76,8 @@ class HawkProposer(MedusaProposer):
     def wants_tree_outputs(self) -> bool:
         return self.jacobi != "none"
 
-    def observe_tree(self, probs, node_pos, codes, generator) -> None:
-        self.jdrafts.observe(probs, node_pos, codes, generator)
+    def observe_tree(self, probs, node_pos, codes, generator, chain=False) -> None:
+        self.jdrafts.observe(probs, node_pos, codes, generator, chain)
 
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
@@ -137,6 +137,12 @@ class HawkProposer(MedusaProposer):
         j_tok, j_q = self.jdrafts.lookup(code_pos)  # (B, J), (B, J, K)
         tokens, K = pools.tokens, j_q.shape[-1]
         q = pools.q
+        if self.jacobi == "first" and tokens.shape[-1] == 1:  # a chain: the Jacobi draft, else the heads' one
+            have = j_tok >= 0
+            head_q = (torch.nn.functional.one_hot(tokens[..., 0].clamp(min=0), K).to(j_q.dtype) if q is None
+                      else q[..., 0, :])
+            return Pools(torch.where(have, j_tok, tokens[..., 0]).unsqueeze(-1),
+                         torch.where(have.unsqueeze(-1), j_q, head_q).unsqueeze(2))
         if q is None:
             q = torch.nn.functional.one_hot(tokens.clamp(min=0), K).to(j_q.dtype)
         have = (j_tok >= 0).unsqueeze(-1)  # (B, J, 1)

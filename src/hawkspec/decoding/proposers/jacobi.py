@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from hawkspec.decoding.proposers.base import Pools, Proposer
+from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
 from hawkspec.decoding.sampling import sample
 
 INITS = ("uniform", "spatial")
@@ -40,6 +40,8 @@ class JacobiDrafts:
         # one spare column (index L) absorbs writes for positions outside the image
         self.tok = torch.full((batch_size, self.L + 1), -1, dtype=torch.long, device=device)
         self.q = torch.zeros((batch_size, self.L + 1, self.K), device=device)
+        self._bidx = torch.arange(batch_size, device=device)[:, None]
+        self._open = torch.cat([~self.forced.to(device), self.forced.new_zeros(1, device=device)])  # index L: out
         self.codes = None  # committed codes, known after the first step
 
     def lookup(self, code_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,17 +50,18 @@ class JacobiDrafts:
         pos = torch.where(code_pos >= 0, code_pos, self.L)
         return self.tok[bidx, pos], self.q[bidx, pos]
 
-    def observe(self, probs, node_pos, codes, generator) -> None:
-        """See :meth:`Proposer.observe_tree`."""
+    def observe(self, probs, node_pos, codes, generator, chain: bool = False) -> None:
+        """See :meth:`Proposer.observe_tree`. ``chain``: the caller guarantees one node per position."""
         self.codes = codes
-        bidx = torch.arange(probs.shape[0], device=probs.device)[:, None]
+        T = node_pos.shape[1]
         target = node_pos + 1  # (B, T) the position each node predicts
-        ok = (node_pos >= 0) & (target < self.L)
-        t = target.clamp(max=self.L - 1)
-        ok &= ~self.forced[t] & (codes[bidx, t] < 0)
+        # open: inside the image and not forced (node_pos -1 -> target 0, excluded by node_pos >= 0)
+        ok = (node_pos >= 0) & self._open[target] & (codes.gather(1, target.clamp(max=self.L - 1)) < 0)
+        if not chain:  # siblings predict the same position: keep the first node's draft, so token and q agree
+            ok &= ~((target.unsqueeze(-1) == target.unsqueeze(-2)) & ok.unsqueeze(1) & _earlier(T, ok.device)).any(-1)
         slot = torch.where(ok, target, self.L)
-        self.tok[bidx, slot] = torch.where(ok, sample(probs, generator), -1)
-        self.q[bidx, slot] = probs
+        self.tok.scatter_(1, slot, torch.where(ok, sample(probs, generator), -1))
+        self.q[self._bidx, slot] = probs
 
 
 class JacobiProposer(Proposer):
@@ -113,8 +116,8 @@ class JacobiProposer(Proposer):
         pool_q[..., 0, :] = q
         return Pools(pool_tok, pool_q)
 
-    def observe_tree(self, probs, node_pos, codes, generator) -> None:
-        self.drafts.observe(probs, node_pos, codes, generator)
+    def observe_tree(self, probs, node_pos, codes, generator, chain=False) -> None:
+        self.drafts.observe(probs, node_pos, codes, generator, chain)
 
     def describe(self) -> dict:
         return {"name": self.name, "init": self.init}
