@@ -1,7 +1,7 @@
 """Is our AR baseline as fast as transformers' own ``generate``? (The baseline every speedup divides by.)
 
 Same model, prompts, batch and sampling settings (no CFG: ``generate`` has no CFG stream); warm-up, then
-``repeats`` interleaved timed runs of each; medians reported. Writes ``results.json`` and prints a table.
+``repeats`` timed passes in which the two take turns on every batch; medians reported. Writes ``results.json`` and prints a table.
 
     python experiments/bench_ar.py num_prompts=8 batch_size=8 repeats=5 out=outputs/bench/ar_vs_generate.json
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from hawkspec.data.procedural import ProceduralDataset
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.metrics.speed import interleaved_passes
 
 DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0,
             "backbone_path": None, "device": "cpu", "out": "outputs/bench/ar_vs_generate.json"}
@@ -35,24 +35,21 @@ def main() -> dict:
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     s = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, cfg_scale=1.0)
 
-    def ours():
-        for i, b in enumerate(batches):
-            ar_generate(bb, b, s, torch.Generator(device=cfg.device).manual_seed(i))
+    class Ours:
+        def generate(self, batch, generator):
+            return ar_generate(bb, batch, s, generator)
 
-    def theirs():
-        for i, b in enumerate(batches):
-            torch.manual_seed(i)
-            hf_generate(bb, b, s)
+    class Theirs:
+        def generate(self, batch, generator):
+            torch.manual_seed(generator.initial_seed())  # generate draws from the global generator
+            return hf_generate(bb, batch, s)
 
-    runs = {"hawkspec_ar": ours, "transformers_generate": theirs}
-    for fn in runs.values():  # warm-up
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(cfg.repeats):
-        for k, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) / len(prompts))
+    # the two take turns on every batch, so the machine's drift slows both alike
+    passes, _ = interleaved_passes(
+        {"hawkspec_ar": Ours(), "transformers_generate": Theirs()}, batches,
+        lambda i: torch.Generator(device=cfg.device).manual_seed(i), repeats=cfg.repeats,
+    )
+    times = {k: [t / len(prompts) for t in v] for k, v in passes.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "backbone": bb.name, "revision": bb.revision, "num_prompts": len(prompts), "batch_size": cfg.batch_size,
