@@ -100,25 +100,31 @@ class HawkProposer(MedusaProposer):
             self._down = torch.arange(1, V + 1, device=device) * W  # (vsd,) offset of vertical head d
             # a target is cached iff it lies in the image and is not a forced token: one lookup, any target
             self._cacheable = torch.cat([~self.forced, self.forced.new_zeros(V * W + 1)])
-            self._bv = (torch.arange(B, device=device).view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V))
+            self._ar = torch.arange(B, device=device)
+            self._bv = (self._ar.view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V))
         if self.wants_tree_outputs:
             self.jdrafts.start(batch_size, device)
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
         """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A).
 
-        Every head runs here, in one call: the vertical heads on every accepted token, and the horizontal
-        heads' logits at the last one (the next step's ``src_hidden``) are kept for :meth:`propose`, which
-        then needs no heads call of its own."""
+        Every head runs here, once per step: the vertical heads on every accepted token, and the horizontal
+        heads at the last one (the next step's ``src_hidden``), whose logits are kept for :meth:`propose`,
+        which then needs no heads call of its own."""
         if not self.vsd:
             return
         n, vsd = self.heads.config.num_horizontal, self.vsd
-        logits = self.heads(hidden)  # (B, A, n + V, K)
+        B, A = positions.shape
+        feats = self.heads.features(hidden)  # (B, A, n + V, d) every head's ResBlocks, one batched call
         last = (count - 1).clamp(min=0)
-        self._h_logits = logits[torch.arange(hidden.shape[0], device=hidden.device), last, :n]  # (B, n, K)
+        # the LM-head matmul is the costly part: only the rows needed (horizontal heads at the last token,
+        # vertical heads at every token), in one call
+        rows = torch.cat([feats[self._ar, last, :n], feats[:, :, n : n + vsd].flatten(1, 2)], dim=1)
+        logits = torch.nn.functional.linear(rows, self.heads.lm_head)  # (B, n + A * vsd, K)
+        self._h_logits = logits[:, :n]  # (B, n, K)
         target = positions.unsqueeze(-1) + self._down  # (B, A, vsd)
         ok = (positions >= 0).unsqueeze(-1) & self._cacheable[target.clamp(min=0)]
-        tokens, q = self._candidates(logits[..., n : n + vsd, :], ok, self.m,
+        tokens, q = self._candidates(logits[:, n:].view(B, A, vsd, -1), ok, self.m,
                                      None if self.draft == "topk" else self._generator)
         slot = torch.where(ok, target % self.R, self.R)  # (B, A, vsd); invalid -> the spare slot
         b, v = self._bv
