@@ -80,8 +80,8 @@ class KVState:
     """Decoding state of ``N = streams * B`` sequences sharing one KV cache.
 
     Attributes:
-        cache: The transformers cache (:func:`~hawkspec.backbones.kv_cache.slab_cache`); slot ``i`` of every layer is column ``i`` of
-            ``key_mask``.
+        cache: The transformers cache (:func:`~hawkspec.backbones.kv_cache.slab_cache`); slot ``i`` of every
+            layer is column ``i`` of ``key_mask``.
         key_mask: (N, L) bool, True where cache slot ``i`` holds a token of that sequence. Left padding and
             rejected tree nodes are False (holes), so sequences may advance by different amounts.
         next_pos: (N,) long, the position id the next committed token of each sequence gets.

@@ -82,9 +82,13 @@ class HawkProposer(MedusaProposer):
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
         grid = backbone.grid
-        self.W, self.L = grid.tokens_per_row, grid.length
+        self.W = grid.tokens_per_row
         self.R = (self.vsd + 1) * self.W
-        self.forced = grid.forced_mask().to(self.heads.lm_head.device)
+        dev = self.heads.lm_head.device
+        self._down = torch.arange(1, self.vsd + 1, device=dev) * self.W  # (vsd,) offset of vertical head d
+        # a target is cached iff it lies in the image and is not a forced token: one lookup, any target
+        forced = grid.forced_mask().to(dev)
+        self._cacheable = torch.cat([~forced, forced.new_zeros(self.vsd * self.W + 1)])
         self.jdrafts = JacobiDrafts(grid, backbone.num_codes, self.heads.lm_head.device) if self.wants_tree_outputs else None
 
     def start(self, batch_size: int, device: torch.device) -> None:
@@ -95,13 +99,8 @@ class HawkProposer(MedusaProposer):
         K = self.heads.lm_head.shape[0]
         self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
         self._h_logits = None  # the horizontal heads' logits at the next src_hidden, made by observe()
-        if self.vsd:
-            V, W, L = self.vsd, self.W, self.L
-            self._down = torch.arange(1, V + 1, device=device) * W  # (vsd,) offset of vertical head d
-            # a target is cached iff it lies in the image and is not a forced token: one lookup, any target
-            self._cacheable = torch.cat([~self.forced, self.forced.new_zeros(V * W + 1)])
-            self._ar = torch.arange(B, device=device)
-            self._bv = (self._ar.view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V))
+        self._ar = torch.arange(B, device=device)
+        self._bv = (self._ar.view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V))
         if self.wants_tree_outputs:
             self.jdrafts.start(batch_size, device)
 
@@ -141,22 +140,17 @@ class HawkProposer(MedusaProposer):
         """Put each position's carried Jacobi draft into the first empty pool slot (if any). The pool then
         mixes point masses and sampled drafts, so every member gets its q (one-hot for point masses)."""
         j_tok, j_q = self.jdrafts.lookup(code_pos)  # (B, J), (B, J, K)
-        tokens, K = pools.tokens, j_q.shape[-1]
+        tokens, K, P = pools.tokens, j_q.shape[-1], pools.tokens.shape[-1]
         q = pools.q
-        if self.jacobi == "first" and tokens.shape[-1] == 1:  # a chain: the Jacobi draft, else the heads' one
-            have = j_tok >= 0
-            head_q = (torch.nn.functional.one_hot(tokens[..., 0].clamp(min=0), K).to(j_q.dtype) if q is None
-                      else q[..., 0, :])
-            return Pools(torch.where(have, j_tok, tokens[..., 0]).unsqueeze(-1),
-                         torch.where(have.unsqueeze(-1), j_q, head_q).unsqueeze(2))
         if q is None:
             q = torch.nn.functional.one_hot(tokens.clamp(min=0), K).to(j_q.dtype)
         have = (j_tok >= 0).unsqueeze(-1)  # (B, J, 1)
-        if self.jacobi == "first":  # shift the heads' drafts one rank down where a Jacobi draft exists
-            shifted = torch.cat([tokens[..., :1], tokens[..., :-1]], dim=-1)
-            tokens = torch.where(have, shifted, tokens)
-            q = torch.where(have.unsqueeze(-1), torch.cat([q[..., :1, :], q[..., :-1, :]], dim=2), q)
-            slot = have & (torch.arange(tokens.shape[-1], device=tokens.device) == 0)
+        if self.jacobi == "first":
+            if P > 1:  # shift the heads' drafts one rank down where a Jacobi draft exists (a chain has one rank)
+                shifted = torch.cat([tokens[..., :1], tokens[..., :-1]], dim=-1)
+                tokens = torch.where(have, shifted, tokens)
+                q = torch.where(have.unsqueeze(-1), torch.cat([q[..., :1, :], q[..., :-1, :]], dim=2), q)
+            slot = have & (torch.arange(P, device=tokens.device) == 0)
         else:
             empty = tokens < 0
             slot = empty & (empty.cumsum(-1) == 1) & have  # (B, J, P)

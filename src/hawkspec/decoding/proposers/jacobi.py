@@ -33,22 +33,21 @@ class JacobiDrafts:
     """
 
     def __init__(self, grid, num_codes: int, device):
-        self.W, self.L, self.K = grid.tokens_per_row, grid.length, num_codes
-        self.forced = grid.forced_mask().to(device)
+        self.L, self.K = grid.length, num_codes
+        forced = grid.forced_mask().to(device)
+        self._open = torch.cat([~forced, forced.new_zeros(1)])  # a position takes drafts; index L: outside
 
     def start(self, batch_size: int, device: torch.device) -> None:
         # one spare column (index L) absorbs writes for positions outside the image
         self.tok = torch.full((batch_size, self.L + 1), -1, dtype=torch.long, device=device)
         self.q = torch.zeros((batch_size, self.L + 1, self.K), device=device)
         self._bidx = torch.arange(batch_size, device=device)[:, None]
-        self._open = torch.cat([~self.forced.to(device), self.forced.new_zeros(1, device=device)])  # index L: out
         self.codes = None  # committed codes, known after the first step
 
     def lookup(self, code_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, J) positions (-1 none) -> carried tokens (B, J) (-1 where none) and their q (B, J, K)."""
-        bidx = torch.arange(code_pos.shape[0], device=code_pos.device)[:, None]
         pos = torch.where(code_pos >= 0, code_pos, self.L)
-        return self.tok[bidx, pos], self.q[bidx, pos]
+        return self.tok[self._bidx, pos], self.q[self._bidx, pos]
 
     def observe(self, probs, node_pos, codes, generator, chain: bool = False) -> None:
         """See :meth:`Proposer.observe_tree`. ``chain``: the caller guarantees one node per position."""
