@@ -28,6 +28,7 @@ from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.proposers.base import Proposer
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs
 from hawkspec.decoding.tree import TopologyTable
+from hawkspec.decoding.walks import walk_longest
 
 
 @dataclass
@@ -238,7 +239,10 @@ class SpeculativeDecoder:
 
             # ---- verification: walk every row's tree from the root
             y = self.acceptance.draw(p, generator) if pools.q is None else None
-            if y is not None:
+            if self.acceptance.independent:  # each candidate judged on its own; the longest accepted path wins
+                cur, path, n_path, bonus = walk_longest(self.acceptance, p, cand, forced, node_ok, tab.parent[topo],
+                                                        anc, depth, active, tab.max_depth, generator)
+            elif y is not None:
                 cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, topo, active, anc, arT)
             else:
                 if self.is_chain:

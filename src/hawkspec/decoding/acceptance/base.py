@@ -33,10 +33,16 @@ class AcceptanceRule(abc.ABC):
         name: Registry name (``decoder.acceptance.name``).
         lossless: True only if the decoder's output distribution provably equals AR sampling's; every result
             row reports it.
+        independent: True for rules that judge each candidate on its own against its parent's full target
+            (:meth:`accept_independent`; Medusa's typical acceptance): a node is accepted iff its test and every
+            ancestor's pass, and the longest accepted root-to-leaf path wins
+            (:func:`hawkspec.decoding.walks.walk_longest`). False: children are tried in order against the
+            residual and the first accepted one is descended into (recursive rejection sampling).
     """
 
     name: str = ""
     lossless: bool = False
+    independent: bool = False
 
     def bind(self, backbone) -> None:
         """Precompute what the rule needs from the backbone (embeddings, codebook neighbours)."""
@@ -60,6 +66,18 @@ class AcceptanceRule(abc.ABC):
         Returns:
             accepted (M,) bool, and the residual to use for the next sibling if rejected (M, K), normalised.
         """
+
+    def accept_independent(self, p_parent: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """For ``independent`` rules: whether candidate ``x`` passes against its parent's full target.
+
+        Args:
+            p_parent: (..., K) the target at each candidate's parent node.
+            x: (...) candidate codes.
+
+        Returns:
+            (...) bool.
+        """
+        raise NotImplementedError(f"acceptance rule {self.name!r} is not independent")
 
     def draw(self, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
         """Shortcut for trees of point-mass (top-k) candidates, or None when the rule has none.
