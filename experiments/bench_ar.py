@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from hawkspec.backbones.tiny import TinyBackbone
 from hawkspec.data.procedural import ProceduralDataset
 from hawkspec.decoding.ar import ar_generate
-from hawkspec.decoding.hf_reference import hf_generate
+from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.metrics.speed import interleaved_passes
 

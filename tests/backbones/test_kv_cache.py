@@ -4,14 +4,14 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import hawkspec.backbones.tiny as tiny_module
+import hawkspec.backbones.hf as hf_module
 from hawkspec.backbones.kv_cache import SlabLayer, slab_cache
 
 
 def _decode(bb, prompts, steps: int, seed: int):
     """Prefill, then a mix of linear blocks and trees with gathering and prefix compactions."""
     gen = torch.Generator().manual_seed(seed)
-    state, h = bb.prefill(bb.tokenize(prompts), cfg=True)
+    state, h = bb.prefill(bb.encode(prompts), cfg=True)
     N = state.key_mask.shape[0]
     outs = [h]
     for step in range(steps):
@@ -39,11 +39,11 @@ def _decode(bb, prompts, steps: int, seed: int):
 def test_slab_cache_equals_dynamic_cache(random_backbone, prompts, monkeypatch, capacity):
     monkeypatch.setattr(SlabLayer, "min_capacity", capacity)
     ours, s1 = _decode(random_backbone, prompts, steps=12, seed=3)
-    monkeypatch.setattr(tiny_module, "slab_cache", lambda: DynamicCache())
+    monkeypatch.setattr(hf_module, "slab_cache", lambda capacity=0: DynamicCache())
     ref, s2 = _decode(random_backbone, prompts, steps=12, seed=3)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     assert torch.equal(s1.key_mask, s2.key_mask) and torch.equal(s1.next_pos, s2.next_pos)
-    assert all(type(layer) is SlabLayer for layer in s1.cache.layers)
+    assert all(isinstance(layer, SlabLayer) for layer in s1.cache.layers)
 
 
 def test_slab_layer_writes_in_place_and_recovers_from_a_foreign_tensor():

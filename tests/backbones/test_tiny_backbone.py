@@ -25,7 +25,7 @@ def test_image_sequence_layout(random_backbone):
 
 def test_tree_forward_matches_linear_forward_and_compaction(random_backbone, prompts):
     bb = random_backbone
-    ids = bb.tokenize(prompts)
+    ids = bb.encode(prompts)
     gen = torch.Generator().manual_seed(0)
     path = torch.randint(0, bb.num_codes, (2, 3), generator=gen) + bb.layout.code_offset
     other = torch.randint(0, bb.num_codes, (2, 1), generator=gen) + bb.layout.code_offset
@@ -61,7 +61,7 @@ def test_tree_forward_matches_linear_forward_and_compaction(random_backbone, pro
 def test_prefix_compaction_of_a_chain_equals_the_gathering_one(random_backbone, prompts):
     """compact(prefix=True) skips the KV gather for chain blocks; the next forward must not notice."""
     bb = random_backbone
-    ids = bb.tokenize(prompts)
+    ids = bb.encode(prompts)
     chain = torch.randint(0, bb.num_codes, (2, 4), generator=torch.Generator().manual_seed(1)) + bb.layout.code_offset
     mask = torch.ones(4, 4, dtype=torch.bool).tril()
     keep = torch.tensor([[0, 1, 2, 0]] * 4)  # padding past count is arbitrary
@@ -78,7 +78,7 @@ def test_prefix_compaction_of_a_chain_equals_the_gathering_one(random_backbone, 
 
 
 def test_prefill_streams_and_hidden(random_backbone, prompts):
-    state, hidden = random_backbone.prefill(random_backbone.tokenize(prompts), cfg=True)
+    state, hidden = random_backbone.prefill(random_backbone.encode(prompts), cfg=True)
     assert state.streams == 2 and state.batch_size == 2
     assert hidden.shape == (4, random_backbone.hidden_size)
     assert random_backbone.code_logits(hidden).shape == (4, random_backbone.num_codes)
@@ -86,11 +86,11 @@ def test_prefill_streams_and_hidden(random_backbone, prompts):
 
 def test_prompt_longer_than_context_is_an_error(random_backbone):
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        random_backbone.prefill(random_backbone.tokenize(["red " * 100]), cfg=False)
+        random_backbone.prefill(random_backbone.encode(["red " * 100]), cfg=False)
 
 
 def test_unknown_words_map_to_unk(random_backbone, caplog):
-    ids = random_backbone.tokenize(["a zebra"])[0]
+    ids = random_backbone.encode(["a zebra"]).cond[0]
     assert ids[-1] == 2  # <unk>
     assert "zebra" in caplog.text
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hawkspec.decoding.ar import ar_generate
-from hawkspec.decoding.hf_reference import hf_generate
+from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, target_probs
 
 

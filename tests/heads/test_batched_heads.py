@@ -1,5 +1,6 @@
 import torch
 
+from hawkspec.backbones.base import CodeHead
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.testing import build_random_backbone
 
@@ -14,8 +15,8 @@ def test_batched_head_stacks_equal_the_resblock_modules():
     x = torch.randn(5, 7, bb.hidden_size, generator=g)
     reference = torch.stack([blk(x) for blk in heads.blocks], dim=-2)  # one module per head
     torch.testing.assert_close(heads.features(x), reference, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(heads.horizontal(x), reference[..., :3, :] @ heads.lm_head.T, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(heads.vertical(x), reference[..., 3:, :] @ heads.lm_head.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(heads.horizontal(x), heads.code_head(reference[..., :3, :]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(heads.vertical(x), heads.code_head(reference[..., 3:, :]), atol=1e-4, rtol=1e-4)
 
 
 def test_inference_stack_cache_follows_weight_updates():
@@ -24,7 +25,7 @@ def test_inference_stack_cache_follows_weight_updates():
 
     from hawkspec.heads.draft import DraftHeads, HeadsConfig
 
-    heads = DraftHeads(HeadsConfig(num_horizontal=2, vertical=True, vsd=1), 8, 5, torch.randn(16, 8))
+    heads = DraftHeads(HeadsConfig(num_horizontal=2, vertical=True, vsd=1), 8, 5, CodeHead(torch.randn(16, 8)))
     x = torch.randn(3, 8)
     with torch.no_grad():
         before = heads(x)

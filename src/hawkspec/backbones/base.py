@@ -3,10 +3,14 @@
 A backbone is a frozen autoregressive text-to-image model that writes an image as a raster of discrete
 VQ codes laid out like Lumina-mGPT::
 
-    [prompt tokens] [image start] (row of `cols` codes, end-of-line) x rows [image end]
+    [prompt tokens] [image-start sequence] (row of `cols` codes, [end-of-line]) x rows [image end]
+
+The image-start sequence may be several tokens (Lumina-mGPT: image start and two size tokens) or none
+(LlamaGen); the end-of-line token and the image end are optional.
 
 Two things make speculative decoding possible on top of it, and both live here:
 
+* :class:`PromptBatch` — prompts encoded by the backbone, conditional and unconditional streams per prompt.
 * :class:`KVState` — a KV cache plus a per-slot validity mask and the next position id of every sequence,
   so that a batch of sequences can accept different numbers of tokens per step (rejected tree nodes leave
   masked *holes* in the cache instead of forcing the batch to one length).
@@ -104,8 +108,69 @@ class KVState:
         return self.key_mask.shape[1]
 
 
+@dataclass
+class PromptBatch:
+    """An encoded batch of prompts: what :meth:`Backbone.encode` returns and :meth:`Backbone.prefill` takes.
+
+    Opaque to everything outside ``backbones/``: only its length and :meth:`select` are used there.
+
+    Attributes:
+        cond: Per prompt, the token ids of the conditional stream, ending just before the image-start sequence.
+        uncond: Per prompt, the ids of its unconditional (CFG) stream, same convention. Built per prompt: a
+            backbone's unconditional prompt may depend on the prompt (Janus pads to the prompt's length).
+        extras: Backbone-specific per-prompt data (e.g. text-encoder features), indexed like ``cond``.
+    """
+
+    cond: list[list[int]]
+    uncond: list[list[int]]
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.cond) != len(self.uncond):
+            raise ValueError(f"{len(self.cond)} conditional prompts but {len(self.uncond)} unconditional ones")
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+    def select(self, index: list[int]) -> "PromptBatch":
+        """The prompts at ``index`` (in that order, repeats allowed)."""
+        return PromptBatch([self.cond[i] for i in index], [self.uncond[i] for i in index],
+                           {k: [v[i] for i in index] for k, v in self.extras.items()})
+
+    def streams(self, cfg: bool) -> list[list[int]]:
+        """Token ids of every row of the batch, conditional rows first, then (with ``cfg``) unconditional."""
+        return self.cond + (self.uncond if cfg else [])
+
+
+class CodeHead(nn.Module):
+    """A frozen map from last-layer hidden states to image-code logits: the code rows of an LM head.
+
+    ``weight`` is (K, d), row ``k`` the LM-head row of code ``k`` (gathered through the vocabulary map, so
+    code ids need not be contiguous); ``bias`` (K,) or None. Draft heads end in a copy of their backbone's
+    code head (:meth:`Backbone.code_head`); a backbone whose codes are scored by another module (Janus'
+    generation head) returns that module instead.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def num_codes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., K)."""
+        return nn.functional.linear(hidden, self.weight, self.bias)
+
+
 class Backbone(nn.Module, abc.ABC):
-    """A frozen AR text-to-image model as decoders see it.
+    """A frozen AR text-to-image model as decoders, heads, the cache and the metrics see it.
+
+    Nothing outside ``backbones/`` touches a model's internals: it sees encoded prompts (:meth:`encode`), a
+    :class:`KVState`, last-layer hidden states, code logits (:meth:`code_logits`, :meth:`code_head`) and
+    images (:meth:`decode_codes`, :meth:`encode_images`).
 
     Subclasses set these attributes in ``__init__``:
         name: Backbone family and size, e.g. ``"tiny"`` or ``"lumina-mgpt-7b-768"``.
@@ -113,28 +178,45 @@ class Backbone(nn.Module, abc.ABC):
             head checkpoints so heads are never used with another model.
         grid: The :class:`ImageGrid`.
         hidden_size: Width of the last-layer hidden states the draft heads read.
-        code_token_ids: (K,) long buffer, the vocabulary id of image code ``k``.
-        eol_token_id, image_start_id, image_end_id: Layout tokens.
+        code_token_ids: (K,) long buffer, the input id of image code ``k`` (never assumed contiguous).
+        image_start_ids: The tokens between a prompt and the first image code (image start, size tokens...),
+            possibly empty.
+        eol_token_id: The forced end-of-line token, or None when ``grid.eol`` is False.
+        image_end_id: The token after the last row, or None.
         max_length: The longest sequence (prompt + image) the model accepts.
+        image_size: (height, width) in pixels of a decoded image.
     """
 
     name: str
     revision: str
     grid: ImageGrid
     hidden_size: int
-    eol_token_id: int
-    image_start_id: int
-    image_end_id: int
+    image_start_ids: list[int]
+    eol_token_id: int | None
+    image_end_id: int | None
     max_length: int
+    image_size: tuple[int, int]
 
     # ----------------------------------------------------------------------------------------- prompts
     @abc.abstractmethod
-    def tokenize(self, prompts: list[str]) -> list[list[int]]:
-        """Prompt token ids, each ending just before the image-start token."""
+    def encode(self, prompts: list[str]) -> PromptBatch:
+        """Encode captions into a :class:`PromptBatch` (conditional and per-prompt unconditional streams)."""
 
-    @abc.abstractmethod
-    def uncond_prompt_ids(self) -> list[int]:
-        """Token ids of the unconditional (CFG) prompt, ending just before the image-start token."""
+    def sequence_length(self, prompts: PromptBatch) -> int:
+        """Tokens the longest sequence of the batch takes: prompt, image start, body, image end."""
+        longest = max(len(p) for p in prompts.cond + prompts.uncond)
+        return longest + len(self.image_start_ids) + self.grid.length + int(self.image_end_id is not None)
+
+    def check_prompt_lengths(self, prompts: PromptBatch) -> None:
+        """Raise a ValueError naming the prompt when prompt + image would not fit the model's context."""
+        need = len(self.image_start_ids) + self.grid.length + int(self.image_end_id is not None)
+        for i, p in enumerate(prompts.cond + prompts.uncond):
+            if len(p) + need > self.max_length:
+                which = f"prompt {i}" if i < len(prompts) else f"the unconditional prompt of prompt {i - len(prompts)}"
+                raise ValueError(
+                    f"{which} has {len(p)} tokens; with the {need} image tokens it exceeds the context of "
+                    f"{self.max_length} (the backbone's max_position_embeddings): shorten the prompt"
+                )
 
     # ----------------------------------------------------------------------------------------- model
     @property
@@ -143,15 +225,27 @@ class Backbone(nn.Module, abc.ABC):
         return int(self.code_token_ids.numel())
 
     @abc.abstractmethod
-    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over image codes only. hidden: (..., d) -> (..., K)."""
+    def code_head(self) -> nn.Module:
+        """A new frozen module mapping hidden states (..., d) to code logits (..., K), equal to
+        :meth:`code_logits`; draft heads end in it (so it is a copy that moves with them)."""
 
     @abc.abstractmethod
-    def prefill(self, prompt_ids: list[list[int]], cfg: bool) -> tuple[KVState, torch.Tensor]:
-        """Run the prompts (+ image start) of a batch, and the unconditional stream if ``cfg``.
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over image codes only, from the model's live weights. hidden: (..., d) -> (..., K)."""
+
+    @abc.abstractmethod
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int = 0) -> tuple[KVState, torch.Tensor]:
+        """Run the prompts and the image-start sequence of a batch, and the unconditional stream if ``cfg``.
+
+        Args:
+            prompts: From :meth:`encode`.
+            cfg: Also run the unconditional stream (rows ``[B, 2B)``).
+            reserve: KV slots to reserve past the prompt, once (the body plus the largest tree block), so
+                the cache never grows while decoding.
 
         Returns:
-            The state after the image-start token, and the last hidden state of every row, (N, d).
+            The state after the image-start sequence, and the last hidden state of every row, (N, d): the one
+            that predicts the first image code.
         """
 
     @abc.abstractmethod
@@ -166,7 +260,7 @@ class Backbone(nn.Module, abc.ABC):
 
         Args:
             state: Updated in place: the block is appended to the cache.
-            input_ids: (N, T) vocabulary ids.
+            input_ids: (N, T) input ids (image codes as ``code_token_ids``).
             tree_mask: None for a linear block (each token sees all earlier ones; the block is committed and
                 ``next_pos`` advances by T). Otherwise (T, T) or (N, T, T) bool, ``tree_mask[i, j]`` True if
                 node i attends to node j (ancestors and itself); the block stays pending until
@@ -189,10 +283,55 @@ class Backbone(nn.Module, abc.ABC):
                 nodes are its first ones, already in place), so no cache entry needs to move.
         """
 
+    @torch.no_grad()
+    def teacher_forced(self, prompts: PromptBatch, body: torch.Tensor, cfg: bool = False) -> torch.Tensor:
+        """Last-layer hidden states over a known image body: :meth:`prefill` then one linear :meth:`forward`
+        (the same code path decoding takes, so the states equal the ones decoding sees).
+
+        Args:
+            prompts: B prompts.
+            body: (B, L) body input ids (``L <= grid.length``; codes as ``code_token_ids``, end-of-line tokens
+                in place).
+            cfg: Also run the unconditional stream.
+
+        Returns:
+            (streams*B, L + 1, d): row ``s + 1`` is the state after reading body position ``s``; row 0 the
+            state after the image-start sequence.
+        """
+        if len(prompts) != body.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {body.shape[0]} image bodies")
+        state, h0 = self.prefill(prompts, cfg=cfg, reserve=body.shape[1])
+        h = self.forward(state, body.repeat(state.streams, 1)) if body.shape[1] else h0[:, None, :0]
+        return torch.cat([h0.unsqueeze(1), h], dim=1)
+
+    def body_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, rows, cols) code indices -> (B, rows*W) input ids, end-of-line tokens inserted."""
+        B, rows, cols = codes.shape
+        ids = self.code_token_ids[codes]  # (B, rows, cols)
+        if self.grid.eol:
+            eol = torch.full((B, rows, 1), self.eol_token_id, dtype=ids.dtype, device=ids.device)
+            ids = torch.cat([ids, eol], dim=2)  # (B, rows, W)
+        return ids.reshape(B, -1)
+
+    def attention_maps(self, prompts: PromptBatch, body: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the body tokens, teacher-forced: (layers, B, heads, L, S) over the
+        ``S`` sequence slots (prompt, image start, body). Optional: adapters that can return attention
+        weights implement it (the analysis notebooks use it)."""
+        raise TypeError(f"{type(self).__name__} does not expose attention weights")
+
     # ----------------------------------------------------------------------------------------- image side
     @abc.abstractmethod
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, rows, cols) code indices -> (B, 3, H, W) uint8 images."""
+
+    def can_decode(self) -> tuple[bool, str]:
+        """Whether :meth:`decode_codes` works, and if not, why (e.g. the VQ decoder checkpoint is not set)."""
+        return True, ""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 images of :attr:`image_size` -> (B, rows, cols) code indices (the backbone's own
+        VQ encoder): the cache's ``dataset`` source. Optional."""
+        raise TypeError(f"{type(self).__name__} has no image encoder: use cache.source=self")
 
     @abc.abstractmethod
     def code_embeddings(self) -> torch.Tensor:

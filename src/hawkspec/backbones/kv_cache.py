@@ -20,10 +20,13 @@ class SlabLayer(DynamicLayer):
 
     Code that rewinds the cache assigns a narrower view (``layer.keys = layer.keys[:, :, :n]``) or writes
     into the current view; anything else assigned to ``keys`` is copied into a fresh buffer on the next
-    update, so the layer never returns stale data.
+    update, so the layer never returns stale data. The buffer holds ``capacity`` slots from the first update
+    (a backbone reserves prompt + body + the largest tree once); it only grows (doubling) if a caller writes
+    past what it reserved.
     """
 
     min_capacity = 256
+    capacity = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -41,7 +44,8 @@ class SlabLayer(DynamicLayer):
         in_buffer = self._k is not None and (n == 0 or self.keys.data_ptr() == self._k.data_ptr())
         if not in_buffer or m > self._k.shape[-2] or key_states.shape[0] != self._k.shape[0]:
             N, H, _, Dk = key_states.shape
-            cap = max(2 * m, self.min_capacity)
+            first = self._k is None and self.capacity >= m  # the reserved size, allocated once
+            cap = self.capacity if first else max(2 * m, self.min_capacity)
             k = key_states.new_empty((N, H, cap, Dk))
             v = value_states.new_empty((N, H, cap, value_states.shape[-1]))
             if n:
@@ -58,6 +62,10 @@ class SlabLayer(DynamicLayer):
         super().reset()
 
 
-def slab_cache() -> Cache:
-    """An empty cache of :class:`SlabLayer` s (one per attention layer, created on first use)."""
-    return Cache(layer_class_to_replicate=SlabLayer)
+def slab_cache(capacity: int = 0) -> Cache:
+    """An empty cache of :class:`SlabLayer` s (one per attention layer, created on first use) whose buffers
+    hold ``capacity`` slots from the start."""
+    if capacity <= 0:
+        return Cache(layer_class_to_replicate=SlabLayer)
+    layer = type("SlabLayer", (SlabLayer,), {"capacity": int(capacity), "__doc__": SlabLayer.__doc__})
+    return Cache(layer_class_to_replicate=layer)

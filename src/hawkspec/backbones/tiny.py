@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hawkspec.backbones.base import Backbone, ImageGrid, KVState
-from hawkspec.backbones.kv_cache import slab_cache
+from hawkspec.backbones.base import ImageGrid, PromptBatch
+from hawkspec.backbones.hf import HFBackbone
 from hawkspec.vq.patch_vq import PatchVQ
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class TinyLayout:
         )
 
 
-class TinyBackbone(Backbone):
+class TinyBackbone(HFBackbone):
     """The embedded tiny model (see the module docstring).
 
     Args:
@@ -111,8 +110,11 @@ class TinyBackbone(Backbone):
         self.name = "tiny"
         self.grid = layout.grid
         self.hidden_size = model.config.hidden_size
-        self.eol_token_id, self.image_start_id, self.image_end_id = EOL, IMAGE_START, IMAGE_END
+        self.eol_token_id, self.image_end_id, self.pad_token_id = EOL, IMAGE_END, PAD
+        self.image_start_ids = [IMAGE_START]
         self.max_length = model.config.max_position_embeddings
+        side = layout.patch_size
+        self.image_size = (layout.rows * side, layout.cols * side)
         self.register_buffer(
             "code_token_ids", torch.arange(layout.num_codes) + layout.code_offset, persistent=False
         )
@@ -186,113 +188,30 @@ class TinyBackbone(Backbone):
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------------------- prompts
-    def tokenize(self, prompts: list[str]) -> list[list[int]]:
-        out = []
+    def encode(self, prompts: list[str]) -> PromptBatch:
+        cond = []
         for p in prompts:
             ids, unknown = self.layout.encode_words(p)
             for w in set(unknown) - self._warned_unknown:
                 log.warning("word %r is not in the tiny model's vocabulary; it is read as <unk>", w)
                 self._warned_unknown.add(w)
-            out.append([BOS] + ids)
-        return out
-
-    def uncond_prompt_ids(self) -> list[int]:
-        return [BOS]
+            cond.append([BOS] + ids)
+        return PromptBatch(cond, [[BOS] for _ in cond])
 
     # ------------------------------------------------------------------------------- model
-    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        start = self.layout.code_offset
-        return F.linear(hidden, self.model.lm_head.weight[start : start + self.layout.num_codes])
+    @property
+    def transformer(self):
+        return self.model.model
 
-    def check_prompt_lengths(self, prompt_ids: list[list[int]]) -> None:
-        need = self.grid.length + 2  # image start + body + image end
-        for i, p in enumerate(prompt_ids):
-            if len(p) + need > self.max_length:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with the {need} image tokens it exceeds the context of "
-                    f"{self.max_length} (backbone max_position_embeddings): shorten the prompt"
-                )
-
-    @torch.no_grad()
-    def prefill(self, prompt_ids: list[list[int]], cfg: bool) -> tuple[KVState, torch.Tensor]:
-        if not prompt_ids:
-            raise ValueError("prefill needs at least one prompt")
-        self.check_prompt_lengths(prompt_ids)
-        seqs = [p + [IMAGE_START] for p in prompt_ids]
-        if cfg:
-            seqs += [self.uncond_prompt_ids() + [IMAGE_START]] * len(prompt_ids)
-        N, L = len(seqs), max(len(s) for s in seqs)
-        device = self.model.device
-        ids = torch.full((N, L), PAD, dtype=torch.long)
-        mask = torch.zeros((N, L), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding
-            ids[i, L - len(s) :] = torch.tensor(s)
-            mask[i, L - len(s) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = slab_cache()  # in-place writes: no cat of the whole cache per forward, free rewinds
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        state = KVState(cache=cache, key_mask=mask.bool(), next_pos=mask.sum(1), streams=2 if cfg else 1)
-        return state, out.last_hidden_state[:, -1]
-
-    @torch.no_grad()
-    def forward(self, state, input_ids, tree_mask=None, depth=None):
-        if state.pending:
-            raise RuntimeError("the previous tree block was not compacted: call Backbone.compact first")
-        N, T = input_ids.shape
-        if depth is None:
-            depth = torch.arange(T, device=input_ids.device)
-        pos = state.next_pos[:, None] + depth  # (N, T)
-        new = torch.ones((N, T), dtype=torch.bool, device=input_ids.device)
-        if tree_mask is None:
-            attn = torch.cat([state.key_mask, new], dim=1).long()  # (N, L+T); transformers adds causality
-        else:
-            L = state.length
-            allowed = torch.cat(
-                [state.key_mask[:, None, :].expand(N, T, L), tree_mask.expand(N, T, T)], dim=2
-            )  # (N, T, L+T)
-            dtype = self.model.dtype
-            attn = torch.zeros((N, 1, T, L + T), dtype=dtype, device=input_ids.device)
-            attn.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-        out = self.model.model(
-            input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=state.cache, use_cache=True
-        )
-        state.key_mask = torch.cat([state.key_mask, new], dim=1)
-        if tree_mask is None:
-            state.next_pos = state.next_pos + T
-        else:
-            state.pending = T
-        return out.last_hidden_state
-
-    @torch.no_grad()
-    def compact(self, state: KVState, keep: torch.Tensor, count: torch.Tensor, prefix: bool = False) -> None:
-        T = state.pending
-        if not T:
-            raise RuntimeError("compact() needs a pending tree block (forward with tree_mask first)")
-        L0 = state.length - T
-        A = keep.shape[1]
-        idx = None
-        for layer in state.cache.layers:  # every layer's keys and values have the same shape: one index
-            k, v = layer.keys, layer.values  # (N, heads, L0+T, head_dim)
-            if prefix:  # the kept nodes are already in place
-                layer.keys, layer.values = k[:, :, : L0 + A], v[:, :, : L0 + A]
-                continue
-            if idx is None:
-                idx = (L0 + keep)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            k[:, :, L0 : L0 + A] = k.gather(2, idx)
-            v[:, :, L0 : L0 + A] = v.gather(2, idx)
-            layer.keys, layer.values = k[:, :, : L0 + A], v[:, :, : L0 + A]
-        valid = torch.arange(A, device=keep.device)[None, :] < count[:, None]
-        state.key_mask = torch.cat([state.key_mask[:, :L0], valid], dim=1)
-        state.next_pos = state.next_pos + count
-        state.pending = 0
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.lm_head.weight
 
     # ------------------------------------------------------------------------------- image side
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.vq.decode(codes.cpu())
 
-    def code_embeddings(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight[self.code_token_ids]
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vq.encode(images.to(self.vq.codebook.device)).to(self.device)
 
     def codebook_vectors(self) -> torch.Tensor:
         return self.vq.codebook_vectors

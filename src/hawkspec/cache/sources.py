@@ -6,7 +6,8 @@ Sample ``i`` of a split with seed ``seed`` always gets the caption of procedural
 * ``self`` (self-distillation, the default): the backbone samples the image for the caption with plain AR
   decoding under the ``sampling`` config (:func:`hawkspec.decoding.ar.ar_generate`), a batch at a time.
   Draft heads then learn the distribution they will have to match at decoding time.
-* ``dataset``: the procedural image itself, tokenized with the backbone's VQ (``backbone.vq.encode``).
+* ``dataset``: the procedural image itself, tokenized with the backbone's own VQ encoder
+  (:meth:`~hawkspec.backbones.base.Backbone.encode_images`).
 """
 
 from __future__ import annotations
@@ -34,16 +35,9 @@ def self_codes(
 
 def dataset_codes(backbone: Backbone, seed: int, start: int, stop: int) -> torch.Tensor:
     """(stop - start, rows, cols) codes of the rendered procedural images, tokenized by the backbone's VQ."""
-    vq = getattr(backbone, "vq", None)
-    if vq is None:
-        raise TypeError(
-            f"cache.source=dataset tokenizes images with the backbone's `vq`; {type(backbone).__name__} has none: "
-            "use cache.source=self"
-        )
-    grid = backbone.grid
-    size = grid.rows * vq.patch_size
-    if grid.cols != grid.rows:
-        raise ValueError(f"procedural images are square; the backbone grid is {grid.rows}x{grid.cols}")
-    ds = ProceduralDataset(stop, seed=seed, image_size=size)
+    height, width = backbone.image_size
+    if height != width:
+        raise ValueError(f"procedural images are square; the backbone's images are {height}x{width}")
+    ds = ProceduralDataset(stop, seed=seed, image_size=height)
     images = torch.stack([ds[i]["image"] for i in range(start, stop)])  # (B, 3, H, W) uint8
-    return vq.encode(images.to(vq.codebook.device)).to(backbone.code_token_ids.device)  # (B, rows, cols)
+    return backbone.encode_images(images)  # (B, rows, cols)

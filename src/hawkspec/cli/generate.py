@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
-    backbone.check_prompt_lengths(backbone.tokenize(prompts))
+    backbone.check_prompt_lengths(backbone.encode(prompts))
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
 
     images, seconds = [], 0.0

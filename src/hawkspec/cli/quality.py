@@ -20,6 +20,7 @@ from hawkspec.metrics.evaluator_training import (
     EvaluatorModule,
     accuracy,
     class_balance,
+    backbone_tokenizer,
     render_split,
     seed_worker_free_loader,
     training_tensors,
@@ -44,15 +45,16 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone")
-    if not hasattr(backbone, "vq"):
-        raise ValueError(f"backbone `{backbone.name}` has no patch VQ: the evaluator is trained on the embedded "
-                         "data through the tiny model's VQ (use backbone=tiny)")
+    if backbone.name != "tiny":
+        raise ValueError(f"backbone `{backbone.name}`: the evaluator is trained on the embedded procedural data "
+                         "through the tiny model's VQ (use backbone=tiny)")
+    vq = backbone_tokenizer(backbone)
     side = image_side(backbone)
     t0 = time.perf_counter()
     log.info("Rendering %d train + %d val procedural images at %d px, through the VQ", d.train_size, d.val_size, side)
-    train = render_split(d.train_size, d.train_seed, side, backbone.vq, d.code_noise)
-    val = render_split(d.val_size, d.val_seed, side, backbone.vq, 0.0)
-    val_noisy = render_split(d.val_size, d.val_seed, side, backbone.vq, d.code_noise)
+    train = render_split(d.train_size, d.train_seed, side, vq, d.code_noise)
+    val = render_split(d.val_size, d.val_seed, side, vq, 0.0)
+    val_noisy = render_split(d.val_size, d.val_seed, side, vq, d.code_noise)
     data_seconds = time.perf_counter() - t0
 
     model = TinyEvaluator(cfg.model.feature_dim, cfg.model.image_size)

@@ -38,13 +38,13 @@ def ar_generate(
     sampling.validate(backbone.num_codes)
     grid = backbone.grid
     B = len(prompts)
-    state, hidden = backbone.prefill(backbone.tokenize(prompts), cfg=sampling.use_cfg)
+    state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=grid.length)
     streams = state.streams
     device = hidden.device
     forced = grid.forced_mask().tolist()
     tokens = torch.empty((B, grid.length), dtype=torch.long, device=device)
     codes = torch.empty((B, grid.num_codes), dtype=torch.long, device=device)
-    eol = torch.full((B,), backbone.eol_token_id, dtype=torch.long, device=device)
+    eol = torch.full((B,), backbone.eol_token_id if grid.eol else 0, dtype=torch.long, device=device)
     forwards, n_code, ent_sum = 1, 0, 0.0
     for j in tqdm(range(grid.length), disable=not progress, desc="AR", leave=False):
         if forced[j]:

@@ -179,12 +179,12 @@ class SpeculativeDecoder:
         bb, tab, s = self.backbone, self.table, self.sampling
         grid = bb.grid
         B, L, K = len(prompts), grid.length, bb.num_codes
-        state, hidden = bb.prefill(bb.tokenize(prompts), cfg=s.use_cfg)
+        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + tab.num_nodes)
         S = state.streams
         dev = hidden.device
         ar = torch.arange(B, device=dev)
         forced_body = grid.forced_mask().to(dev)
-        eol = bb.eol_token_id
+        eol = bb.eol_token_id if grid.eol else 0  # forced nodes exist only with an end-of-line token
         code_ids = bb.code_token_ids
 
         # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step

@@ -1,8 +1,9 @@
 """Draft heads: Medusa's horizontal heads and Hawk's vertical heads on the frozen model's hidden state.
 
 Each head is a stack of ResBlocks ``x + SiLU(W x + b)`` with W and b zero-initialised (the head starts as the
-identity, i.e. it first predicts what the LM head predicts), followed by the backbone's *frozen* LM head
-restricted to image codes (Medusa-2 style). Every head has its own weights. Offsets: :mod:`.offsets`.
+identity, i.e. it first predicts what the LM head predicts), followed by the backbone's *frozen* code head
+(:meth:`~hawkspec.backbones.base.Backbone.code_head`: the LM-head rows of the image codes, Medusa-2 style, or
+the model's separate generation head). Every head has its own weights. Offsets: :mod:`.offsets`.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ class DraftHeads(nn.Module):
         config: Shapes.
         hidden_size: d, the backbone's hidden size.
         tokens_per_row: W (end-of-line included), fixes the vertical offsets.
-        lm_head: (K, d) frozen weight of the backbone's LM head rows of the image codes (not saved).
+        code_head: The backbone's frozen code head, (..., d) -> (..., K) (a copy; never trained, not saved).
         identity: The backbone's :meth:`~hawkspec.backbones.base.Backbone.identity`, saved with the heads.
     """
 
-    def __init__(self, config: HeadsConfig, hidden_size: int, tokens_per_row: int, lm_head: torch.Tensor,
+    def __init__(self, config: HeadsConfig, hidden_size: int, tokens_per_row: int, code_head: nn.Module,
                  identity: dict | None = None):
         super().__init__()
         self.config = config
@@ -88,16 +89,25 @@ class DraftHeads(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(*[ResBlock(hidden_size) for _ in range(config.num_layers)]) for _ in range(n_heads)
         )
-        self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)  # (K, d), frozen
+        self.code_head = code_head.requires_grad_(False)
+        probe = next(iter(code_head.state_dict().values()), torch.zeros(()))
+        with torch.no_grad():  # K, the codes the heads score
+            self.num_codes = int(code_head(probe.new_zeros(1, hidden_size)).shape[-1])
 
     @classmethod
     def for_backbone(cls, config: HeadsConfig, backbone) -> "DraftHeads":
         config.validate(backbone.grid.rows)
-        K0 = int(backbone.code_token_ids[0])
-        lm = backbone.model.lm_head.weight[K0 : K0 + backbone.num_codes] if hasattr(backbone, "model") else None
-        if lm is None:
-            raise TypeError("DraftHeads.for_backbone needs a backbone exposing model.lm_head")
-        return cls(config, backbone.hidden_size, backbone.grid.tokens_per_row, lm, backbone.identity())
+        return cls(config, backbone.hidden_size, backbone.grid.tokens_per_row, backbone.code_head(),
+                   backbone.identity())
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0][0].linear.weight.device
+
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The heads' own weights (the frozen code head belongs to the backbone and is not saved)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("code_head.")}
 
     @property
     def offsets(self) -> list[int]:
@@ -140,10 +150,10 @@ class DraftHeads(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., H, K) code logits of every head (horizontal first, then vertical)."""
-        return self.features(hidden) @ self.lm_head.T
+        return self.code_head(self.features(hidden))
 
     def _logits(self, hidden: torch.Tensor, blocks) -> torch.Tensor:
-        return self._features(hidden, blocks) @ self.lm_head.T
+        return self.code_head(self._features(hidden, blocks))
 
     def horizontal(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., n, K): horizontal heads only (head k at index k-1)."""
@@ -160,7 +170,7 @@ class DraftHeads(nn.Module):
         """Write ``heads.safetensors`` and ``heads.json`` (shapes + backbone identity) into folder ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "heads.safetensors")
+        save_file({k: v.contiguous() for k, v in self.trained_state_dict().items()}, path / "heads.safetensors")
         meta = {"heads": asdict(self.config), "hidden_size": self.hidden_size,
                 "tokens_per_row": self.tokens_per_row, "backbone": self.identity}
         (path / "heads.json").write_text(json.dumps(meta, indent=1))
@@ -178,5 +188,9 @@ class DraftHeads(nn.Module):
         check_identity(meta.get("backbone", {}), backbone, f"the draft heads in {path}",
                        "Train heads for this backbone (hawkspec-cache, hawkspec-train) or set the matching backbone.")
         heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
-        heads.load_state_dict(load_file(path / "heads.safetensors"))
+        missing, unexpected = heads.load_state_dict(load_file(path / "heads.safetensors"), strict=False)
+        missing = [k for k in missing if not k.startswith("code_head.")]
+        if missing or unexpected:
+            raise ValueError(f"{path / 'heads.safetensors'} does not match {path / 'heads.json'}: missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]}; retrain the heads (hawkspec-train)")
         return heads.eval()

@@ -37,9 +37,20 @@ class EvaluatorSplit:
     labels: torch.Tensor
 
 
-def render_split(size: int, seed: int, image_size: int, vq: PatchVQ, code_noise: float = 0.0,
+class backbone_tokenizer:
+    """A backbone's own image tokenizer (:meth:`~hawkspec.backbones.base.Backbone.encode_images`,
+    :meth:`~hawkspec.backbones.base.Backbone.decode_codes`) in the ``encode``/``decode`` form of a VQ."""
+
+    def __init__(self, backbone):
+        self.encode, self.decode, self.num_codes = backbone.encode_images, backbone.decode_codes, backbone.num_codes
+
+
+def render_split(size: int, seed: int, image_size: int, vq, code_noise: float = 0.0,
                  batch: int = 2048) -> EvaluatorSplit:
-    """Render ``ProceduralDataset(size, seed, image_size)`` and its VQ round trip (see the module docstring)."""
+    """Render ``ProceduralDataset(size, seed, image_size)`` and its VQ round trip (see the module docstring).
+
+    ``vq`` is anything with ``encode`` / ``decode`` between images and codes and ``num_codes``: a
+    :class:`~hawkspec.vq.patch_vq.PatchVQ`, or a backbone through :func:`backbone_tokenizer`."""
     if size < 1:
         raise ValueError(f"split size must be >= 1, got {size}")
     if not 0.0 <= code_noise < 1.0:

@@ -33,12 +33,11 @@ def image_distribution(backbone: Backbone, prompt: str, sampling: SamplingConfig
     logp = []
     for part in grids.split(chunk):
         M = part.shape[0]
-        body = torch.full((M, grid.length), backbone.eol_token_id, dtype=torch.long)
-        body[:, code_pos] = backbone.code_token_ids[part].cpu()
-        state, h0 = backbone.prefill(backbone.tokenize([prompt] * M), cfg=sampling.use_cfg)
-        h = backbone.forward(state, body[:, :-1].repeat(state.streams, 1).to(h0.device))  # (N, L-1, d)
-        hidden = torch.cat([h0.unsqueeze(1), h], dim=1)  # predicts body positions 0..L-1
-        p = target_probs(combine_cfg(backbone.code_logits(hidden), state.streams, sampling.cfg_scale), sampling)
+        body = backbone.body_ids(part.view(M, grid.rows, grid.cols).to(backbone.code_token_ids.device))
+        # (streams*M, L, d): row j predicts body position j
+        hidden = backbone.teacher_forced(backbone.encode([prompt] * M), body[:, :-1], cfg=sampling.use_cfg)
+        streams = hidden.shape[0] // M
+        p = target_probs(combine_cfg(backbone.code_logits(hidden), streams, sampling.cfg_scale), sampling)
         p = p[:, code_pos].double().cpu()  # (M, n, K)
         logp.append(p.gather(-1, part.unsqueeze(-1)).squeeze(-1).clamp_min(1e-300).log().sum(-1))
     probs = torch.cat(logp).exp()

@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from hawkspec.backbones.base import ImageGrid
 from hawkspec.heads.draft import DraftHeads
 from hawkspec.heads.offsets import head_targets
+from hawkspec.io import NonFiniteError, check_finite_state
 
 TOPK_METRICS = (1, 5)
 
@@ -66,7 +67,7 @@ def distill_kl(logits: torch.Tensor, probs: torch.Tensor, idx: torch.Tensor) -> 
 
 
 class HeadTrainingModule(L.LightningModule):
-    """Trains :class:`DraftHeads`; only their ResBlocks have parameters (the LM head rows are a frozen buffer).
+    """Trains :class:`DraftHeads`; only their ResBlocks are trained (the backbone's code head is frozen).
 
     Args:
         heads: Built from the backbone at startup (``DraftHeads.for_backbone``).
@@ -107,7 +108,7 @@ class HeadTrainingModule(L.LightningModule):
         self.warmup_ratio, self.distill_weight = warmup_ratio, distill_weight
         self.offsets, self.names = heads.offsets, heads.names
         self.weights = head_loss_weights(heads.config.num_horizontal, heads.config.num_vertical, decay, vertical_weight)
-        K = heads.lm_head.shape[0]
+        K = heads.num_codes
         self.accuracy = nn.ModuleDict({
             f"{name}_top{k}": MulticlassAccuracy(num_classes=K, top_k=k, average="micro", ignore_index=-100)
             for name in self.names for k in TOPK_METRICS if k <= K
@@ -116,7 +117,7 @@ class HeadTrainingModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- the loss
     def head_logits(self, h: int, x: torch.Tensor) -> torch.Tensor:
         """Head ``h``'s code logits. x: (N, d) -> (N, K)."""
-        return self.heads.blocks[h](x) @ self.heads.lm_head.T
+        return self.heads.code_head(self.heads.blocks[h](x))
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         hidden = batch["hidden"].float()  # (B, S, d), S = rows*W + 1
@@ -148,7 +149,23 @@ class HeadTrainingModule(L.LightningModule):
         return total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        self.check_finite_loss(loss, batch)
+        return loss
+
+    def check_finite_loss(self, loss: torch.Tensor, batch: dict) -> None:
+        """Stop training on a NaN / Inf loss, naming the step, the shards and the samples of the batch."""
+        if torch.isfinite(loss):
+            return
+        keys = batch.get("keys", [])
+        bad = [k for k, h in zip(keys, batch["hidden"]) if not torch.isfinite(h).all()]
+        shards = sorted(set(batch.get("shards", [])))
+        raise NonFiniteError(
+            f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch}), "
+            f"batch from shard(s) {shards or '?'}"
+            + (f"; non-finite hidden states in samples {bad[:5]}" if bad else
+               "; the inputs are finite: lower `optimizer.lr` or check `loss.*`")
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -158,6 +175,15 @@ class HeadTrainingModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Never write a Lightning checkpoint with non-finite weights."""
+        check_finite_state(checkpoint["state_dict"], f"the weights of step {self.global_step} (checkpoint not written)")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Never resume from a checkpoint with non-finite weights."""
+        check_finite_state(checkpoint["state_dict"], "the checkpoint to resume from")
 
     # ----------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

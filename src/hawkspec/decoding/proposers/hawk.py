@@ -84,19 +84,19 @@ class HawkProposer(MedusaProposer):
         grid = backbone.grid
         self.W = grid.tokens_per_row
         self.R = (self.vsd + 1) * self.W
-        dev = self.heads.lm_head.device
+        dev = self.heads.device
         self._down = torch.arange(1, self.vsd + 1, device=dev) * self.W  # (vsd,) offset of vertical head d
         # a target is cached iff it lies in the image and is not a forced token: one lookup, any target
         forced = grid.forced_mask().to(dev)
         self._cacheable = torch.cat([~forced, forced.new_zeros(self.vsd * self.W + 1)])
-        self.jdrafts = JacobiDrafts(grid, backbone.num_codes, self.heads.lm_head.device) if self.wants_tree_outputs else None
+        self.jdrafts = JacobiDrafts(grid, backbone.num_codes, self.heads.device) if self.wants_tree_outputs else None
 
     def start(self, batch_size: int, device: torch.device) -> None:
         B, R, V, m = batch_size, self.R, max(self.vsd, 1), self.m
         # one extra slot (index R) absorbs the writes of invalid targets, so filling needs no nonzero()
         self.ring_tok = torch.full((B, R + 1, V, m), -1, dtype=torch.long, device=device)
         self.ring_pos = torch.full((B, R + 1, V), -1, dtype=torch.long, device=device)
-        K = self.heads.lm_head.shape[0]
+        K = self.heads.num_codes
         self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
         self._h_logits = None  # the horizontal heads' logits at the next src_hidden, made by observe()
         self._ar = torch.arange(B, device=device)
@@ -119,7 +119,7 @@ class HawkProposer(MedusaProposer):
         # the LM-head matmul is the costly part: only the rows needed (horizontal heads at the last token,
         # vertical heads at every token), in one call
         rows = torch.cat([feats[self._ar, last, :n], feats[:, :, n : n + vsd].flatten(1, 2)], dim=1)
-        logits = torch.nn.functional.linear(rows, self.heads.lm_head)  # (B, n + A * vsd, K)
+        logits = self.heads.code_head(rows)  # (B, n + A * vsd, K)
         self._h_logits = logits[:, :n]  # (B, n, K)
         target = positions.unsqueeze(-1) + self._down  # (B, A, vsd)
         ok = (positions >= 0).unsqueeze(-1) & self._cacheable[target.clamp(min=0)]
@@ -166,7 +166,7 @@ class HawkProposer(MedusaProposer):
             self._h_logits = None
         else:
             h_tok = code_pos.new_full((B, J, pool_size), -1)
-            h_q = None if self.draft == "topk" else torch.zeros((B, J, pool_size, self.heads.lm_head.shape[0]),
+            h_q = None if self.draft == "topk" else torch.zeros((B, J, pool_size, self.heads.num_codes),
                                                                 device=code_pos.device)
         if not self.vsd:
             return Pools(h_tok, h_q)

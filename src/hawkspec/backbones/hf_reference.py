@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from hawkspec.backbones.base import Backbone
+from hawkspec.backbones.hf import HFBackbone
 from hawkspec.decoding.sampling import SamplingConfig
 
 
 class ImageLayoutLogitsProcessor(LogitsProcessor):
     """Allow only image codes, and only the end-of-line token where the layout forces it."""
 
-    def __init__(self, backbone: Backbone, prompt_length: int):
+    def __init__(self, backbone: HFBackbone, prompt_length: int):
         self.prompt_length = prompt_length
         self.forced = backbone.grid.forced_mask()
         self.eol = backbone.eol_token_id
@@ -33,14 +33,14 @@ class ImageLayoutLogitsProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
-def hf_generate(backbone: Backbone, prompts: list[str], sampling: SamplingConfig) -> torch.Tensor:
+def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConfig) -> torch.Tensor:
     """Image-body tokens (B, rows*W) from ``model.generate``; seed with ``torch.manual_seed`` beforehand."""
     if sampling.use_cfg:
         raise ValueError("hf_generate is the no-CFG reference: set sampling.cfg_scale=1.0")
     model = backbone.model
-    seqs = [p + [backbone.image_start_id] for p in backbone.tokenize(prompts)]
+    seqs = [p + list(backbone.image_start_ids) for p in backbone.encode(prompts).cond]
     L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), model.config.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(seqs), L), backbone.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, L - len(s) :], mask[i, L - len(s) :] = torch.tensor(s), 1
@@ -53,7 +53,7 @@ def hf_generate(backbone: Backbone, prompts: list[str], sampling: SamplingConfig
         max_new_tokens=backbone.grid.length,
         min_new_tokens=backbone.grid.length,
         logits_processor=LogitsProcessorList([ImageLayoutLogitsProcessor(backbone, L)]),
-        pad_token_id=model.config.pad_token_id,
+        pad_token_id=backbone.pad_token_id,
         eos_token_id=None,
         **kwargs,
     )
