@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from hawkspec.backbones.base import Backbone
 from hawkspec.backbones.tiny import TinyBackbone
 from hawkspec.data.procedural import VOCAB_WORDS
 from hawkspec.vq.patch_vq import PatchVQ
@@ -25,11 +28,49 @@ def run_cli(name: str, *overrides: str, ok: bool = True, env: dict | None = None
 
 def build_random_backbone(rows: int = 4, cols: int = 4, num_codes: int = 512, seed: int = 0) -> TinyBackbone:
     """A randomly initialised tiny backbone (transformers Llama classes), fast on a CPU."""
-    vq = PatchVQ(num_codes=num_codes, patch_size=4)
-    return TinyBackbone.build(
-        list(VOCAB_WORDS), vq, rows=rows, cols=cols, hidden_size=64, num_layers=2, num_heads=2,
-        intermediate_size=128, max_length=96, seed=seed,
-    ).eval()
+    return TinyBackbone.random(rows=rows, cols=cols, num_codes=num_codes, seed=seed)
+
+
+RANDOM_BACKBONES: dict[str, str] = {
+    "tiny": "hawkspec.backbones.tiny:TinyBackbone",
+    "chameleon": "hawkspec.backbones.chameleon:ChameleonBackbone",
+    "janus": "hawkspec.backbones.janus:JanusBackbone",
+    "emu3": "hawkspec.backbones.emu3:Emu3Backbone",
+    "llamagen": "hawkspec.backbones.llamagen:LlamaGenBackbone",
+}
+"""Every backbone adapter, ``name -> "module:Class"``. Each class has a ``random(rows, cols, num_codes, seed)``
+classmethod that builds a tiny random model of its real transformers classes (no downloads; eval mode, CPU,
+float32). The shared conformance suite (``tests/backbones/test_conformance.py``) runs on every entry whose
+module exists: a new adapter adds one line here."""
+
+
+def available_random_backbones() -> list[str]:
+    """The names of :data:`RANDOM_BACKBONES` whose adapter module exists."""
+    import importlib.util
+
+    return [name for name, target in RANDOM_BACKBONES.items()
+            if importlib.util.find_spec(target.split(":")[0]) is not None]
+
+
+def random_backbone(name: str, rows: int = 4, cols: int = 4, num_codes: int = 512, seed: int = 0) -> Backbone:
+    """The tiny random model of adapter ``name`` (see :data:`RANDOM_BACKBONES`)."""
+    import importlib
+
+    if name not in RANDOM_BACKBONES:
+        raise KeyError(f"no random backbone {name!r}; known: {sorted(RANDOM_BACKBONES)}")
+    module, cls = RANDOM_BACKBONES[name].split(":")
+    return getattr(importlib.import_module(module), cls).random(rows=rows, cols=cols, num_codes=num_codes, seed=seed)
+
+
+def peaky(backbone: Backbone, scale: float = 0.3, seed: int = 0) -> Backbone:
+    """Overwrite every weight with N(0, scale^2) noise: a random model whose next-code distributions are
+    peaked and prompt-dependent (what the enumerable losslessness test needs); returns the backbone."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    backbone.__dict__.pop("_code_rows_cache", None)
+    return backbone
 
 
 def build_tiny_clip(path, seed: int = 0):

@@ -158,6 +158,15 @@ class TinyBackbone(HFBackbone):
         return cls(model, vq, layout, revision="untrained")
 
     @classmethod
+    def random(cls, rows: int = 4, cols: int = 4, num_codes: int = 512, seed: int = 0) -> "TinyBackbone":
+        """A small randomly initialised tiny model for tests (:data:`hawkspec.testing.RANDOM_BACKBONES`)."""
+        from hawkspec.data.procedural import VOCAB_WORDS
+
+        return cls.build(list(VOCAB_WORDS), PatchVQ(num_codes=num_codes, patch_size=4), rows=rows, cols=cols,
+                         hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_length=96,
+                         seed=seed).eval()
+
+    @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> "TinyBackbone":
         """Load a folder written by :meth:`save_pretrained`; ``None`` loads the weights shipped with hawkspec."""
         path = Path(path) if path else DEFAULT_ASSET
