@@ -172,8 +172,7 @@ class HawkProposer(MedusaProposer):
             return Pools(h_tok, h_q)
         slot = code_pos.clamp(min=0) % self.R  # (B, J)
         bidx = torch.arange(B, device=code_pos.device)[:, None]
-        hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
-        v_tok = torch.where(hit.unsqueeze(-1), self.ring_tok[bidx, slot], -1).flatten(2)  # (B, J, vsd*m)
+        v_tok = self.vertical_drafts(code_pos, slot, bidx)  # (B, J, vsd*m)
         if self.draft == "topk":
             return Pools(self._merge(v_tok, h_tok, pool_size))
         # sampled drafts: duplicates are legitimate i.i.d. draws; keep each candidate's own q
@@ -188,6 +187,18 @@ class HawkProposer(MedusaProposer):
         tokens = torch.where(keep, tokens, -1).gather(-1, order)
         q = q.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, K))
         return Pools(tokens, q)
+
+    def vertical_drafts(self, code_pos: torch.Tensor, slot: torch.Tensor | None = None,
+                        bidx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, J, vsd * m) the speculation cache's vertical drafts for body positions ``code_pos`` (B, J), -1
+        where it holds none: what the pool merges, and what :mod:`hawkspec.analysis.acceptance` reads to tell
+        which accepted tokens a vertical head drafted. ``slot``/``bidx``: the ring slots and batch index, when
+        the caller has them."""
+        if slot is None:
+            slot = code_pos.clamp(min=0) % self.R
+            bidx = torch.arange(code_pos.shape[0], device=code_pos.device)[:, None]
+        hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
+        return torch.where(hit.unsqueeze(-1), self.ring_tok[bidx, slot], -1).flatten(2)
 
     def _merge(self, v_tok: torch.Tensor, h_tok: torch.Tensor, size: int) -> torch.Tensor:
         """The spatial sampling pool of point-mass candidates: (B, J, size).
