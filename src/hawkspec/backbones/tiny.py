@@ -181,6 +181,15 @@ class TinyBackbone(HFBackbone):
         vq = PatchVQ.from_file(path / "vq.safetensors")
         return cls(model.eval(), vq, layout)
 
+    # ------------------------------------------------------------------------------- pretraining
+    def lm_parameters(self):
+        """The transformer's parameters (what ``hawkspec-pretrain`` trains; the VQ is fitted separately)."""
+        return self.model.parameters()
+
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        """Next-token cross-entropy of a batch of full sequences (``input_ids``, ``attention_mask``, ``labels``)."""
+        return self.model(**batch, use_cache=False).loss
+
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

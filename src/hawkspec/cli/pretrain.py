@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     val = trainer.validate(module, datamodule=datamodule, verbose=False)
     train_seconds = time.perf_counter() - t0
 
-    backbone.model.eval()
+    backbone.eval()
     model_dir = out_dir / "tiny"
     backbone.save_pretrained(model_dir)
     backbone = TinyBackbone.from_pretrained(model_dir)  # what users will load, revision included
@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
         "mean_entropy_nats": gen.mean_entropy,
         "sampling": OmegaConf.to_container(cfg.sampling),
         "vq": vq_stats,
-        "parameters": sum(p.numel() for p in backbone.model.parameters()),
+        "parameters": sum(p.numel() for p in backbone.lm_parameters()),
         "revision": backbone.revision,
         "seconds": round(train_seconds, 1),
     }

@@ -26,7 +26,7 @@ class TinyPretrainModule(L.LightningModule):
         self.scheduler_factory = scheduler
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return self.backbone.model(**batch, use_cache=False).loss
+        return self.backbone.lm_loss(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -37,8 +37,9 @@ class TinyPretrainModule(L.LightningModule):
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        decay = [p for n, p in self.backbone.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.backbone.model.named_parameters() if p.ndim < 2]
+        params = list(self.backbone.lm_parameters())
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
         opt = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.scheduler_factory is None:
             return opt
