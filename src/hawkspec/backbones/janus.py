@@ -153,15 +153,28 @@ class JanusBackbone(HFBackbone):
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path, dtype: str = "bfloat16", attn_implementation: str = "sdpa",
-                        name: str = "janus-pro-7b", revision: str | None = None) -> "JanusBackbone":
-        """Load a transformers Janus checkpoint folder (e.g. ``deepseek-community/Janus-Pro-7B``) from disk."""
+                        name: str = "janus-pro-7b", revision: str | None = None,
+                        image_size: int | None = None) -> "JanusBackbone":
+        """Load a transformers Janus checkpoint folder (e.g. ``deepseek-community/Janus-Pro-7B``) from disk.
+
+        Args:
+            path: The folder (``config.json``, weights, tokenizer); never downloaded.
+            dtype: ``bfloat16`` (official), ``float16`` or ``float32``.
+            attn_implementation: ``sdpa`` or ``eager`` (both take 4-D float masks).
+            image_size: The resolution the config asks for, in pixels; an error naming ``backbone.image_size`` if
+                the checkpoint generates another (Janus-Pro: 384 only). None skips the check.
+        """
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         path = require_dir(path, "backbone.path")
         model = JanusForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype),
                                                               attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, name=name, revision=revision)
+        bb = cls(model, tokenizer, name=name, revision=revision)
+        if image_size is not None and tuple(bb.image_size) != (int(image_size), int(image_size)):
+            raise ValueError(f"backbone.image_size={image_size}: the Janus checkpoint at {path} generates "
+                             f"{bb.image_size[0]}x{bb.image_size[1]} px images only")
+        return bb
 
     def save_pretrained(self, path) -> None:
         self.model.save_pretrained(path)
