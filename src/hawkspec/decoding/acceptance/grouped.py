@@ -5,11 +5,22 @@ when the target likes the *group* of tokens around it, with probability
 
     min(1, max(p(x) / q(x), p(G(x)) / q(G(x))))     (point-mass draft: q(G) = 1, so min(1, p(G(x))))
 
-where ``G(x)`` is built dynamically from the target at that node: the ``group`` tokens ranked just above and
-the ``group`` tokens ranked just below ``x`` in the target's ordering (``x`` included, so up to 2·group + 1),
-each kept only if ``|p(c) − p(x)| < prob_threshold`` and its input-embedding distance to ``x`` is below
-``embed_threshold`` (``null`` disables a filter; both ``null`` is the fixed-window variant). ``group: 0`` is
-the exact rule. On rejection the residual is the exact rule's, ``norm(max(p − q, 0))``, as in GSD.
+where ``G(x)`` is built dynamically from the target at that node from ``x``'s neighbours in the target's
+ranking, each kept only if ``|p(c) − p(x)| < prob_threshold`` and its input-embedding distance to ``x`` is
+below ``embed_threshold`` (``null`` disables a filter; both ``null`` is the fixed-window variant). ``group: 0``
+is the exact rule. On rejection the residual is the exact rule's, ``norm(max(p − q, 0))``, as in GSD.
+
+Official semantics (junhyukso/GSD, ``scheduler/jacobi_iteration_lumina_mgpt.py``), selected by
+``window: official`` and ``embed_metric: squared`` (the defaults of ``conf/decoder/acceptance/gsd.yaml``):
+
+* the window is the slice ``[i − group, i + group)`` of the vocabulary sorted by ascending logit, ``i`` the
+  draft's rank: ``group`` lower-ranked tokens, the draft and ``group − 1`` higher-ranked ones (14 for
+  ``group: 7``). When fewer than ``group`` tokens rank below the draft, the official slice is empty and its
+  code falls back to the exact ratio; so do we. ``window: symmetric`` (ours) takes ``group`` on each side.
+* the embedding filter compares the *squared* L2 distance of the input embeddings with the threshold
+  (``embed_metric: squared``; ``l2``: the plain distance, ours before).
+* no floor (``floor: false``). (Lumina-specific detail not reproduced: the official code turns the embedding
+  filter off when a window member's token id is above 10,000, i.e. not an image code.)
 
 The floor at the exact ratio (``floor: true``) is ours. GSD's Theorem 1 says grouping never accepts less
 often than the exact rule, ``Σ min(p, q)``. For the raw group ratio that holds when the groups partition the
@@ -30,15 +41,22 @@ from hawkspec.decoding.acceptance.base import AcceptanceRule, gather1
 from hawkspec.decoding.acceptance.exact import exact_try
 
 
+WINDOWS = ("official", "symmetric")
+EMBED_METRICS = ("squared", "l2")
+
+
 class GroupedAcceptance(AcceptanceRule):
     """GSD's dynamic grouping.
 
     Args:
-        group: Ranks on each side of the draft in the target's ordering (official code: 7).
+        group: Lower-ranked neighbours of the draft in the target's ordering (official code: 7); the
+            higher-ranked ones are ``group − 1`` (``window: official``) or ``group`` (``symmetric``).
         prob_threshold: Keep a neighbour only if ``|p(c) − p(x)|`` is below this (official: 0.15); None: off.
-        embed_threshold: Keep a neighbour only if the L2 distance of its input embedding to the draft's is
+        embed_threshold: Keep a neighbour only if the distance of its input embedding to the draft's is
             below this (official, for Lumina-mGPT's embeddings: 0.5); None: off. The scale is the backbone's.
-        floor: Never accept a draft less readily than the exact rule would (see the module docstring).
+        floor: Never accept a draft less readily than the exact rule would (see the module docstring; ours).
+        window: ``official`` (asymmetric slice, exact ratio at the bottom of the ranking) or ``symmetric``.
+        embed_metric: ``squared`` (official) or ``l2`` distance for the embedding filter.
     """
 
     name = "gsd"
@@ -46,12 +64,16 @@ class GroupedAcceptance(AcceptanceRule):
 
     def __init__(
         self, group: int = 7, prob_threshold: float | None = 0.15, embed_threshold: float | None = 0.5,
-        floor: bool = True,
+        floor: bool = True, window: str = "symmetric", embed_metric: str = "l2",
     ):
         if group < 0:
             raise ValueError(f"decoder.acceptance.group must be >= 0, got {group}")
+        if window not in WINDOWS:
+            raise ValueError(f"decoder.acceptance.window must be one of {WINDOWS}, got {window!r}")
+        if embed_metric not in EMBED_METRICS:
+            raise ValueError(f"decoder.acceptance.embed_metric must be one of {EMBED_METRICS}, got {embed_metric!r}")
         self.group, self.prob_threshold, self.embed_threshold = int(group), prob_threshold, embed_threshold
-        self.floor = floor
+        self.floor, self.window, self.embed_metric = floor, window, embed_metric
         self.emb = None
 
     def bind(self, backbone) -> None:
@@ -59,23 +81,30 @@ class GroupedAcceptance(AcceptanceRule):
             self.emb = backbone.code_embeddings().float()
 
     def members(self, r: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The group of each draft: members (M, 2G) (x itself excluded) and whether each one is kept."""
+        """The group of each draft: members (M, G_up + G_down) (x itself excluded) and whether each one is kept.
+
+        ``window: official``: rows with fewer than ``group`` lower-ranked tokens keep no member (exact ratio).
+        """
         M, K = r.shape
         G = min(self.group, K - 1)
+        G_up = max(G - 1, 0) if self.window == "official" else G
         rx = gather1(r, x).unsqueeze(-1)
         idx = torch.arange(K, device=r.device)
         # a strict order with ties broken by index, so "above" and "below" split the vocabulary
         above = (r > rx) | ((r == rx) & (idx < x.unsqueeze(-1)))
         below = ~above & (idx != x.unsqueeze(-1))
         inf = float("inf")
-        up = torch.where(above, r, inf).topk(G, dim=-1, largest=False)  # the G just above x
+        up = torch.where(above, r, inf).topk(G_up, dim=-1, largest=False)  # the G_up just above x
         down = torch.where(below, r, -inf).topk(G, dim=-1, largest=True)  # the G just below x
         members = torch.cat([up.indices, down.indices], dim=-1)
         keep = torch.cat([up.values < inf, down.values > -inf], dim=-1)
+        if self.window == "official":  # the official slice [i - G, i + G) is empty near the bottom
+            keep &= (below.sum(-1, keepdim=True) >= G)
         if self.prob_threshold is not None:
             keep &= (r.gather(-1, members) - rx).abs() < self.prob_threshold
         if self.emb is not None:
-            dist = (self.emb[members] - self.emb[x].unsqueeze(1)).norm(dim=-1)
+            dist = (self.emb[members] - self.emb[x].unsqueeze(1)).square().sum(-1)
+            dist = dist if self.embed_metric == "squared" else dist.sqrt()
             keep &= dist < self.embed_threshold
         return members, keep
 
@@ -98,4 +127,5 @@ class GroupedAcceptance(AcceptanceRule):
 
     def describe(self) -> dict:
         return {"name": self.name, "lossless": False, "group": self.group,
-                "prob_threshold": self.prob_threshold, "embed_threshold": self.embed_threshold, "floor": self.floor}
+                "prob_threshold": self.prob_threshold, "embed_threshold": self.embed_threshold, "floor": self.floor,
+                "window": self.window, "embed_metric": self.embed_metric}

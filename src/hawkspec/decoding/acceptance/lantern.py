@@ -7,8 +7,18 @@ bound is added to ``p(x)``:
 * LANTERN: the bound is ``delta`` (default 0.1);
 * LANTERN++: the bound is ``(lam − 1) · p(x)``, so ``p̃(x) <= lam · p(x)`` (set ``lam``; ``delta`` is ignored).
 
-The draft is accepted with ``min(1, p̃(x) / q(x))`` (point mass: ``min(1, p̃(x))``); the residual on rejection
-is the exact rule's. ``delta = 0`` (or ``lam = 1``) is exactly the exact rule. Lossy otherwise.
+The draft is accepted with ``min(1, p̃(x) / q(x))`` (point mass: ``min(1, p̃(x))``). ``delta = 0`` (or
+``lam = 1``) is exactly the exact rule. Lossy otherwise.
+
+The residual on rejection (``residual``):
+
+* ``neighbours`` (official, jadohu/LANTERN ``evaluate_posterior``; the default of
+  ``conf/decoder/acceptance/lantern.yaml``): when neighbour mass was added to the rejected draft, the target
+  is first zeroed at the draft's ``k + 1`` nearest codes (the official code zeroes ``nearest_latents[x, :k+1]``,
+  one more than the ``k`` it sums over; the draft itself is not among them), then the exact rule's residual is
+  taken (``max(r − q, 0)``, or ``r(x) ← 0`` for a point mass); an all-zero residual becomes uniform over the
+  codes, as the official code's ``ones_like``.
+* ``exact`` (ours before): the exact rule's residual, ``norm(max(r − q, 0))`` / ``r(x) ← 0``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ from hawkspec.decoding.acceptance.base import AcceptanceRule, gather1
 from hawkspec.decoding.acceptance.exact import exact_try
 
 
+RESIDUALS = ("neighbours", "exact")
+
+
 class LanternAcceptance(AcceptanceRule):
     """Latent-neighbour relaxation.
 
@@ -26,12 +39,16 @@ class LanternAcceptance(AcceptanceRule):
         k: Neighbours per code (the papers: 1000; clamped to the codebook size − 1).
         delta: LANTERN's bound on the added mass.
         lam: LANTERN++'s ratio bound; when set, the rule is LANTERN++.
+        residual: ``neighbours`` (official) or ``exact`` (see the module docstring).
     """
 
     name = "lantern"
     lossless = False
 
-    def __init__(self, k: int = 1000, delta: float = 0.1, lam: float | None = None):
+    def __init__(self, k: int = 1000, delta: float = 0.1, lam: float | None = None, residual: str = "neighbours"):
+        if residual not in RESIDUALS:
+            raise ValueError(f"decoder.acceptance.residual must be one of {RESIDUALS}, got {residual!r}")
+        self.residual = residual
         if k < 1:
             raise ValueError(f"decoder.acceptance.k must be >= 1, got {k}")
         if delta < 0:
@@ -46,18 +63,33 @@ class LanternAcceptance(AcceptanceRule):
         k = min(self.k, vecs.shape[0] - 1)
         dist = torch.cdist(vecs, vecs)
         dist.fill_diagonal_(float("inf"))
-        self.neighbours = dist.topk(k, dim=-1, largest=False).indices  # (K, k), nearest first
+        ranked = dist.topk(min(k + 1, vecs.shape[0] - 1), dim=-1, largest=False).indices  # nearest first
+        self.neighbours = ranked[:, :k]  # (K, k) summed over
+        self.zeroed = ranked  # (K, k + 1) zeroed after a rejection with added mass (official)
 
     def accept_mass(self, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         rx = gather1(r, x)
+        return rx + self._extra(r, x, rx)
+
+    def _extra(self, r, x, rx):
         bound = self.delta if self.lam is None else (self.lam - 1.0) * rx.unsqueeze(-1)
         mass = r.gather(-1, self.neighbours[x]).cumsum(-1)  # (M, k) cumulative, nearest first
-        extra = torch.where(mass <= bound, mass, torch.zeros_like(mass)).amax(-1)  # longest prefix within bound
-        return rx + extra
+        return torch.where(mass <= bound, mass, torch.zeros_like(mass)).amax(-1)  # longest prefix within bound
 
     def try_candidate(self, r, x, q, u):
-        return exact_try(r, x, q, u, self.accept_mass(r, x))
+        rx = gather1(r, x)
+        extra = self._extra(r, x, rx)
+        if self.residual == "exact":
+            return exact_try(r, x, q, u, rx + extra)
+        accepted, plain = exact_try(r, x, q, u, rx + extra)
+        added = (extra > 0).unsqueeze(-1)  # no added mass: the exact residual, as in the official code
+        r_zeroed = r.scatter(-1, self.zeroed[x], 0.0)
+        rest = r_zeroed.scatter(-1, x.unsqueeze(-1), 0.0) if q is None else (r_zeroed - q).clamp_min(0.0)
+        total = rest.sum(-1, keepdim=True)
+        rest = torch.where(total > 0, rest / total.clamp_min(1e-30), 1.0 / r.shape[-1])
+        return accepted, torch.where(added, rest, plain)
 
     def describe(self) -> dict:
-        out = {"name": "lantern++" if self.lam is not None else self.name, "lossless": False, "k": self.k}
+        out = {"name": "lantern++" if self.lam is not None else self.name, "lossless": False, "k": self.k,
+               "residual": self.residual}
         return {**out, **({"lam": self.lam} if self.lam is not None else {"delta": self.delta})}

@@ -14,6 +14,18 @@ The tree is a chain of ``L`` speculated codes (the *window*, ``decoder.tree`` wi
 
 With the exact rule (accept with ``min(1, p(x) / q(x))``, resample the first rejection from
 ``norm(max(p - q, 0))``) this is lossless; with GSD's grouped rule it is GSD.
+
+The draft distribution of a fresh random draft (``init_q``):
+
+* ``onehot`` (official, tyshiwo1/Accelerating-T2I-AR-with-SJD ``scores_of_rand_tokens``, and GSD's code built
+  on it): a point mass at the drawn code, so it is accepted with ``p(x)`` and a rejection zeroes ``p(x)``. Still
+  lossless: the code is drawn independently of the target, and given the code the draft is deterministic.
+* ``uniform`` (ours before): ``q = 1/K`` everywhere, accepted with ``min(1, K · p(x))`` and residual
+  ``norm(max(p − 1/K, 0))``; also lossless, and it accepts more readily.
+
+Window length: SJD's ``L = 16`` (``max_num_new_tokens``) counts the tokens of one Jacobi forward: the last
+accepted token and ``L − 1 = 15`` drafts. Our chain length (``decoder.tree.budget = max_depth``) counts drafts
+only, so the official ``L = 16`` is ``budget: 15`` (``conf/decoder/sjd.yaml``, ``gsd.yaml``).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
 from hawkspec.decoding.sampling import sample
 
 INITS = ("uniform", "spatial")
+INIT_QS = ("onehot", "uniform")
 
 
 class JacobiDrafts:
@@ -69,15 +82,19 @@ class JacobiProposer(Proposer):
     Args:
         init: How a position without a carried draft starts: ``uniform`` over the image codes (SJD) or
             ``spatial`` (the committed code one row above, else uniform).
+        init_q: The draft distribution a uniformly drawn fresh draft carries: ``onehot`` (official SJD) or
+            ``uniform`` (see the module docstring).
     """
 
     name = "jacobi"
     wants_tree_outputs = True
 
-    def __init__(self, init: str = "uniform"):
+    def __init__(self, init: str = "uniform", init_q: str = "onehot"):
         if init not in INITS:
             raise ValueError(f"decoder.proposer.init must be one of {INITS}, got {init!r}")
-        self.init = init
+        if init_q not in INIT_QS:
+            raise ValueError(f"decoder.proposer.init_q must be one of {INIT_QS}, got {init_q!r}")
+        self.init, self.init_q = init, init_q
 
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
@@ -94,7 +111,10 @@ class JacobiProposer(Proposer):
         fresh = tokens < 0
         if fresh.any():
             init_tok = torch.randint(self.K, (B, J), generator=generator, device=dev)
-            init_q = torch.full((B, J, self.K), 1.0 / self.K, device=dev)
+            if self.init_q == "onehot":
+                init_q = torch.nn.functional.one_hot(init_tok, self.K).to(q.dtype)
+            else:
+                init_q = torch.full((B, J, self.K), 1.0 / self.K, device=dev)
             codes = self.drafts.codes
             if self.init == "spatial" and codes is not None:
                 bidx = torch.arange(B, device=dev)[:, None]
@@ -119,4 +139,4 @@ class JacobiProposer(Proposer):
         self.drafts.observe(probs, node_pos, codes, generator, chain)
 
     def describe(self) -> dict:
-        return {"name": self.name, "init": self.init}
+        return {"name": self.name, "init": self.init, "init_q": self.init_q}
