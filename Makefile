@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup quickstart test test-slow bench pretrain heads clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.

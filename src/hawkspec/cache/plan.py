@@ -4,8 +4,11 @@ Shard ``i`` of a split holds samples ``[i*S, min((i+1)*S, N))`` (S = ``cache.sha
 count), and everything in it is a function of ``(seed, i)`` and the plan (batch size, sampling config, backbone)
 only — not of the number of processes, nor of which ones ran before. So a rerun can skip every shard that
 exists, and any process may write any shard: under DDP rank ``r`` of ``w`` takes the pending shards
-``i ≡ r (mod w)`` (no padding, no duplicates). A shard is written to ``shard-XXXXXX.tar.tmp`` and renamed when
-complete; the manifest is written once all shards exist.
+``i ≡ r (mod w)`` (no padding, no duplicates). A shard is written to ``shard-XXXXXX.tar.tmp``; its size, SHA-256
+and sample count go to ``shard-XXXXXX.tar.json`` (the shard's record), then the tar is renamed into place. A
+shard counts as written when both exist. Every run first checks every written shard against its record
+(:meth:`CachePlan.damaged`) and deletes the damaged ones, so a rerun rewrites exactly those; the manifest, written
+once all shards exist, copies the records (never the sizes found on disk).
 
 ``plan.json`` pins the plan of a folder: rerunning into the same ``cache.out_dir`` with different settings is
 an error instead of a silent mix of two caches.
@@ -13,6 +16,7 @@ an error instead of a silent mix of two caches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,8 +104,49 @@ class CachePlan:
         """Where shard ``index`` is written before the atomic rename (never listed by a reader)."""
         return self.out_dir / (shard_name(index) + ".tmp")
 
+    def record_path(self, index: int) -> Path:
+        """The shard's record ``shard-XXXXXX.tar.json``: ``{"bytes", "sha256", "count"}`` measured at write time."""
+        return self.out_dir / (shard_name(index) + ".json")
+
+    def record(self, index: int) -> dict | None:
+        """The shard's record, or None when it is missing or unreadable."""
+        try:
+            return json.loads(self.record_path(index).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def is_done(self, index: int) -> bool:
-        return self.path(index).is_file()
+        """Shard and record exist (cheap; :meth:`check` reads the bytes)."""
+        return self.path(index).is_file() and self.record_path(index).is_file()
+
+    def check(self, index: int) -> str | None:
+        """What is wrong with written shard ``index`` (size, checksum, count against its record), or None."""
+        rec = self.record(index)
+        if rec is None:
+            return "its record is missing or unreadable"
+        a, b = self.shard_range(index)
+        problem = check_file(self.path(index), rec)
+        if problem is None and rec.get("count") != b - a:
+            problem = f"its record counts {rec.get('count')} samples, the plan {b - a}"
+        return problem
+
+    def damaged(self) -> dict[int, str]:
+        """``{index: problem}`` of every written shard that fails :meth:`check` (reads every shard)."""
+        out = {}
+        for i in range(self.num_shards):
+            if self.path(i).is_file() or self.record_path(i).is_file():
+                problem = self.check(i) if self.path(i).is_file() else "the shard file is missing"
+                if problem:
+                    out[i] = problem
+        return out
+
+    def repair(self) -> dict[int, str]:
+        """Delete every damaged shard (and its record) so that the run rewrites it; returns what was wrong."""
+        bad = self.damaged()
+        for i in bad:
+            self.path(i).unlink(missing_ok=True)
+            self.record_path(i).unlink(missing_ok=True)
+        return bad
 
     def assigned(self, rank: int, world_size: int) -> list[int]:
         """Shards of rank ``rank`` of ``world_size``: ``rank, rank + world_size, ...`` (no padding)."""
@@ -144,8 +189,8 @@ class CachePlan:
         return ShardManifest(
             num_samples=self.num_samples,
             shards=[
-                {"name": shard_name(i), "count": b - a, "bytes": self.path(i).stat().st_size}
-                for i in range(self.num_shards) for a, b in [self.shard_range(i)]
+                {"name": shard_name(i), "count": rec["count"], "bytes": rec["bytes"], "sha256": rec["sha256"]}
+                for i in range(self.num_shards) for rec in [self.record(i)]
             ],
             hidden_size=self.identity["hidden_size"],
             dtype=HIDDEN_DTYPE,
@@ -162,3 +207,25 @@ class CachePlan:
             sampling=self.sampling,
             distill_target=DISTILL_TARGET if self.topk else "",
         )
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """``(size in bytes, SHA-256 hex digest)`` of a file."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def check_file(path: Path, record: dict) -> str | None:
+    """What differs between ``path`` and ``record`` (``bytes``, ``sha256``), or None when it matches."""
+    if not path.is_file():
+        return "the file is missing"
+    size = path.stat().st_size
+    if "bytes" in record and size != record["bytes"]:
+        return f"it has {size} bytes, {record['bytes']} were written (truncated or overwritten)"
+    if "sha256" in record and file_digest(path)[1] != record["sha256"]:
+        return "its SHA-256 differs from the one recorded when it was written (corrupted)"
+    return None

@@ -21,6 +21,7 @@ from hawkspec.cache.sources import dataset_codes, procedural_captions, self_code
 from hawkspec.cache.teacher import body_codes, teacher_forced_states
 from hawkspec.data.manifest import sample_key
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.io import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,15 @@ class ShardData:
             yield sample
 
 
-def to_float16(x: torch.Tensor, what: str) -> np.ndarray:
-    """fp16 numpy copy of ``x``; refuses values fp16 cannot hold (they would be stored as inf)."""
+def to_float16(x: torch.Tensor, what: str, keys: list[str] | None = None) -> np.ndarray:
+    """fp16 numpy copy of ``x`` (B, ...); refuses NaN / Inf and values fp16 cannot hold, naming the samples."""
     out = x.detach().to(torch.float16).cpu().numpy()
     if not np.isfinite(out).all():
-        raise ValueError(f"{what} overflows float16 (max |x| = {x.abs().max().item():.3g}); the cache stores fp16")
+        rows = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        names = [k for k, bad in zip(keys or range(len(out)), rows) if bad]
+        cause = "is NaN or Inf" if not torch.isfinite(x).all() else \
+            f"overflows float16 (max |x| = {x.abs().max().item():.3g}; the cache stores fp16)"
+        raise NonFiniteError(f"{what} of sample(s) {names[:5]} {cause}; nothing was written")
     return out
 
 
@@ -125,7 +130,8 @@ class CacheModule(L.LightningModule):
             else:
                 codes = dataset_codes(self.backbone, plan.seed, a, b)
             hidden, probs, idx = teacher_forced_states(self.backbone, prompts, codes, self.sampling, plan.topk)
-            parts["hidden"].append(to_float16(hidden, f"the hidden state of shard {index}"))  # (B, Lb+1, d)
+            keys = [sample_key(i) for i in range(a, b)]
+            parts["hidden"].append(to_float16(hidden, f"the hidden state in shard {index}", keys))  # (B, Lb+1, d)
             parts["codes"].append(body_codes(self.backbone.grid, codes).to(torch.int16).cpu().numpy())  # (B, Lb)
             if plan.topk:
                 parts["probs"].append(probs.to(torch.float16).cpu().numpy())  # (B, Lb+1, topk)

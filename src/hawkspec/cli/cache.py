@@ -1,8 +1,11 @@
-"""``hawkspec-cache``: run the frozen backbone teacher-forced and write hidden-state shards (train/ and val/)."""
+"""``hawkspec-cache``: run the frozen backbone teacher-forced and write hidden-state shards (train/ and val/).
+
+``mode=verify`` checks a finished cache instead (every shard's size, SHA-256 and sample count against its
+manifest) and exits with an error naming the damaged shards; rerunning the writing command rewrites just those.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -13,9 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from hawkspec.backbones.base import Backbone
 from hawkspec.cache.plan import CachePlan
 from hawkspec.cache.predict import CacheModule
-from hawkspec.cache.runner import cache_split
+from hawkspec.cache.runner import cache_split, verify_split
 from hawkspec.cache.writer import ShardTarWriter
-from hawkspec.cli.common import CONF_DIR, instantiate, task
+from hawkspec.cli.common import CONF_PATH, instantiate, task
+from hawkspec.cli.validate import validate_cache
+from hawkspec.data.manifest import MANIFEST
+from hawkspec.data.shards import CorruptShardError
+from hawkspec.io import atomic_write_json
 from hawkspec.decoding.sampling import SamplingConfig
 
 log = logging.getLogger("hawkspec")
@@ -39,8 +46,29 @@ def make_plans(cfg: DictConfig, backbone: Backbone) -> list[CachePlan]:
     ]
 
 
+def verify(out_dir: Path) -> dict:
+    """``mode=verify``: check every split under ``out_dir``; raise naming the damaged shards."""
+    splits = [p for p in sorted(out_dir.iterdir()) if (p / MANIFEST).is_file()] if out_dir.is_dir() else []
+    if not splits:
+        raise FileNotFoundError(f"cache.out_dir={out_dir} holds no finished split (no */{MANIFEST}): point it at the "
+                                "output of `hawkspec-cache`")
+    reports = [verify_split(p) for p in splits]
+    for r in reports:
+        state = "ok" if not r["damaged"] else f"{len(r['damaged'])} damaged"
+        print(f"verify {r['folder']}: {r['num_shards']} shards, {r['num_samples']} samples: {state}")
+    bad = {f"{r['folder']}/{name}": why for r in reports for name, why in r["damaged"].items()}
+    if bad:
+        lines = "\n".join(f"  {k}: {v}" for k, v in bad.items())
+        raise CorruptShardError(f"{len(bad)} damaged shard(s) in cache.out_dir={out_dir}:\n{lines}\n"
+                                "Rerun the `hawkspec-cache` command that wrote it (same settings): it rewrites only these")
+    return {"out_dir": str(out_dir), "splits": reports}
+
+
 @task
 def run(cfg: DictConfig) -> dict:
+    validate_cache(cfg)
+    if cfg.get("mode", "write") == "verify":
+        return verify(Path(cfg.cache.out_dir))
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone").eval()
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
@@ -52,14 +80,14 @@ def run(cfg: DictConfig) -> dict:
     stats = [cache_split(trainer, module, plan) for plan in plans]
     summary = {"out_dir": str(Path(cfg.cache.out_dir).resolve()), "world_size": trainer.world_size, "splits": stats}
     if trainer.is_global_zero:
-        (Path(cfg.cache.out_dir) / "cache_summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(Path(cfg.cache.out_dir) / "cache_summary.json", summary)
         for s in stats:
             rate = f"{s['samples_per_s']} samples/s" if s["samples_per_s"] else "nothing to do"
             print(f"cache {s['split']}: {s['samples_written']} of {s['num_samples']} samples written ({rate})")
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="cache")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="cache")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

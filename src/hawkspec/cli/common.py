@@ -11,10 +11,14 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from hawkspec.resources import CONF_PACKAGE, conf_dir
+
 log = logging.getLogger("hawkspec")
 
-#: The Hydra config tree at the repository root (the package is installed editable from the clone).
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+#: The Hydra config tree as a folder (``conf/`` of the checkout, or ``hawkspec/conf`` of an installed wheel).
+CONF_DIR = str(conf_dir())
+#: The same as Hydra's package search path: ``@hydra.main(config_path=CONF_PATH, ...)``.
+CONF_PATH = CONF_PACKAGE
 
 
 def instantiate(cfg: DictConfig, what: str, **kwargs) -> Any:
@@ -29,7 +33,23 @@ def instantiate(cfg: DictConfig, what: str, **kwargs) -> Any:
             cause = cause.__cause__
         if cause is e:
             raise
-        raise type(cause)(f"while instantiating `{what}` ({target}): {cause}") from e
+        raise with_context(cause, f"while instantiating `{what}` ({target})") from e
+
+
+def with_context(exc: BaseException, context: str) -> BaseException:
+    """``exc`` with ``context`` prefixed to its message: a new exception of the same type when its constructor
+    takes one message, else ``exc`` itself with ``context`` as a note (never an unrelated error, e.g. the
+    ``TypeError`` of rebuilding a ``JSONDecodeError``)."""
+    message = f"{context}: {exc}"
+    try:
+        new = type(exc)(message)
+    except Exception:
+        new = None
+    if new is not None and str(new) == message:
+        return new
+    if hasattr(exc, "add_note"):
+        exc.add_note(context)
+    return exc
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list:

@@ -21,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.cli.common import CONF_DIR, instantiate, instantiate_loggers, load_prompts, task
+from hawkspec.cli.common import CONF_DIR, CONF_PATH, instantiate, instantiate_loggers, load_prompts, task
+from hawkspec.cli.validate import validate_eval
 from hawkspec.data.procedural import ProceduralDataset
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.build import build_decoder, decoder_presets
@@ -161,6 +162,7 @@ def log_results(cfg: DictConfig, results: dict) -> None:
 
 @task
 def run(cfg: DictConfig) -> dict:
+    validate_eval(cfg)  # every path and count, before any model is loaded or timed
     e = cfg.eval
     names = decoder_presets(CONF_DIR) if e.decoders == "all" else list(e.decoders)
     if not names:
@@ -255,7 +257,7 @@ def score_quality(cfg, settings: QualitySettings, backbone: Backbone, ar, one_pa
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,19 +13,20 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.cli.common import CONF_DIR, instantiate, load_prompts, task
+from hawkspec.cli.common import CONF_PATH, instantiate, load_prompts, task
+from hawkspec.cli.validate import validate_generate
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.io import atomic_write_json
 
 log = logging.getLogger("hawkspec")
 
 
 @task
 def run(cfg: DictConfig) -> dict:
+    validate_generate(cfg)
     prompts = load_prompts(cfg.get("prompts"), cfg.get("prompts_file"))
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
@@ -49,12 +49,12 @@ def run(cfg: DictConfig) -> dict:
         "forwards_per_image": out.forwards,
         "grid": str(grid_path),
     }
-    (out_dir / "generate.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out_dir / "generate.json", summary)
     print(f"AR: {summary['seconds_per_image']:.3f} s/image over {len(prompts)} images -> {grid_path}")
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="generate")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

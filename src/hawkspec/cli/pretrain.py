@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hawkspec.backbones.tiny import TinyBackbone
-from hawkspec.cli.common import CONF_DIR, instantiate, instantiate_loggers, task
+from hawkspec.cli.common import CONF_PATH, instantiate, instantiate_loggers, task
+from hawkspec.cli.validate import validate_pretrain
+from hawkspec.io import copy_dir
 from hawkspec.data.procedural import VOCAB_WORDS
 from hawkspec.data.render import save_grid
 from hawkspec.data.tokens import PretrainDataModule, render_images
@@ -28,6 +29,7 @@ log = logging.getLogger("hawkspec")
 
 @task
 def run(cfg: DictConfig) -> dict:
+    validate_pretrain(cfg)
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     t0 = time.perf_counter()
@@ -79,16 +81,13 @@ def run(cfg: DictConfig) -> dict:
     }
     (model_dir / "pretrain_report.json").write_text(json.dumps(report, indent=1))
     log.info("Pretraining report: %s", json.dumps(report))
-    if cfg.export_dir:
-        export = Path(cfg.export_dir)
-        if export.exists():
-            shutil.rmtree(export)
-        shutil.copytree(model_dir, export)
-        log.info("Exported the model to %s", export)
+    if cfg.export_dir:  # atomic; a folder hawkspec did not write is refused (checked at start-up too)
+        copy_dir(model_dir, cfg.export_dir, "export_dir", bool(cfg.get("overwrite", False)))
+        log.info("Exported the model to %s", cfg.export_dir)
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="pretrain")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -14,7 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.cli.common import CONF_DIR, instantiate, instantiate_loggers, task
+from hawkspec.cli.common import CONF_PATH, instantiate, instantiate_loggers, task
+from hawkspec.cli.validate import validate_pretrain
+from hawkspec.io import staged_dir
 from hawkspec.metrics.evaluator import META, WEIGHTS, TinyEvaluator
 from hawkspec.metrics.evaluator_training import (
     EvaluatorModule,
@@ -37,6 +39,7 @@ def image_side(backbone: Backbone) -> int:
 
 @task
 def run(cfg: DictConfig) -> dict:
+    validate_pretrain(cfg)  # the export folder and the run folder
     d = cfg.data
     for key in ("train_size", "val_size", "batch_size"):
         if d[key] < 1:
@@ -83,11 +86,10 @@ def run(cfg: DictConfig) -> dict:
     }
     out_dir = Path(cfg.paths.output_dir) / "evaluator"
     model.save(out_dir, report)
-    if cfg.export_dir:
-        export = Path(cfg.export_dir)
-        export.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS, META):
-            shutil.copy2(out_dir / name, export / name)
+    if cfg.export_dir:  # atomic; a folder hawkspec did not write is refused (checked at start-up too)
+        with staged_dir(cfg.export_dir, "export_dir", bool(cfg.get("overwrite", False))) as tmp:
+            for name in (WEIGHTS, META):
+                shutil.copy2(out_dir / name, tmp / name)
     table = ["| attribute | rendered | through VQ | VQ + code noise | majority class |", "|---|---:|---:|---:|---:|"]
     acc = report["val_accuracy"]
     for k in acc["rendered"]:
@@ -109,7 +111,7 @@ def _overrides() -> list[str]:
         return []
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="quality")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="quality")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

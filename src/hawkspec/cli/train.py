@@ -1,4 +1,10 @@
-"""``hawkspec-train``: train Medusa / Hawk draft heads on a hidden-state cache; save the heads alone."""
+"""``hawkspec-train``: train Medusa / Hawk draft heads on a hidden-state cache; save the heads alone.
+
+Resumable: Lightning checkpoints go to ``<run>/checkpoints`` (``last.ckpt`` at every epoch end, or every
+``checkpoint.every_n_train_steps``); with ``ckpt_path=last`` (the default) a rerun into the same run folder
+(``hydra.run.dir``) continues from there. The exported heads are the best by validation
+(:class:`hawkspec.training.checkpoint.HeadsCheckpoint`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.cli.common import CONF_DIR, instantiate, instantiate_loggers, task
+from hawkspec.cli.common import CONF_PATH, instantiate, instantiate_loggers, task
+from hawkspec.cli.validate import validate_train
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.training.checkpoint import VAL_METRICS, HeadsCheckpoint
 from hawkspec.training.heads import HeadTrainingModule
@@ -28,8 +36,29 @@ def heads_config(cfg: DictConfig) -> HeadsConfig:
         raise ValueError(f"bad key in `heads` (expected num_horizontal, vertical, vsd, num_layers): {e}") from e
 
 
+def resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` (a file), the run's ``last.ckpt`` for ``last``, or None."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == "last":
+        last = ckpt_dir / "last.ckpt"
+        if not last.is_file():
+            return None
+        log.info("Resuming from %s (ckpt_path=last; ckpt_path=null starts afresh)", last)
+        return str(last)
+    return str(ckpt) if ckpt else None
+
+
+def checkpoint_callback(cfg: DictConfig, ckpt_dir: Path) -> ModelCheckpoint:
+    """Lightning's own checkpoint of the whole training state (weights, optimiser, scheduler, loops): only
+    ``last.ckpt``, at every epoch end or every ``checkpoint.every_n_train_steps``."""
+    every = (cfg.get("checkpoint") or {}).get("every_n_train_steps")
+    return ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
+                           every_n_train_steps=every, save_on_train_epoch_end=True, enable_version_counter=False)
+
+
 @task
 def run(cfg: DictConfig) -> dict:
+    validate_train(cfg)
     config = heads_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone")
@@ -47,25 +76,33 @@ def run(cfg: DictConfig) -> dict:
         warmup_ratio=cfg.warmup_ratio, **cfg.loss,
     )
     out_dir = Path(cfg.paths.output_dir)
-    checkpoint = HeadsCheckpoint(out_dir / "heads", cfg.export_dir)
-    callbacks = [checkpoint] + ([SeenKeysRecorder(out_dir / "seen_keys")] if cfg.record_keys else [])
+    ckpt_dir = out_dir / "checkpoints"
+    checkpoint = HeadsCheckpoint(out_dir / "heads", cfg.export_dir, overwrite=bool(cfg.get("overwrite", False)))
+    callbacks = [checkpoint, checkpoint_callback(cfg, ckpt_dir)]
+    callbacks += [SeenKeysRecorder(out_dir / "seen_keys")] if cfg.record_keys else []
     trainer: L.Trainer = instantiate(cfg.trainer, "trainer", logger=instantiate_loggers(cfg.get("logger")),
-                                     callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule)
+                                     callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, ckpt_dir))
     if checkpoint.saved_step != trainer.global_step and datamodule.val_manifest is not None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics; saves the heads
     if checkpoint.saved_step != trainer.global_step:  # no validation data
         checkpoint.save(trainer, module)
-    summary = {"heads_dir": str(out_dir / "heads"), "export_dir": cfg.export_dir}
+    summary = {"heads_dir": str(out_dir / "heads"), "export_dir": cfg.export_dir, "best": checkpoint.best,
+               "exported": checkpoint.exported, "global_step": trainer.global_step}
     if trainer.is_global_zero and (out_dir / "heads" / VAL_METRICS).is_file():
         report = json.loads((out_dir / "heads" / VAL_METRICS).read_text())
         summary["metrics"] = report["metrics"]
         table = ", ".join(f"{r['name']} {r['top1']:.3f}" for r in report["heads"] if r["top1"] is not None)
-        print(f"draft heads top-1 (val): {table} -> {cfg.export_dir or out_dir / 'heads'}")
+        best = checkpoint.best or {}
+        where = cfg.export_dir if checkpoint.exported else out_dir / "heads"
+        print(f"draft heads top-1 (val): {table} (best {best.get('monitor')} {best.get('score')} at epoch "
+              f"{best.get('epoch')}) -> {where}")
+        if checkpoint.exported is False:
+            print(f"export_dir={cfg.export_dir} kept its better heads; add overwrite=true to replace them")
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

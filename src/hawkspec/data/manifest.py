@@ -63,7 +63,8 @@ class ShardManifest:
 
     Attributes:
         num_samples: Samples in the split (the sum of the shard counts).
-        shards: ``[{"name": "shard-000000.tar", "count": 128, "bytes": 5120}, ...]`` in index order.
+        shards: ``[{"name": "shard-000000.tar", "count": 128, "bytes": 5120, "sha256": "..."}, ...]`` in index
+            order; size and SHA-256 as measured when the shard was written.
         hidden_size: d, width of ``hidden.npy``.
         dtype: Storage dtype of ``hidden.npy`` (``"float16"``).
         backbone: Backbone name (``Backbone.name``).
@@ -110,8 +111,9 @@ class ShardManifest:
         return path
 
     @classmethod
-    def read(cls, folder: str | Path) -> "ShardManifest":
-        """Read and check ``folder/manifest.json``: every listed shard must exist and the counts must add up."""
+    def read(cls, folder: str | Path, require_shards: bool = True) -> "ShardManifest":
+        """Read and check ``folder/manifest.json``: the counts must add up and (``require_shards``) every listed
+        shard must exist."""
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -122,7 +124,7 @@ class ShardManifest:
         try:
             raw = json.loads(path.read_text())
             manifest = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
             raise ValueError(f"{path} is not a hawkspec shard manifest: {e}") from e
         if manifest.version != MANIFEST_VERSION:
             raise ValueError(f"{path} has manifest version {manifest.version}; this hawkspec reads {MANIFEST_VERSION}")
@@ -132,7 +134,7 @@ class ShardManifest:
         if total != manifest.num_samples:
             raise ValueError(f"{path}: shard counts add up to {total} but num_samples={manifest.num_samples}")
         missing = [s["name"] for s in manifest.shards if not (folder / s["name"]).is_file()]
-        if missing:
+        if missing and require_shards:
             raise FileNotFoundError(f"{path} lists shards that do not exist: {missing[:5]}")
         return manifest
 

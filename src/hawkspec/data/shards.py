@@ -127,13 +127,48 @@ class SampleDecoder:
                     f"{name}.npy of sample {sample['__key__']} in shard {sample.get('__url__')} is "
                     f"{arr.dtype}{arr.shape}; the manifest promises {np.dtype(dtype)}{shape}"
                 )
+            if arr.dtype == np.float16 and not np.isfinite(arr).all():
+                raise CorruptShardError(
+                    f"{name}.npy of sample {sample['__key__']} in shard {sample.get('__url__')} holds NaN or Inf: "
+                    "the shard is damaged (run `hawkspec-cache cache.verify_only=true` to check the cache)"
+                )
             out[name] = torch.from_numpy(arr)
+        out["__url__"] = sample.get("__url__")
         return out
 
 
+class ShardCounter:
+    """Pipeline stage of an exact pass: every shard must yield exactly the samples the manifest lists.
+
+    Samples arrive grouped by shard (before any shuffle); when a shard ends, its count is compared with the
+    manifest's, so a manifest that understates (or overstates) a shard fails instead of skipping samples.
+    """
+
+    def __init__(self, manifest: ShardManifest):
+        self.expected = {Path(s["name"]).name: int(s["count"]) for s in manifest.shards}
+
+    def _check(self, url: str | None, seen: int) -> None:
+        if url is None:
+            return
+        want = self.expected.get(Path(url).name)
+        if want != seen:
+            raise CorruptShardError(f"shard {url} holds {seen} samples but its manifest says {want}: the cache is "
+                                    "damaged or its manifest.json was edited; run `hawkspec-cache` again to repair it")
+
+    def __call__(self, src):
+        url, seen = None, 0
+        for sample in src:
+            if sample.get("__url__") != url:
+                self._check(url, seen)
+                url, seen = sample.get("__url__"), 0
+            seen += 1
+            yield sample
+        self._check(url, seen)
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack decoded samples: hidden (B, S, d) fp16, codes (B, S-1) int16, topk (B, S, k), keys list."""
-    out = {"keys": [s["__key__"] for s in samples]}
+    """Stack decoded samples: hidden (B, S, d) fp16, codes (B, S-1) int16, topk (B, S, k), keys and shards lists."""
+    out = {"keys": [s["__key__"] for s in samples], "shards": sorted({str(s.get("__url__")) for s in samples})}
     for name in samples[0]:
         if not name.startswith("__"):
             out[name] = torch.stack([s[name] for s in samples])
@@ -191,6 +226,10 @@ class ShardDataModule(L.LightningDataModule):
         self.identity, self.topk, self.pin_memory = identity, topk, pin_memory
         self.epoch = SharedEpoch()
         self.train_manifest = self._read(self.train_dir, "data.train_dir")
+        if self.val_dir is not None and not self.val_dir.exists() and self.val_dir.parent == self.train_dir.parent:
+            log.warning("data.val_dir=%s does not exist (a cache made with cache.val_samples=0): training without "
+                        "validation; the heads of the last step are saved", self.val_dir)
+            self.val_dir = None
         self.val_manifest = self._read(self.val_dir, "data.val_dir") if self.val_dir else None
 
     # ----------------------------------------------------------------------------------------- manifests
@@ -228,6 +267,8 @@ class ShardDataModule(L.LightningDataModule):
             nodesplitter=wds.split_by_node if split_nodes else None, workersplitter=wds.split_by_worker,
             empty_check=False,
         )
+        if not resampled:
+            ds = ds.compose(ShardCounter(manifest))
         if shuffle and self.shuffle_buffer > 0:
             ds = ds.compose(EpochShuffle(self.shuffle_buffer, self.seed, self.epoch))
         decoder = SampleDecoder(manifest, self.topk)

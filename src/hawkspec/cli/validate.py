@@ -1,0 +1,272 @@
+"""Start-up checks of every entry point: each path, file and option a run will need, before any model is loaded,
+timed or trained. Every error names the config key to change.
+
+``validate_<entry point>(cfg)`` is the first call of the entry point's ``run``; the checks that need the loaded
+model (e.g. ``HeadsConfig.validate(rows)``) stay where the model is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from hawkspec.io import check_destination, check_writable, read_json
+
+CACHE_MODES = ("write", "verify")
+
+
+# ----------------------------------------------------------------------------------------------- primitives
+def get(cfg: DictConfig, key: str, default=None):
+    """``cfg`` at dotted ``key`` (None / ``default`` when missing)."""
+    value = OmegaConf.select(cfg, key, default=default)
+    return default if value is None else value
+
+
+def check_int(cfg: DictConfig, key: str, minimum: int = 1, optional: bool = False) -> int | None:
+    """The integer at ``key``, which must be ``>= minimum`` (``optional``: or null)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"`{key}` must be set (an integer >= {minimum})")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{key}` must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{key}` must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(cfg: DictConfig, key: str, choices) -> str:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ValueError(f"`{key}` must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_file(cfg: DictConfig, key: str, hint: str = "") -> Path | None:
+    """The file at ``key`` (null allowed), which must exist."""
+    value = get(cfg, key)
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"`{key}`={value} is not a file{': ' + hint if hint else ''}")
+    return path
+
+
+def check_folder(cfg: DictConfig, key: str, needs: tuple[str, ...] = (), hint: str = "") -> Path | None:
+    """The folder at ``key`` (null allowed), which must exist and hold the files ``needs``."""
+    value = get(cfg, key)
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"`{key}`={value} is not a folder{': ' + hint if hint else ''}")
+    missing = [n for n in needs if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"`{key}`={value} lacks {missing}{': ' + hint if hint else ''}")
+    return path
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """The run folder (``paths.output_dir``) must be writable."""
+    out = get(cfg, "paths.output_dir")
+    if out is not None:
+        check_writable(out, "hydra.run.dir (paths.output_dir)")
+
+
+# ----------------------------------------------------------------------------------------------- shared groups
+def check_backbone(cfg: DictConfig) -> None:
+    """A configured tiny-backbone folder must hold its files (other backbones check themselves on load)."""
+    if str(get(cfg, "backbone._target_", "")).startswith("hawkspec.backbones.tiny."):
+        folder = check_folder(cfg, "backbone.path", ("config.json", "model.safetensors", "vq.safetensors"),
+                              "a folder written by `hawkspec-pretrain` (null: the shipped weights)")
+        if folder is not None:
+            check_json(folder, ("config.json", "hawkspec.json"), "backbone.path")
+
+
+def check_json(folder: Path, names: tuple[str, ...], key: str) -> None:
+    """Every JSON file ``names`` in ``folder`` parses (a corrupt one is named, with the key that points there)."""
+    for name in names:
+        if (folder / name).is_file():
+            read_json(folder / name, f"`{key}`: the file")
+
+
+def backbone_num_codes(cfg: DictConfig) -> int | None:
+    """The codebook size of the configured tiny backbone, read from its files without loading it (None: unknown)."""
+    if not str(get(cfg, "backbone._target_", "")).startswith("hawkspec.backbones.tiny."):
+        return None
+    from hawkspec.resources import package_dir
+
+    folder = Path(get(cfg, "backbone.path") or package_dir() / "assets" / "tiny")
+    try:
+        return int(json.loads((folder / "hawkspec.json").read_text())["num_codes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_sampling(cfg: DictConfig, num_codes: int | None) -> None:
+    top_k = get(cfg, "sampling.top_k")
+    if top_k is not None and num_codes is not None and isinstance(top_k, int) and top_k > num_codes:
+        raise ValueError(f"`sampling.top_k`={top_k} exceeds the codebook size {num_codes}")
+
+
+def check_tree(cfg: DictConfig, key: str, num_codes: int | None) -> None:
+    """A decoder's candidate tree (``<key>.tree``): counts >= 1, ranks within the codebook."""
+    tree = get(cfg, f"{key}.tree")
+    if not tree:
+        return
+    for name in ("budget", "max_depth", "max_rank", "max_nodes"):
+        if OmegaConf.select(cfg, f"{key}.tree.{name}") is not None:
+            check_int(cfg, f"{key}.tree.{name}", 1)
+    max_rank = get(cfg, f"{key}.tree.max_rank")
+    if num_codes is not None and max_rank is not None and max_rank > num_codes:
+        raise ValueError(f"`{key}.tree.max_rank`={max_rank} exceeds the codebook size {num_codes}")
+    paths = get(cfg, f"{key}.tree.paths")
+    if paths is not None:
+        for p in paths:
+            if not len(p) or any(not isinstance(r, int) or r < 0 or (num_codes and r >= num_codes) for r in p):
+                raise ValueError(f"`{key}.tree.paths` holds {list(p)}: every path needs ranks in [0, "
+                                 f"{num_codes or 'codebook size'})")
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def validate_generate(cfg: DictConfig) -> None:
+    """``hawkspec-generate``: batch size, grid, prompts file, backbone folder, run folder."""
+    check_int(cfg, "batch_size", 1)
+    check_int(cfg, "grid.ncols", 1)
+    check_int(cfg, "grid.scale", 1)
+    check_file(cfg, "prompts_file", "one prompt per line")
+    check_backbone(cfg)
+    check_sampling(cfg, backbone_num_codes(cfg))
+    check_output_dir(cfg)
+
+
+def validate_cache(cfg: DictConfig) -> None:
+    """``hawkspec-cache``: the mode, counts, the output folder (ours or new), the backbone."""
+    mode = check_choice(cfg, "mode", CACHE_MODES)
+    if mode == "verify":
+        folder = Path(str(get(cfg, "cache.out_dir")))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"`cache.out_dir`={folder} is not a folder: point it at a `hawkspec-cache` output")
+        return
+    check_int(cfg, "cache.num_samples", 1)
+    check_int(cfg, "cache.val_samples", 0)
+    check_int(cfg, "cache.shard_size", 1)
+    check_int(cfg, "cache.batch_size", 1)
+    check_int(cfg, "cache.topk", 0)
+    check_cache_out_dir(cfg)
+    check_backbone(cfg)
+    num_codes = backbone_num_codes(cfg)
+    check_sampling(cfg, num_codes)
+    if num_codes is not None and cfg.cache.topk > num_codes:
+        raise ValueError(f"`cache.topk`={cfg.cache.topk} exceeds the codebook size {num_codes}")
+
+
+def check_cache_out_dir(cfg: DictConfig) -> None:
+    """``cache.out_dir`` may be new, empty, or a cache (``train/plan.json``); not someone else's folder."""
+    out = Path(str(cfg.cache.out_dir)).expanduser()
+    is_cache = any((out / split / "plan.json").is_file() for split in ("train", "val"))
+    if not is_cache:
+        check_destination(out, "cache.out_dir", bool(get(cfg, "overwrite", False)))
+    check_writable(out, "cache.out_dir")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """``hawkspec-train``: the cache, batch sizes, epochs, the resume checkpoint, the export folder."""
+    shards = get(cfg, "shards_dir")
+    if shards is None or OmegaConf.is_missing(cfg, "shards_dir"):
+        raise ValueError("`shards_dir` is required: the `cache.out_dir` of a `hawkspec-cache` run")
+    train_dir = Path(str(get(cfg, "data.train_dir", f"{shards}/train")))
+    if not (train_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"`shards_dir`={shards}: no {train_dir / 'manifest.json'}; point it at the output of "
+                                "`hawkspec-cache` (`cache.out_dir`, with train/ inside); an unfinished cache run has "
+                                "no manifest yet, rerun it")
+    check_int(cfg, "data.batch_size", 1)
+    check_int(cfg, "data.num_workers", 0)
+    check_int(cfg, "data.samples_per_epoch", 1, optional=True)
+    check_int(cfg, "data.shuffle_buffer", 0)
+    epochs, steps = get(cfg, "trainer.max_epochs"), get(cfg, "trainer.max_steps", -1)
+    if (epochs is None or epochs == -1) and steps == -1:
+        raise ValueError("set `trainer.max_epochs` or `trainer.max_steps`: training would never end")
+    if epochs is not None and epochs != -1:
+        check_int(cfg, "trainer.max_epochs", 1)
+    if steps != -1:
+        check_int(cfg, "trainer.max_steps", 1)
+    check_int(cfg, "checkpoint.every_n_train_steps", 1, optional=True)
+    ckpt = get(cfg, "ckpt_path")
+    if ckpt is not None and ckpt != "last":
+        check_file(cfg, "ckpt_path", "a Lightning checkpoint (`last`: the run folder's own; null: start afresh)")
+    if get(cfg, "export_dir") is not None:
+        check_destination(cfg.export_dir, "export_dir", bool(get(cfg, "overwrite", False)))
+    check_backbone(cfg)
+    check_output_dir(cfg)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """``hawkspec-eval``: counts, prompts file, quality paths (evaluator, reference images, CLIP, Inception), the
+    trees of the decoder under study vs the codebook, and the heads of every decoder that needs them."""
+    e = "eval"
+    check_int(cfg, f"{e}.num_prompts", 1)
+    check_int(cfg, f"{e}.batch_size", 1)
+    check_int(cfg, f"{e}.repeats", 1)
+    check_int(cfg, f"{e}.warmup_batches", 0)
+    check_int(cfg, f"{e}.grid_images", 0)
+    check_int(cfg, f"{e}.threads", 1, optional=True)
+    check_file(cfg, f"{e}.prompts_file", "one prompt per line")
+    check_backbone(cfg)
+    num_codes = backbone_num_codes(cfg)
+    check_sampling(cfg, num_codes)
+    check_tree(cfg, "decoder", num_codes)
+    check_decoder_heads(cfg)
+    if get(cfg, f"{e}.quality.enabled", False):
+        check_quality(cfg)
+    check_output_dir(cfg)
+
+
+def check_decoder_heads(cfg: DictConfig) -> None:
+    """Every decoder of ``eval.decoders`` that reads draft heads finds them (``paths.heads_dir/<name>``)."""
+    names = get(cfg, "eval.decoders", [])
+    if names == "all" or names is None:
+        return
+    heads_path = get(cfg, "decoder.heads_path")
+    if heads_path and get(cfg, "decoder.name") in names:
+        folder = check_folder(cfg, "decoder.heads_path", ("heads.safetensors", "heads.json"),
+                              "a folder written by `hawkspec-train` (its export_dir)")
+        check_json(folder, ("heads.json",), "decoder.heads_path")
+
+
+def check_quality(cfg: DictConfig) -> None:
+    """``eval.quality``: the evaluator, reference images, CLIP model and Inception weights exist and are usable."""
+    q = "eval.quality"
+    check_int(cfg, f"{q}.batch_size", 1)
+    evaluator = check_folder(cfg, f"{q}.evaluator", ("evaluator.safetensors", "evaluator.json"),
+                             "a folder written by `hawkspec-quality` (null: the shipped evaluator)")
+    if evaluator is not None:
+        check_json(evaluator, ("evaluator.json",), f"{q}.evaluator")
+    check_folder(cfg, f"{q}.clip_model", ("config.json",), "a saved transformers CLIP model")
+    check_file(cfg, f"{q}.inception_weights", "torch-fidelity's Inception weights (null: the torch hub cache)")
+    ref_dir = check_folder(cfg, f"{q}.reference.image_dir")
+    if ref_dir is not None:
+        from hawkspec.metrics.quality import IMAGE_SUFFIXES
+
+        images = [p for p in ref_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        limit = get(cfg, f"{q}.reference.num_images", 0)
+        images = images[:limit] if isinstance(limit, int) and limit > 0 else images
+        if len(images) < 2:
+            raise FileNotFoundError(f"`{q}.reference.image_dir`={ref_dir} holds {len(images)} images "
+                                    f"({', '.join(IMAGE_SUFFIXES)}, with num_images={limit}); FID needs at least 2")
+    else:
+        check_int(cfg, f"{q}.reference.num_images", 2)
+    cache_dir = get(cfg, f"{q}.reference.cache_dir")
+    if cache_dir is not None:
+        check_writable(cache_dir, f"{q}.reference.cache_dir")
+
+
+def validate_pretrain(cfg: DictConfig) -> None:
+    """``hawkspec-pretrain`` and ``hawkspec-quality``: the export folder and the run folder."""
+    if get(cfg, "export_dir") is not None:
+        check_destination(cfg.export_dir, "export_dir", bool(get(cfg, "overwrite", False)))
+    check_output_dir(cfg)
