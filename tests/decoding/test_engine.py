@@ -82,10 +82,7 @@ def test_oracle_heads_accept_everything(bb):
 
 
 def test_never_accepting_drafts_is_ar_speed(bb, heads):
-    class Never(ExactAcceptance):
-        def draw(self, p, generator):
-            return None  # take the general path so that try_candidate decides
-
+    class Never(ExactAcceptance):  # overriding try_candidate turns the point-mass shortcut off by itself
         def try_candidate(self, r, x, q, u):
             acc, r_new = super().try_candidate(r, x, q, u)
             return torch.zeros_like(acc), r_new
@@ -208,3 +205,19 @@ def test_jacobi_drafts_of_sibling_nodes_keep_one_nodes_token_and_q(bb, a, b):
     drafts.observe(probs, node_pos, codes, torch.Generator().manual_seed(0))
     assert drafts.tok[0, 2] == 0 and drafts.tok[0, 3] == a
     assert torch.equal(drafts.q[0, 3], probs[0, 1])
+
+
+def test_the_point_mass_shortcut_is_an_explicit_opt_in():
+    """A rule that overrides try_candidate is never silently bypassed by the exact rule's draw() shortcut."""
+    from hawkspec.decoding.acceptance import GroupedAcceptance, LanternAcceptance
+
+    class Custom(ExactAcceptance):
+        def try_candidate(self, r, x, q, u):
+            return super().try_candidate(r, x, q, u)
+
+    class Restated(Custom):
+        point_mass_shortcut = True
+
+    assert ExactAcceptance.point_mass_shortcut and GreedyAcceptance.point_mass_shortcut
+    assert not Custom.point_mass_shortcut and Restated.point_mass_shortcut
+    assert not GroupedAcceptance.point_mass_shortcut and not LanternAcceptance.point_mass_shortcut

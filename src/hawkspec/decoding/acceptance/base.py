@@ -43,6 +43,15 @@ class AcceptanceRule(abc.ABC):
     name: str = ""
     lossless: bool = False
     independent: bool = False
+    point_mass_shortcut: bool = False
+    """Opt-in: :meth:`draw` stands for trying point-mass children with :meth:`try_candidate` (the exact rule's
+    identity, see :meth:`draw`). A subclass that overrides ``try_candidate`` without restating this flag gets
+    False, so the engine never bypasses its decisions."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "try_candidate" in cls.__dict__ and "point_mass_shortcut" not in cls.__dict__:
+            cls.point_mass_shortcut = False
 
     def bind(self, backbone) -> None:
         """Precompute what the rule needs from the backbone (embeddings, codebook neighbours)."""
@@ -85,8 +94,9 @@ class AcceptanceRule(abc.ABC):
         Trying distinct point-mass children x_1..x_m in turn, accepting x_i with r(x_i) and zeroing it on
         rejection, accepts x_i with probability p(x_i) and otherwise ends with a draw from p restricted to
         the rest: exactly one draw ``y ~ p`` at the node, descending into the child equal to y (if any) and
-        otherwise keeping y as the bonus token. Rules that can say so return y for every node:
-        (..., K) -> (...). The engine then walks the tree with a few gathers instead of a loop of tries.
+        otherwise keeping y as the bonus token. Rules that can say so set :attr:`point_mass_shortcut` and return
+        y for every node: (..., K) -> (...). The engine then walks the tree with a few gathers instead of a loop
+        of tries.
         """
         return None
 

@@ -37,6 +37,7 @@ class ExactAcceptance(AcceptanceRule):
 
     name = "exact"
     lossless = True
+    point_mass_shortcut = True  # draw() is exactly what try_candidate does to point-mass children
 
     def try_candidate(self, r, x, q, u):
         return exact_try(r, x, q, u)
