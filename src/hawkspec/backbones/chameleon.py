@@ -49,6 +49,7 @@ from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditional
 from hawkspec.backbones.base import ImageGrid, PromptBatch
 from hawkspec.backbones.hf import HFBackbone
 from hawkspec.vq.chameleon_vqgan import (
+    ENCODER_PREFIXES,
     ChameleonVQGANDecoder,
     VQGANConfig,
     images_to_vq_input,
@@ -448,7 +449,7 @@ class ChameleonBackbone(HFBackbone):
             if self.vqgan is None:
                 raise ValueError("this backbone has no VQGAN decoder to save")
             enc = {k: v for k, v in self.model.model.vqmodel.state_dict().items()
-                   if k.startswith(("encoder.", "quant_conv.", "quantize."))}
+                   if k.startswith(ENCODER_PREFIXES)}
             save_vqgan(vqgan_dir, self.vqgan, enc)
 
     def _weights_hash(self) -> str:

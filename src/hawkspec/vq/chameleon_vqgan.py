@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Key prefixes of the checkpoint's state dict that belong to the decoder side (everything else is ignored).
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.", "quantize.embedding.")
-#: Key prefixes of the encoder side (loaded into transformers' ``ChameleonVQVAE`` when the model lacks them).
-ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.embedding.")
+#: Key prefixes of what transformers' ``ChameleonVQVAE`` holds (the encoder side, codebook and ``post_quant_conv``):
+#: loaded into the model when its checkpoint lacks them.
+ENCODER_PREFIXES = ("encoder.", "quant_conv.", "post_quant_conv.", "quantize.embedding.")
 
 
 @dataclass(frozen=True)
@@ -273,8 +274,8 @@ def load_vqgan_decoder(ckpt_path: str | Path, config_path: str | Path | None = N
         key: The config key named in errors.
 
     Returns:
-        The decoder (float32, eval) and the encoder-side entries of the checkpoint (``encoder.*``, ``quant_conv.*``,
-        ``quantize.embedding.weight``), for a model whose own VQ encoder weights are missing.
+        The decoder (float32, eval) and the entries of the checkpoint that transformers' ``ChameleonVQVAE`` holds
+        (:data:`ENCODER_PREFIXES`), for a model whose own VQ encoder weights are missing.
     """
     ckpt = Path(ckpt_path)
     if ckpt.is_dir():
