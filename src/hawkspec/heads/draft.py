@@ -18,6 +18,7 @@ from torch import nn
 
 from hawkspec.backbones.base import check_identity
 from hawkspec.heads.offsets import head_names, head_offsets
+from hawkspec.io import check_finite_state
 
 
 class ResBlock(nn.Module):
@@ -193,4 +194,5 @@ class DraftHeads(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path / 'heads.safetensors'} does not match {path / 'heads.json'}: missing "
                              f"{missing[:4]}, unexpected {unexpected[:4]}; retrain the heads (hawkspec-train)")
+        check_finite_state(heads.state_dict(), f"the draft heads in {path}")  # NaN / Inf weights are refused
         return heads.eval()
