@@ -1,0 +1,92 @@
+"""Destination collisions: an output never destroys what hawkspec did not write, and replaces its own atomically."""
+
+import os
+
+import pytest
+
+from hawkspec.io import MARKER, OutputExistsError, atomic_write_text, check_destination, copy_dir, publish_dir, staged_dir
+from hawkspec.testing import run_cli
+
+
+def make_folder(path, files=("a.txt",)):
+    path.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (path / name).write_text(name)
+    return path
+
+
+def test_a_foreign_folder_is_refused_naming_the_key_and_kept(tmp_path):
+    """Expect: OutputExistsError naming `export_dir`; the folder and its file untouched."""
+    dest = make_folder(tmp_path / "user_stuff")
+    src = make_folder(tmp_path / "new", ("heads.json",))
+    with pytest.raises(OutputExistsError, match="export_dir"):
+        copy_dir(src, dest, "export_dir")
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]
+
+
+def test_a_file_as_destination_is_refused(tmp_path):
+    """Expect: OutputExistsError naming the key; the file untouched."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match="export_dir"):
+        check_destination(tmp_path / "f", "export_dir")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_our_folder_is_replaced_and_overwrite_forces_a_foreign_one(tmp_path):
+    """Expect: ours replaced entirely (old files gone, marker present); a foreign one only with overwrite."""
+    src = make_folder(tmp_path / "src", ("new.txt",))
+    dest = copy_dir(src, tmp_path / "dest", "export_dir")  # new: fine
+    assert (dest / MARKER).is_file() and (dest / "new.txt").is_file()
+    make_folder(tmp_path / "src2", ("newer.txt",))
+    copy_dir(tmp_path / "src2", dest, "export_dir")  # ours: replaced
+    assert sorted(p.name for p in dest.iterdir()) == sorted([MARKER, "newer.txt"])
+    foreign = make_folder(tmp_path / "foreign")
+    copy_dir(src, foreign, "export_dir", overwrite=True)
+    assert (foreign / "new.txt").is_file() and not (foreign / "a.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary sibling left behind"
+
+
+def test_a_failure_while_staging_leaves_the_destination_untouched(tmp_path):
+    """Expect: the exception propagates, the old folder is intact, no temporary sibling is left."""
+    dest = copy_dir(make_folder(tmp_path / "src"), tmp_path / "dest", "export_dir")
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_dir(dest, "export_dir") as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in dest.iterdir()) == sorted([MARKER, "a.txt"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    """Expect: a write that fails midway leaves the previous contents."""
+    target = atomic_write_text(tmp_path / "r.json", "old")
+    from hawkspec.io import atomic_path
+
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_publish_dir_into_an_unwritable_parent_names_the_key(tmp_path):
+    """Expect: PermissionError naming the key (checked before anything is moved)."""
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    parent = make_folder(tmp_path / "ro", ())
+    parent.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="export_dir"):
+            publish_dir(make_folder(tmp_path / "s"), parent / "x", "export_dir")
+    finally:
+        parent.chmod(0o700)
+
+
+def test_train_cli_refuses_a_foreign_export_dir_before_loading_anything(tmp_path, random_backbone_dir, tiny_cache):
+    """`hawkspec-train export_dir=<existing folder>` used to delete it. Expect: exit 1 naming `export_dir`, before
+    the backbone is loaded; the folder intact."""
+    dest = make_folder(tmp_path / "precious", ("thesis.tex",))
+    proc = run_cli("hawkspec-train", f"backbone.path={random_backbone_dir}", f"shards_dir={tiny_cache}",
+                   f"hydra.run.dir={tmp_path / 'run'}", f"export_dir={dest}", "logger=none", ok=False)
+    assert "export_dir" in proc.stderr and "Instantiating backbone" not in proc.stdout + proc.stderr
+    assert (dest / "thesis.tex").read_text() == "thesis.tex"
