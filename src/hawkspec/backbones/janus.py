@@ -45,10 +45,12 @@ PROMPT_TEMPLATE = "<|User|>: {caption}\n\n<|Assistant|>:"
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
-def word_tokenizer(words, specials: list[str], bos: str | None, pad: str, unk: str = "<unk>", extra=()):
+def word_tokenizer(words, specials: list[str], bos: str | None, pad: str, unk: str = "<unk>", extra=(),
+                   eos: str | None = None):
     """A word-level ``PreTrainedTokenizerFast`` for tiny random models (no downloads): ``specials`` first (as
     special tokens, matched before splitting), then ``unk``, punctuation, digits and ``words``; text is split into
-    words and punctuation runs; ``bos`` (if given) is prepended by ``tokenizer(text)``."""
+    words and punctuation runs; ``bos`` (if given) is prepended and ``eos`` (if given) appended by
+    ``tokenizer(text)``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -57,10 +59,12 @@ def word_tokenizer(words, specials: list[str], bos: str | None, pad: str, unk: s
         vocab.setdefault(tok, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-    if bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, bos_token=bos)
-    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (bos, pad)]})
+    if bos is not None or eos is not None:
+        single = " ".join(([bos] if bos else []) + ["$A"] + ([eos] if eos else []))
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t is not None])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, bos_token=bos, eos_token=eos)
+    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (bos, pad, eos)]})
     return fast
 
 
