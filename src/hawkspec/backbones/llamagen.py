@@ -1,0 +1,478 @@
+"""LlamaGen text-to-image (FoundationVision, GPT-XL 0.78B), ported onto transformers' Llama classes.
+
+LlamaGen is not in transformers. Its official ``autoregressive/models/gpt.py`` (model_type ``t2i``) is a Llama
+decoder with three differences, each reproduced here:
+
+* **Fused projections**: ``attention.wqkv`` is split at load into ``q_proj``/``k_proj``/``v_proj``; the SwiGLU
+  ``w1``/``w3``/``w2`` become ``gate_proj``/``up_proj``/``down_proj``.
+* **2-D rotary positions** (``precompute_freqs_cis_2d``): an image token at raster index ``i`` rotates the first
+  half of each head's frequency pairs by its row and the second half by its column; the 120 caption positions get
+  a zero table (cos = sin = 0, so caption queries and keys are zero: every caption key scores 0). Official rotary
+  pairs are interleaved (``x[2j], x[2j+1]``); transformers rotates halves, so the q/k rows are permuted at load
+  (the standard Llama conversion) and :class:`LlamaGen2DRotary` serves cos/sin in the half layout. Positions past
+  the table (tree nodes beyond the last row) are clamped to its last row: never committed, never out of range.
+* **Caption prefix**: 120 FLAN-T5-XL features (``cls_embedding.cap_proj``, a tanh-GELU MLP) instead of tokens; no
+  image-start token; the first code is predicted from the last caption position. Prompts are left-padded inside
+  the 120 slots (official ``sample_t2i.py``: the padded slots are zeroed and masked as keys). CFG's unconditional
+  row is the learned ``uncond_embedding`` (120 x 2048) with the prompt's own mask (official ``generate``:
+  ``cat([emb_masks, emb_masks])``).
+
+Text features come from a local FLAN-T5 encoder (``t5_path``), tokenised to 120 tokens with ``padding="max_length"``
+as the official ``T5Embedder``; captions are lower-cased and stripped (the official ``clean_caption`` needs bs4 and
+ftfy and only normalises URLs, HTML and odd punctuation: a caption it would change is read as written here). The VQ
+is LlamaGen's VQ-16, whose architecture transformers ships as Janus' VQ-VAE (Janus reuses it): the official
+``vq_ds16_t2i.pt`` keys are mapped onto ``JanusVQVAE``. Official sampling: CFG 7.5, top-k 1000, T 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hawkspec.backbones.base import ImageGrid, KVState, PromptBatch
+from hawkspec.backbones.hf import HFBackbone
+from hawkspec.backbones.janus import require_dir, resolve_dtype, to_uint8, weights_hash, word_tokenizer
+from hawkspec.backbones.kv_cache import slab_cache
+
+log = logging.getLogger(__name__)
+
+CAPTION_TOKENS = 120
+#: Official GPT configs (gpt.py); t2i checkpoints exist for GPT-XL.
+GPT_CONFIGS = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+}
+#: Official t2i resolutions: image size -> latent grid side (VQ-16 downsamples by 16).
+RESOLUTIONS = {256: 16, 512: 32}
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+def ffn_hidden(dim: int, multiple_of: int = 256) -> int:
+    """The official SwiGLU width: int(2 * 4 * dim / 3) rounded up to a multiple of 256."""
+    return find_multiple(int(2 * (4 * dim) / 3), multiple_of)
+
+
+def freqs_cis_2d(rows: int, cols: int, head_dim: int, base: float = 10000.0,
+                 cls_token_num: int = CAPTION_TOKENS) -> torch.Tensor:
+    """The official ``precompute_freqs_cis_2d`` table, (cls + rows*cols, head_dim // 2, 2) of (cos, sin) per
+    interleaved pair; square in the official code, rows x cols here (row frequencies first, then column ones)."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    fr = torch.outer(torch.arange(rows).float(), freqs)  # (rows, head_dim // 4)
+    fc = torch.outer(torch.arange(cols).float(), freqs)
+    grid = torch.cat([fr[:, None, :].expand(-1, cols, -1), fc[None, :, :].expand(rows, -1, -1)], dim=-1)
+    cache = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(cls_token_num, half, 2), cache])
+
+
+class LlamaGen2DRotary(nn.Module):
+    """Replaces ``LlamaModel.rotary_emb``: position id -> (cos, sin) in transformers' rotate-half layout, from the
+    official 2-D table (zeros for the caption positions). Position ids past the table are clamped to its last row."""
+
+    def __init__(self, rows: int, cols: int, head_dim: int, base: float = 10000.0,
+                 cls_token_num: int = CAPTION_TOKENS):
+        super().__init__()
+        table = freqs_cis_2d(rows, cols, head_dim, base, cls_token_num)  # (P, head_dim // 2, 2)
+        cos, sin = table[..., 0], table[..., 1]
+        self.register_buffer("cos_table", torch.cat([cos, cos], dim=-1), persistent=False)  # (P, head_dim)
+        self.register_buffer("sin_table", torch.cat([sin, sin], dim=-1), persistent=False)
+
+    @property
+    def num_positions(self) -> int:
+        return self.cos_table.shape[0]
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        idx = position_ids.clamp(0, self.num_positions - 1)
+        return self.cos_table[idx].to(x.dtype), self.sin_table[idx].to(x.dtype)
+
+
+class CaptionMLP(nn.Module):
+    """``cls_embedding.cap_proj``: Linear (no bias), tanh-GELU, Linear (no bias)."""
+
+    def __init__(self, caption_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(caption_dim, dim, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LlamaGenT2I(nn.Module):
+    """The port: a ``LlamaForCausalLM`` over the K image codes, the caption MLP and the unconditional embedding."""
+
+    def __init__(self, llama, caption_dim: int, rows: int, cols: int, rope_base: float = 10000.0):
+        super().__init__()
+        cfg = llama.config
+        self.llama = llama
+        self.caption_proj = CaptionMLP(caption_dim, cfg.hidden_size)
+        self.register_buffer("uncond_embedding", torch.zeros(CAPTION_TOKENS, caption_dim))
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        llama.model.rotary_emb = LlamaGen2DRotary(rows, cols, head_dim, rope_base)
+
+    @classmethod
+    def build(cls, dim: int, n_layer: int, n_head: int, num_codes: int, caption_dim: int, rows: int, cols: int,
+              n_kv_head: int | None = None, norm_eps: float = 1e-5, rope_base: float = 10000.0,
+              intermediate_size: int | None = None, attn_implementation: str = "sdpa") -> "LlamaGenT2I":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=num_codes, hidden_size=dim, intermediate_size=intermediate_size or ffn_hidden(dim),
+            num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head or n_head,
+            max_position_embeddings=CAPTION_TOKENS + rows * cols, rms_norm_eps=norm_eps, hidden_act="silu",
+            attention_bias=False, mlp_bias=False, tie_word_embeddings=False, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None, attn_implementation=attn_implementation,
+        )
+        return cls(LlamaForCausalLM(config), caption_dim, rows, cols, rope_base)
+
+    # --------------------------------------------------------------------------- official checkpoint keys
+    def load_official_state_dict(self, sd: dict, strict: bool = True) -> None:
+        """Load the official ``gpt.py`` state dict (``checkpoint["model"]``): split ``wqkv``, permute q/k rows for
+        the rotate-half rotary, rename the rest. Unknown keys are an error (``strict``)."""
+        cfg = self.llama.config
+        dim, H, KV = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        hd = dim // H
+        out, unknown = {}, []
+
+        def permute(w, heads):  # interleaved pairs (2j, 2j+1) -> halves (j, j + hd/2), per head
+            return w.view(heads, hd // 2, 2, w.shape[1]).transpose(1, 2).reshape(heads * hd, w.shape[1])
+
+        for k, v in sd.items():
+            m = re.fullmatch(r"layers\.(\d+)\.(.+)", k)
+            if m:
+                i, rest = m.groups()
+                p = f"llama.model.layers.{i}."
+                if rest == "attention.wqkv.weight":
+                    q, kk, vv = v.split([H * hd, KV * hd, KV * hd], dim=0)
+                    out[p + "self_attn.q_proj.weight"] = permute(q, H)
+                    out[p + "self_attn.k_proj.weight"] = permute(kk, KV)
+                    out[p + "self_attn.v_proj.weight"] = vv
+                    continue
+                name = {"attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
+                        "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+                        "attention_norm.weight": "input_layernorm.weight",
+                        "ffn_norm.weight": "post_attention_layernorm.weight"}.get(rest)
+                if name is None:
+                    if "kv_cache" not in rest:
+                        unknown.append(k)
+                    continue
+                out[p + name] = v
+                continue
+            name = {"tok_embeddings.weight": "llama.model.embed_tokens.weight", "norm.weight": "llama.model.norm.weight",
+                    "output.weight": "llama.lm_head.weight", "cls_embedding.uncond_embedding": "uncond_embedding",
+                    "cls_embedding.cap_proj.fc1.weight": "caption_proj.fc1.weight",
+                    "cls_embedding.cap_proj.fc2.weight": "caption_proj.fc2.weight"}.get(k)
+            if name is None:
+                if k not in ("freqs_cis", "causal_mask"):
+                    unknown.append(k)
+                continue
+            out[name] = v
+        missing, unexpected = self.load_state_dict(out, strict=False)
+        missing = [k for k in missing if not k.endswith(("cos_table", "sin_table"))]
+        if strict and (unknown or missing or unexpected):
+            raise ValueError(f"the LlamaGen checkpoint does not match the port: unknown keys {unknown[:5]}, "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]} (check backbone.gpt_model)")
+
+
+# --------------------------------------------------------------------------------------------- VQ-16
+def vq_config(num_codes: int = 16384, embed_dim: int = 8, base_channels: int = 128,
+              channel_multiplier=(1, 1, 2, 2, 4), z_channels: int = 256, num_res_blocks: int = 2):
+    """LlamaGen VQ-16 as a ``JanusVQVAEConfig`` (the same encoder/decoder; Janus ships LlamaGen's tokenizer)."""
+    from transformers import JanusVQVAEConfig
+
+    return JanusVQVAEConfig(embed_dim=embed_dim, num_embeddings=num_codes, latent_channels=z_channels,
+                            base_channels=base_channels, channel_multiplier=list(channel_multiplier),
+                            num_res_blocks=num_res_blocks, dropout=0.0)
+
+
+def vq_key(k: str) -> str | None:
+    """Official ``vq_model.py`` key -> ``JanusVQVAE`` key (None: a key to drop, e.g. ``codebook_used``)."""
+    if k == "quantize.codebook_used":
+        return None
+    k = re.sub(r"^(encoder)\.conv_blocks\.(\d+)\.res\.", r"\1.down.\2.block.", k)
+    k = re.sub(r"^(encoder)\.conv_blocks\.(\d+)\.", r"\1.down.\2.", k)
+    k = re.sub(r"^(decoder)\.conv_blocks\.(\d+)\.res\.", r"\1.up.\2.block.", k)
+    k = re.sub(r"^(decoder)\.conv_blocks\.(\d+)\.", r"\1.up.\2.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.0\.", r"\1.mid.block_1.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.1\.", r"\1.mid.attn_1.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.2\.", r"\1.mid.block_2.", k)
+    return k
+
+
+def load_vq(sd: dict, config, rows: int, cols: int):
+    """A ``JanusVQVAE`` holding the official VQ-16 weights ``sd`` (``checkpoint["model"]``)."""
+    from transformers import JanusVQVAE
+
+    vq = JanusVQVAE(config).eval().requires_grad_(False)
+    mapped = {vq_key(k): v for k, v in sd.items() if vq_key(k) is not None}
+    missing, unexpected = vq.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the LlamaGen VQ checkpoint does not match VQ-16: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (check backbone.vq_path)")
+    vq.quantize.quant_state_dims = [rows, cols]
+    return vq
+
+
+def _torch_load(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # official .pt files may pickle training args next to the weights
+        log.warning("%s is not a plain tensor checkpoint; loading it with weights_only=False (trusted local file)", path)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "module", "state_dict"):
+        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    return ckpt
+
+
+def _require_file(path, key: str) -> Path:
+    if path is None or str(path) in ("", "???"):
+        raise FileNotFoundError(f"`{key}` is not set: point it at a local file (weights are never downloaded)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"`{key}`={path} is not a file")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- the adapter
+class LlamaGenBackbone(HFBackbone):
+    """LlamaGen t2i as a :class:`~hawkspec.backbones.base.Backbone` (see the module docstring).
+
+    Input ids: image code ``k`` is id ``k``; the 120 caption slots of a prompt are placeholder ids (``K`` padding,
+    ``K + 1`` a caption feature, ``K + 2`` the unconditional embedding) that only :meth:`prefill` reads, with the
+    T5 features in ``PromptBatch.extras["caption"]``.
+
+    Args:
+        model: A :class:`LlamaGenT2I`.
+        vq: A ``JanusVQVAE`` with the VQ-16 weights (or None: :meth:`decode_codes` then says why it cannot).
+        t5: A ``T5EncoderModel`` (FLAN-T5-XL) and ``t5_tokenizer`` its tokenizer.
+        rows, cols: The latent grid (16 x 16 at 256 px, 32 x 32 at 512 px).
+        truncate_captions: Cut captions to 120 T5 tokens as the official code does; False (default): an error.
+    """
+
+    def __init__(self, model: LlamaGenT2I, vq, t5, t5_tokenizer, rows: int, cols: int, name: str = "llamagen-t2i",
+                 revision: str | None = None, truncate_captions: bool = False, vq_downsample: int = 16):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.vq = vq.eval().requires_grad_(False) if vq is not None else None
+        self.t5 = t5.eval().requires_grad_(False)
+        self.t5_tokenizer = t5_tokenizer
+        self.truncate_captions = truncate_captions
+        K = model.llama.config.vocab_size
+        self.register_buffer("code_token_ids", torch.arange(K), persistent=False)
+        self.PAD_SLOT, self.CAPTION_SLOT, self.NULL_SLOT = K, K + 1, K + 2
+        self.pad_token_id = self.PAD_SLOT
+        self.grid = ImageGrid(int(rows), int(cols), eol=False)
+        self.name = name
+        self.hidden_size = model.llama.config.hidden_size
+        self.image_start_ids, self.eol_token_id, self.image_end_id = [], None, None
+        self.max_length = CAPTION_TOKENS + self.grid.num_codes
+        self.image_size = (rows * vq_downsample, cols * vq_downsample)
+        self.revision = revision or weights_hash(model)
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, gpt_path, t5_path, vq_path=None, image_size: int = 256, gpt_model: str = "GPT-XL",
+                        dtype: str = "bfloat16", t5_dtype: str = "bfloat16", attn_implementation: str = "sdpa",
+                        name: str | None = None, revision: str | None = None,
+                        truncate_captions: bool = False) -> "LlamaGenBackbone":
+        """Load the official checkpoints from disk (never downloaded).
+
+        Args:
+            gpt_path: ``t2i_XL_stage1_256.pt`` (256 px) or ``t2i_XL_stage2_512.pt`` (512 px), or a safetensors file.
+            t5_path: Folder of a transformers FLAN-T5 model (``google/flan-t5-xl``): the encoder and tokenizer.
+            vq_path: ``vq_ds16_t2i.pt``; None: no image decoding (:meth:`can_decode` says so).
+            image_size: 256 or 512 (16 x 16 / 32 x 32 codes); anything else is an error naming the key.
+            gpt_model: The official GPT config name (GPT-XL for the released t2i checkpoints).
+        """
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if int(image_size) not in RESOLUTIONS:
+            raise ValueError(f"backbone.image_size={image_size}: LlamaGen t2i generates {sorted(RESOLUTIONS)} px only")
+        if gpt_model not in GPT_CONFIGS:
+            raise ValueError(f"backbone.gpt_model={gpt_model!r}: one of {sorted(GPT_CONFIGS)}")
+        side = RESOLUTIONS[int(image_size)]
+        gpt_file = _require_file(gpt_path, "backbone.gpt_path")
+        t5_dir = require_dir(t5_path, "backbone.t5_path")
+        vq_file = _require_file(vq_path, "backbone.vq_path") if vq_path is not None else None
+        t5 = T5EncoderModel.from_pretrained(t5_dir, dtype=resolve_dtype(t5_dtype))
+        tok = AutoTokenizer.from_pretrained(t5_dir)
+        model = LlamaGenT2I.build(**GPT_CONFIGS[gpt_model], num_codes=16384, caption_dim=t5.config.d_model, rows=side,
+                                  cols=side, attn_implementation=attn_implementation)
+        sd = _torch_load(gpt_file)
+        emb = sd.get("tok_embeddings.weight")
+        if emb is not None and emb.shape[0] != 16384:  # tiny or custom checkpoints: size the port from the weights
+            model = LlamaGenT2I.build(**GPT_CONFIGS[gpt_model], num_codes=emb.shape[0], caption_dim=t5.config.d_model,
+                                      rows=side, cols=side, attn_implementation=attn_implementation)
+        model.load_official_state_dict(sd)
+        model = model.to(resolve_dtype(dtype))
+        vq = None
+        if vq_file is not None:
+            vq = load_vq(_torch_load(vq_file), vq_config(num_codes=model.llama.config.vocab_size), side, side)
+        return cls(model, vq, t5, tok, side, side, name=name or f"llamagen-t2i-xl-{image_size}",
+                   revision=revision, truncate_captions=truncate_captions)
+
+    @staticmethod
+    def random_t5(seed: int = 0):
+        """A tiny random FLAN-T5-style encoder and a word-level tokenizer (appends ``</s>``), no downloads."""
+        from transformers import T5Config, T5EncoderModel
+
+        from hawkspec.data.procedural import VOCAB_WORDS
+
+        tok = word_tokenizer(VOCAB_WORDS, ["<pad>", "</s>"], bos=None, pad="<pad>", eos="</s>")
+        tok.model_max_length = CAPTION_TOKENS
+        config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0,
+                          feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = T5EncoderModel(config)
+        return model.eval(), tok
+
+    @classmethod
+    def random(cls, rows: int = 4, cols: int = 4, num_codes: int = 512, seed: int = 0) -> "LlamaGenBackbone":
+        """A tiny random LlamaGen (Llama classes + our rotary, caption MLP, a tiny T5, a tiny VQ-16 architecture)."""
+        t5, tok = cls.random_t5(seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaGenT2I.build(dim=64, n_layer=2, n_head=2, num_codes=num_codes, caption_dim=t5.config.d_model,
+                                      rows=rows, cols=cols, intermediate_size=128)
+            model.uncond_embedding.copy_(torch.randn(CAPTION_TOKENS, t5.config.d_model) / t5.config.d_model ** 0.5)
+            from transformers import JanusVQVAE
+
+            vq = JanusVQVAE(vq_config(num_codes, base_channels=32, channel_multiplier=(1, 2), z_channels=32,
+                                      num_res_blocks=1)).eval()
+            vq.quantize.quant_state_dims = [rows, cols]
+        return cls(model, vq, t5, tok, rows, cols, name="llamagen-random", revision=f"random-{seed}", vq_downsample=2)
+
+    # ------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def caption_features(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+        """T5 features of the valid tokens of each caption, (n_i, caption_dim) float32 on the CPU, and n_i."""
+        texts = [p.lower().strip() for p in prompts]
+        full = self.t5_tokenizer(texts, add_special_tokens=True)["input_ids"]
+        too_long = [(i, len(ids)) for i, ids in enumerate(full) if len(ids) > CAPTION_TOKENS]
+        if too_long and not self.truncate_captions:
+            i, n = too_long[0]
+            raise ValueError(
+                f"prompt {i} has {n} T5 tokens; LlamaGen reads {CAPTION_TOKENS} caption positions before the image "
+                f"(its max_position_embeddings = {CAPTION_TOKENS} + {self.grid.num_codes}): shorten the prompt or set "
+                "backbone.truncate_captions=true (the official code truncates)")
+        enc = self.t5_tokenizer(texts, max_length=CAPTION_TOKENS, padding="max_length", truncation=True,
+                                add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        dev = next(self.t5.parameters()).device
+        hidden = self.t5(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev)).last_hidden_state
+        counts = enc.attention_mask.sum(1).tolist()
+        return [hidden[i, :n].float().cpu() for i, n in enumerate(counts)], counts
+
+    def encode(self, prompts: list[str]) -> PromptBatch:
+        feats, counts = self.caption_features(prompts)
+        cond = [[self.PAD_SLOT] * (CAPTION_TOKENS - n) + [self.CAPTION_SLOT] * n for n in counts]
+        uncond = [[self.PAD_SLOT] * (CAPTION_TOKENS - n) + [self.NULL_SLOT] * n for n in counts]
+        return PromptBatch(cond, uncond, {"caption": feats})
+
+    # ------------------------------------------------------------------------------- model
+    @property
+    def transformer(self):
+        return self.model.llama.model
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.llama.lm_head.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if bool((input_ids >= self.PAD_SLOT).any()):
+            raise ValueError("caption slots are embedded by prefill() from PromptBatch.extras['caption'], not embed()")
+        return self.transformer.get_input_embeddings()(input_ids)
+
+    def _caption_embeds(self, prompts: PromptBatch, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 120, d) caption-prefix embeddings and (N, 120) long key mask, conditional rows then unconditional."""
+        rows = prompts.streams(cfg)
+        B = len(prompts)
+        dtype = self.dtype
+        proj_dtype = self.model.caption_proj.fc1.weight.dtype
+        raw = torch.zeros((len(rows), CAPTION_TOKENS, self.model.uncond_embedding.shape[1]), dtype=proj_dtype,
+                          device=self.device)
+        mask = torch.zeros((len(rows), CAPTION_TOKENS), dtype=torch.long, device=self.device)
+        feats = prompts.extras.get("caption")
+        for r, ids in enumerate(rows):
+            if len(ids) != CAPTION_TOKENS:
+                raise ValueError(f"a LlamaGen prompt has {CAPTION_TOKENS} caption slots, got {len(ids)}")
+            ids_t = torch.tensor(ids, device=self.device)
+            valid = ids_t != self.PAD_SLOT
+            mask[r] = valid.long()
+            if bool((ids_t == self.NULL_SLOT).any()):  # official: uncond_embedding at every slot, the prompt's mask
+                raw[r] = self.model.uncond_embedding.to(proj_dtype)
+            if bool((ids_t == self.CAPTION_SLOT).any()):
+                if feats is None:
+                    raise ValueError("PromptBatch.extras['caption'] is missing: encode prompts with LlamaGenBackbone.encode")
+                f = feats[r % B].to(self.device, proj_dtype)  # left-padded; padded slots stay zero (official)
+                raw[r, CAPTION_TOKENS - f.shape[0]:] = f
+        return self.model.caption_proj(raw).to(dtype), mask
+
+    @torch.no_grad()
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int = 0) -> tuple[KVState, torch.Tensor]:
+        if not len(prompts):
+            raise ValueError("prefill needs at least one prompt")
+        self.check_prompt_lengths(prompts)
+        embeds, mask = self._caption_embeds(prompts, cfg)
+        N = embeds.shape[0]
+        pos = torch.arange(CAPTION_TOKENS, device=self.device).expand(N, -1)  # caption slots keep their positions
+        cache = slab_cache(CAPTION_TOKENS + reserve)
+        out = self.transformer(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        state = KVState(cache=cache, key_mask=mask.bool(), streams=2 if cfg else 1,
+                        next_pos=torch.full((N,), CAPTION_TOKENS, dtype=torch.long, device=self.device))
+        return state, out.last_hidden_state[:, -1]
+
+    def attention_maps(self, prompts: PromptBatch, body: torch.Tensor) -> torch.Tensor:
+        raise TypeError("LlamaGenBackbone does not expose attention weights (its prompt is a caption-feature prefix)")
+
+    # ------------------------------------------------------------------------------- image side
+    def can_decode(self) -> tuple[bool, str]:
+        if self.vq is None:
+            return False, "the LlamaGen VQ decoder is not loaded: set backbone.vq_path to vq_ds16_t2i.pt"
+        return True, ""
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        ok, why = self.can_decode()
+        if not ok:
+            raise FileNotFoundError(why)
+        dev = next(self.vq.parameters()).device
+        pixels = self.vq.decode(codes.reshape(codes.shape[0], -1).to(dev))  # official decode_code: l2-normed codebook
+        return to_uint8(pixels).cpu()
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Official VQ-16 quantisation: encoder, quant_conv, nearest L2-normalised codebook entry to normalised z."""
+        ok, why = self.can_decode()
+        if not ok:
+            raise FileNotFoundError(why)
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])} px; this LlamaGen takes {self.image_size}")
+        dev = next(self.vq.parameters()).device
+        x = images.to(dev, next(self.vq.parameters()).dtype) / 127.5 - 1
+        z = self.vq.quant_conv(self.vq.encoder(x))  # (B, c, h, w)
+        z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)
+        e = F.normalize(self.vq.quantize.embedding.weight, dim=-1)
+        idx = (z @ e.T).argmax(-1)  # nearest unit vector
+        return idx.to(self.device)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        if self.vq is None:
+            raise FileNotFoundError("LANTERN needs the VQ codebook: set backbone.vq_path to vq_ds16_t2i.pt")
+        return F.normalize(self.vq.quantize.embedding.weight.detach(), dim=-1)
