@@ -21,9 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.cli.common import CONF_DIR, CONF_PATH, instantiate, instantiate_loggers, load_prompts, task
+from hawkspec.cli.common import CONF_DIR, CONF_PATH, instantiate, instantiate_loggers, task
+from hawkspec.cli import eval_shards
 from hawkspec.cli.validate import validate_eval
-from hawkspec.data.procedural import ProceduralDataset
+from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
@@ -33,15 +34,47 @@ from hawkspec.metrics.speed import image_counters, interleaved_passes, summarize
 log = logging.getLogger("hawkspec")
 
 
-def eval_prompts(cfg: DictConfig) -> list[str]:
-    """``eval.prompts_file`` when set, else ``eval.num_prompts`` procedural captions (seeded)."""
+def prompt_spec(cfg: DictConfig) -> PromptSpec:
+    """``eval.prompts`` with ``eval.num_prompts`` as its count; the older ``eval.prompts_file`` is a ``txt`` set."""
     e = cfg.eval
+    spec = OmegaConf.to_container(e.get("prompts") or {}, resolve=True)
     if e.get("prompts_file"):
-        return load_prompts(None, e.prompts_file)[: e.num_prompts]
-    if e.num_prompts < 1:
-        raise ValueError(f"eval.num_prompts must be >= 1, got {e.num_prompts}")
-    ds = ProceduralDataset(e.num_prompts, seed=e.prompt_seed)
-    return [ds[i]["caption"] for i in range(e.num_prompts)]
+        if spec.get("source", "procedural") != "procedural":
+            raise ValueError("set either eval.prompts_file or eval.prompts.source/path, not both")
+        spec.update(source="txt", path=e.prompts_file)
+    spec.setdefault("seed", e.get("prompt_seed", 1234))
+    if spec.get("seed") is None:
+        spec["seed"] = e.get("prompt_seed", 1234)
+    known = set(PromptSpec.__dataclass_fields__) - {"num"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in eval.prompts: expected {sorted(known)}")
+    return PromptSpec(**spec, num=int(e.num_prompts)).validate()
+
+
+def eval_prompt_set(cfg: DictConfig) -> list[Prompt]:
+    """The prompts of ``eval.prompts`` (:mod:`hawkspec.data.prompts`): procedural captions, or a seeded random
+    subset of ``eval.num_prompts`` from a COCO / Flickr30K / PartiPrompts / txt / jsonl file."""
+    return load_prompt_set(prompt_spec(cfg))
+
+
+def eval_prompts(cfg: DictConfig) -> list[str]:
+    """The texts of :func:`eval_prompt_set`."""
+    return [p.text for p in eval_prompt_set(cfg)]
+
+
+def resources(device) -> dict:
+    """Peak memory of this process so far: CPU resident set size and, on CUDA, the allocator's maximum."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mib": rss / (1024 * 1024 if sys.platform == "darwin" else 1024)}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    else:
+        out["cuda_max_allocated_mib"] = None
+    return out
 
 
 def decoder_config(cfg: DictConfig, name: str) -> DictConfig:
@@ -149,7 +182,8 @@ def log_results(cfg: DictConfig, results: dict) -> None:
             cols = table_columns(rows) + (["fid_features"] if results.get("quality") else [])
             lg.log_table("eval/results", columns=cols, data=[[r.get(c) for c in cols] for r in rows])
             for row in rows:
-                lg.log_image(f"eval/grid/{row['decoder']}", [row["grid"]])
+                if row.get("grid"):  # None when the backbone cannot decode images
+                    lg.log_image(f"eval/grid/{row['decoder']}", [row["grid"]])
                 if row.get("accept_map"):
                     lg.log_image(f"eval/accept_map/{row['decoder']}", [row["accept_map"]])
             summary = {**metrics, "backbone": results["backbone"], "num_prompts": results["num_prompts"],
@@ -173,16 +207,33 @@ def run(cfg: DictConfig) -> dict:
     if e.get("threads"):
         torch.set_num_threads(int(e.threads))
     out_dir = Path(cfg.paths.output_dir)
-    prompts = eval_prompts(cfg)
+    prompt_set = eval_prompt_set(cfg)
+    prompts = [p.text for p in prompt_set]
     quality = quality_settings(cfg, len(prompts))
+    if e.get("store"):  # sharded: decode this shard's batches into the store, and/or merge the union
+        merge = e.get("merge", "auto")
+        if merge is True:
+            return merge_store(cfg, names, prompt_set, quality)
+    elif e.get("merge") is True or int((e.get("shard") or {}).get("count", 1)) > 1:
+        raise ValueError("sharded evaluation needs eval.store: a folder every shard (and the merge) can reach")
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
+    decodable, undecoded_why = backbone.can_decode()
+    if not decodable:  # e.g. Lumina-mGPT without backbone.vqgan_path: codes only, no image-quality metrics
+        log.warning("images will not be decoded: %s; code grids are saved (codes_<decoder>.pt / .npy) and the "
+                    "image-quality metrics are skipped", undecoded_why)
+        quality = None
     decoders = {}
     for name in names:
         dcfg = decoder_config(cfg, name)
         log.info("Instantiating decoder %s", name)
         decoders[name] = build_decoder(dcfg, backbone, sampling)
     ar_forwards = backbone.grid.length
+    if e.get("store"):
+        decode_shard(cfg, backbone, decoders, prompt_set, quality)
+        if e.get("merge", "auto") == "auto" and int(e.shard.count) == 1:
+            return merge_store(cfg, names, prompt_set, quality)
+        return {"shard": int(e.shard.index), "shards": int(e.shard.count), "store": str(e.store)}
     batches = [prompts[i : i + e.batch_size] for i in range(0, len(prompts), e.batch_size)]
 
     def one_pass(dec, keep: bool, seed: int = cfg.seed):
@@ -209,15 +260,19 @@ def run(cfg: DictConfig) -> dict:
                "seconds_per_image": sec, "speedup": ar_sec / sec,
                "seconds_per_pass": seconds[name], "config": dec.describe()}
         codes = torch.cat([o.codes for o in outs])
-        images = backbone.decode_codes(codes)  # (N, 3, H, W) uint8
-        row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[: e.grid_images]),
-                                    prompts[: e.grid_images]))
-        images_of[name] = images  # scored below (quality), once every decoder is timed
+        row["grid"] = None
+        if decodable:
+            images = backbone.decode_codes(codes)  # (N, 3, H, W) uint8
+            row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[: e.grid_images]),
+                                        prompts[: e.grid_images]))
+            images_of[name] = images  # scored below (quality), once every decoder is timed
         maps = [o.accept_map for o in outs if o.accept_map is not None]
         if maps:
             accept_heatmap(out_dir / f"accept_map_{name}.png", torch.cat(maps), f"{name}: acceptance by position")
             row["accept_map"] = str(out_dir / f"accept_map_{name}.png")
         torch.save(codes, out_dir / f"codes_{name}.pt")
+        np.save(out_dir / f"codes_{name}.npy", codes.cpu().numpy())
+        row["images_per_second"] = 1.0 / sec
         rows.append(row)
 
     results = {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": len(prompts),
@@ -226,13 +281,100 @@ def run(cfg: DictConfig) -> dict:
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
     if quality is not None:
         results["quality"] = score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts)
+    if not decodable:
+        results["images_decoded"] = False
+        results["quality_skipped"] = f"images were not decoded: {undecoded_why}"
+        print(f"Images were NOT decoded ({undecoded_why}): code grids saved as codes_<decoder>.pt / .npy in "
+              f"{out_dir}; image-quality metrics skipped.")
+    results["prompts"] = prompt_description(cfg, prompt_set)
+    results["speed_note"] = ("Speed measured within this one process on one device; decoders take turns per batch, "
+                             f"seconds = median of {e.repeats} timed passes.")
+    results["resources"] = resources(cfg.device)
+    return write_results(cfg, out_dir, results)
+
+
+def prompt_description(cfg: DictConfig, prompt_set: list[Prompt]) -> dict:
+    """What results.json records about the prompts: source, file, subset seed, and the chosen indices."""
+    spec = prompt_spec(cfg)
+    return {"source": spec.source, "path": spec.path, "num": len(prompt_set), "seed": spec.seed,
+            "caption": spec.caption if spec.source in ("coco", "flickr30k") else None, "split": spec.split,
+            "category": spec.category, "indices": [p.index for p in prompt_set]}
+
+
+def write_results(cfg: DictConfig, out_dir: Path, results: dict) -> dict:
+    """results.json / .csv / .md and the loggers."""
+    rows = results["rows"]
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(out_dir / "results.csv", rows)
-    table = markdown_table(rows, results.get("quality"))
+    table = markdown_table(rows, results.get("quality")) + f"\n{results['speed_note']}\n"
     (out_dir / "results.md").write_text(table)
     print(table)
     log_results(cfg, results)
     return results
+
+
+def decode_shard(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_set: list[Prompt],
+                 quality: QualitySettings | None) -> dict:
+    """This shard's share of the prompts into ``eval.store`` (:mod:`hawkspec.cli.eval_shards`); finished batches
+    are skipped, so a rerun resumes. AR's noise-floor reseed is decoded too (untimed) when quality wants it."""
+    e = cfg.eval
+    store = Path(e.store)
+    extra = {}
+    if quality is not None and quality.noise_floor:
+        extra["ar_reseed"] = (decoders["ar"], noise_floor_seed(cfg))
+    meta = {"backbone": backbone.name, "revision": backbone.revision, "ar_forwards": backbone.grid.length}
+    report = eval_shards.run_shard(
+        store, prompt_set, decoders, backbone.decode_codes, seed=cfg.seed, batch_size=e.batch_size,
+        index=int(e.shard.index), count=int(e.shard.count), device=str(cfg.device),
+        warmup_batches=e.warmup_batches, max_batches=e.shard.get("max_batches"), extra=extra, meta=meta)
+    report["resources"] = resources(cfg.device)
+    eval_shards.write_shard_report(store, report)
+    return report
+
+
+def noise_floor_seed(cfg: DictConfig) -> int:
+    seed = cfg.eval.quality.get("noise_floor_seed")
+    return cfg.seed + 1 if seed is None else int(seed)
+
+
+def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], quality: QualitySettings | None) -> dict:
+    """The table over the union of the shards in ``eval.store``: speed counters and quality over every image."""
+    e = cfg.eval
+    store, out_dir = Path(e.store), Path(cfg.paths.output_dir)
+    prompts = [p.text for p in prompt_set]
+    first = eval_shards.load_records(store, "ar", prompt_set[:1])[0]
+    rows, by_shard = eval_shards.merged_rows(store, names, prompt_set, int(first["ar_forwards"]))
+    reports = eval_shards.shard_reports(store)
+    for k, v in by_shard.items():
+        v["calls"] = reports.get(k, [])
+    images = {name: eval_shards.load_images(store, name, prompt_set) for name in names}
+    for row in rows:
+        name = row["decoder"]
+        row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[name][: e.grid_images]),
+                                    prompts[: e.grid_images]))
+    results = {"backbone": first["backbone"], "revision": first["revision"], "num_prompts": len(prompts),
+               "device": sorted({v["device"] for v in by_shard.values()}), "batch_size": e.batch_size, "repeats": 1,
+               "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
+               "sharding": {"store": str(store), "shards": sorted(by_shard), "speed_by_shard": by_shard}}
+    if quality is not None:
+        side = int(images["ar"].shape[-1])
+        meter = QualityMeter(quality, side, cfg.device)
+        for row in rows:
+            row.update(meter.measure(images[row["decoder"]], prompts))
+        out = meter.describe()
+        if quality.noise_floor:
+            again = eval_shards.load_images(store, "ar_reseed", prompt_set)
+            ar_row = next(r for r in rows if r["decoder"] == "ar")
+            reseed = meter.measure(again, prompts)
+            out["noise_floor"] = {"base_seed": cfg.seed, "seed": noise_floor_seed(cfg), "ar_reseed": reseed,
+                                  "delta": noise_floor(ar_row, reseed), "fid_ar_vs_ar": meter.fid_between(images["ar"], again)}
+        results["quality"] = out
+    results["prompts"] = prompt_description(cfg, prompt_set)
+    results["speed_note"] = eval_shards.SPEED_NOTE
+    results["resources"] = {"merge": resources(cfg.device),
+                            "shards": {k: (v["calls"][-1]["resources"] if v["calls"] else None) for k, v in by_shard.items()}}
+    return write_results(cfg, out_dir, results)
 
 
 def score_quality(cfg, settings: QualitySettings, backbone: Backbone, ar, one_pass, rows: list[dict],
