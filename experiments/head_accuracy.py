@@ -28,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hawkspec.analysis.plots import plot_accuracy_by_distance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,20 +67,9 @@ def markdown(report: dict, source: str) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    for kind, style in (("horizontal", "o-"), ("vertical", "s-")):
-        rows = [r for r in report["heads"] if r["kind"] == kind]
-        if rows:
-            ax.plot([r["offset"] for r in rows], [r["top1"] for r in rows], style, label=f"{kind} heads")
-            for r in rows:
-                ax.annotate(r["name"], (r["offset"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("distance of the predicted token (tokens ahead of the source)")
-    ax.set_ylabel("top-1 accuracy (val)")
-    ax.set_ylim(0, max(0.05, max(r["top1"] for r in report["heads"]) * 1.15))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Draft-head accuracy vs distance")
-    fig.tight_layout()
+    """Top-1 by distance, horizontal vs vertical (drawn by :func:`hawkspec.analysis.plots.plot_accuracy_by_distance`,
+    the same picture ``notebooks/heads_by_distance.ipynb`` draws from shards or self-samples)."""
+    fig = plot_accuracy_by_distance(report["heads"], title="Draft-head accuracy vs distance")
     fig.savefig(path)
     plt.close(fig)
 
