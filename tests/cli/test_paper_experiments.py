@@ -1,0 +1,49 @@
+"""The papers' experiment configs (conf/experiment/{hawk_table1,gsd_table,sjd}_*.yaml) compose into hawkspec-eval
+with the backbone, prompt set, sampling, decoders and quality protocol they claim; the tiny analogues resolve
+fully, and their prompt sets load."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from hawkspec.cli.eval import prompt_spec
+from hawkspec.data.prompts import load_prompt_set
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+TINY = ["hawk_table1_tiny", "gsd_table_tiny", "sjd_tiny"]
+REAL = {"hawk_table1_coco": "coco", "hawk_table1_flickr30k": "flickr30k", "gsd_table_coco": "coco", "sjd_coco": "coco"}
+
+
+def eval_cfg(experiment: str, *overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("eval", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_analogues_resolve_and_load_their_prompts(name):
+    cfg = eval_cfg(name)
+    e = OmegaConf.to_container(cfg.eval, resolve=False)
+    assert cfg.backbone._target_.endswith("TinyBackbone.from_pretrained") or "tiny" in str(cfg.backbone)
+    assert "ar" in e["decoders"] and cfg.decoder.name in e["decoders"]
+    assert e["quality"]["enabled"] and e["quality"]["fid_features"] == "tiny"
+    prompts = load_prompt_set(prompt_spec(cfg))
+    assert len(prompts) == e["num_prompts"] == 64
+
+
+@pytest.mark.parametrize("name,source", REAL.items())
+def test_paper_configs_set_the_lumina_protocol(name, source):
+    cfg = eval_cfg(name)
+    assert cfg.backbone.resolution == 768 and "Chameleon" in cfg.backbone._target_
+    assert cfg.eval.prompts.source == source and cfg.eval.quality.fid_features == "inception"
+    with pytest.raises(ValueError, match="set eval.prompts.path"):  # the data paths are the user's to give
+        prompt_spec(cfg)
+    assert cfg.decoder.name in cfg.eval.decoders and "ar" in cfg.eval.decoders
+    if name.startswith("hawk_table1"):
+        assert cfg.eval.num_prompts == 500 and cfg.decoder.acceptance.k == 1000
+    if name == "gsd_table_coco":
+        acc = cfg.decoder.acceptance
+        assert (acc.window, acc.embed_metric, acc.floor, acc.prob_threshold, acc.embed_threshold) == (
+            "official", "squared", False, 0.15, 0.5)
+        assert cfg.decoder.tree.budget == 15
