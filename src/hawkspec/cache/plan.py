@@ -26,7 +26,7 @@ import numpy as np
 from hawkspec.data.manifest import HIDDEN_DTYPE, ShardManifest, shard_name, write_json_atomic
 
 PLAN = "plan.json"
-SOURCES = ("self", "dataset")
+SOURCES = ("self", "dataset", "images")
 #: How the cached top-k distribution is computed (recorded in the manifest).
 DISTILL_TARGET = (
     "hawkspec.decoding.sampling.target_probs of the CFG-combined code logits under `sampling` "
@@ -50,6 +50,8 @@ class CachePlan:
         topk: Cached top-k of the target distribution; 0 for none.
         sampling: The sampling config as a dict.
         identity: The backbone's :meth:`~hawkspec.backbones.base.Backbone.identity`.
+        images: ``cache.images`` (``path``, ``coco_annotations``, ``seed``) for ``source="images"``
+            (:mod:`hawkspec.data.image_text`); empty otherwise.
     """
 
     out_dir: Path
@@ -62,6 +64,7 @@ class CachePlan:
     topk: int
     sampling: dict = field(default_factory=dict)
     identity: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
 
     def validate(self) -> "CachePlan":
         """Raise a ValueError naming the ``cache.*`` key of a bad value."""
@@ -74,6 +77,9 @@ class CachePlan:
             raise ValueError(f"cache.batch_size must be >= 1, got {self.batch_size}")
         if self.source not in SOURCES:
             raise ValueError(f"cache.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "images" and not self.images.get("path"):
+            raise ValueError("cache.source=images needs cache.images.path (a folder of x.jpg + x.txt pairs, or COCO "
+                             "train2017 with cache.images.coco_annotations)")
         num_codes = self.identity.get("num_codes", 0)
         if not 0 <= self.topk <= num_codes:
             raise ValueError(f"cache.topk must be between 0 (off) and the codebook size {num_codes}, got {self.topk}")
@@ -161,6 +167,8 @@ class CachePlan:
         """Everything that determines the shards' contents."""
         out = asdict(self)
         out.pop("out_dir")
+        if not out["images"]:  # plans of the other sources read as before the field existed
+            out.pop("images")
         return out
 
     def claim(self) -> None:

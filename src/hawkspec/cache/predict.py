@@ -19,6 +19,7 @@ from hawkspec.backbones.base import Backbone
 from hawkspec.cache.plan import CachePlan
 from hawkspec.cache.sources import dataset_codes, procedural_captions, self_codes
 from hawkspec.cache.teacher import body_codes, teacher_forced_states
+from hawkspec.data import image_text
 from hawkspec.data.manifest import sample_key
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.io import NonFiniteError
@@ -120,13 +121,18 @@ class CacheModule(L.LightningModule):
         plan = self._require_plan()
         start, stop = plan.shard_range(index)
         generator = torch.Generator(device=self.device).manual_seed(plan.shard_seed(index))
-        captions = procedural_captions(plan.seed, start, stop)
+        if plan.source == "images":  # real image-caption pairs (hawkspec.data.image_text)
+            captions = image_text.captions_for(plan.images, plan.split, start, stop)
+        else:
+            captions = procedural_captions(plan.seed, start, stop)
         parts: dict[str, list[np.ndarray]] = {"hidden": [], "codes": [], "probs": [], "idx": []}
         for a in range(start, stop, plan.batch_size):
             b = min(a + plan.batch_size, stop)
             prompts = captions[a - start : b - start]
             if plan.source == "self":
                 codes = self_codes(self.backbone, prompts, self.sampling, generator)
+            elif plan.source == "images":
+                codes = image_text.image_codes(self.backbone, plan.images, plan.split, a, b)
             else:
                 codes = dataset_codes(self.backbone, plan.seed, a, b)
             hidden, probs, idx = teacher_forced_states(self.backbone, prompts, codes, self.sampling, plan.topk)

@@ -37,6 +37,11 @@ def make_plans(cfg: DictConfig, backbone: Backbone) -> list[CachePlan]:
         shard_size=int(c.shard_size), batch_size=int(c.batch_size), source=str(c.source), topk=int(c.topk),
         sampling=OmegaConf.to_container(cfg.sampling, resolve=True), identity=backbone.identity(),
     )
+    if c.source == "images":  # real image-caption pairs: the folder (and its order) is part of the plan
+        from hawkspec.data.image_text import check_splits
+
+        common["images"] = {k: v for k, v in OmegaConf.to_container(c.images, resolve=True).items()}
+        check_splits(common["images"], int(c.num_samples), int(c.val_samples))
     splits = [("train", int(c.num_samples), int(cfg.seed))]
     if c.val_samples:
         splits.append(("val", int(c.val_samples), int(cfg.seed) + 1))
