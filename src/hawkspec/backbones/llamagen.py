@@ -185,6 +185,35 @@ class LlamaGenT2I(nn.Module):
                              f"missing {missing[:5]}, unexpected {unexpected[:5]} (check backbone.gpt_model)")
 
 
+def _official_state_dict(self) -> dict:
+    """The inverse of :meth:`LlamaGenT2I.load_official_state_dict`: official ``gpt.py`` keys (fused ``wqkv``)."""
+    cfg = self.llama.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // H
+
+    def unpermute(w, heads):
+        return w.view(heads, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(heads * hd, w.shape[1])
+
+    sd = {"tok_embeddings.weight": self.llama.model.embed_tokens.weight, "norm.weight": self.llama.model.norm.weight,
+          "output.weight": self.llama.lm_head.weight, "cls_embedding.uncond_embedding": self.uncond_embedding,
+          "cls_embedding.cap_proj.fc1.weight": self.caption_proj.fc1.weight,
+          "cls_embedding.cap_proj.fc2.weight": self.caption_proj.fc2.weight}
+    for i, layer in enumerate(self.llama.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
+            [unpermute(a.q_proj.weight, H), unpermute(a.k_proj.weight, KV), a.v_proj.weight])
+        sd[f"layers.{i}.attention.wo.weight"] = a.o_proj.weight
+        sd[f"layers.{i}.feed_forward.w1.weight"] = m.gate_proj.weight
+        sd[f"layers.{i}.feed_forward.w3.weight"] = m.up_proj.weight
+        sd[f"layers.{i}.feed_forward.w2.weight"] = m.down_proj.weight
+        sd[f"layers.{i}.attention_norm.weight"] = layer.input_layernorm.weight
+        sd[f"layers.{i}.ffn_norm.weight"] = layer.post_attention_layernorm.weight
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+LlamaGenT2I.official_state_dict = _official_state_dict
+
+
 # --------------------------------------------------------------------------------------------- VQ-16
 def vq_config(num_codes: int = 16384, embed_dim: int = 8, base_channels: int = 128,
               channel_multiplier=(1, 1, 2, 2, 4), z_channels: int = 256, num_res_blocks: int = 2):
@@ -207,6 +236,17 @@ def vq_key(k: str) -> str | None:
     k = re.sub(r"^(encoder|decoder)\.mid\.0\.", r"\1.mid.block_1.", k)
     k = re.sub(r"^(encoder|decoder)\.mid\.1\.", r"\1.mid.attn_1.", k)
     k = re.sub(r"^(encoder|decoder)\.mid\.2\.", r"\1.mid.block_2.", k)
+    return k
+
+
+def vq_official_key(k: str) -> str:
+    """``JanusVQVAE`` key -> official ``vq_model.py`` key (the inverse of :func:`vq_key`)."""
+    k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.conv_blocks.\1.res.", k)
+    k = re.sub(r"^encoder\.down\.(\d+)\.", r"encoder.conv_blocks.\1.", k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.block\.", r"decoder.conv_blocks.\1.res.", k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.", r"decoder.conv_blocks.\1.", k)
+    for i, name in enumerate(("block_1", "attn_1", "block_2")):
+        k = re.sub(rf"^(encoder|decoder)\.mid\.{name}\.", rf"\1.mid.{i}.", k)
     return k
 
 
@@ -289,43 +329,67 @@ class LlamaGenBackbone(HFBackbone):
     @classmethod
     def from_pretrained(cls, gpt_path, t5_path, vq_path=None, image_size: int = 256, gpt_model: str = "GPT-XL",
                         dtype: str = "bfloat16", t5_dtype: str = "bfloat16", attn_implementation: str = "sdpa",
-                        name: str | None = None, revision: str | None = None,
-                        truncate_captions: bool = False) -> "LlamaGenBackbone":
+                        name: str | None = None, revision: str | None = None, truncate_captions: bool = False,
+                        arch: dict | None = None, vq_arch: dict | None = None,
+                        latent_size: int | None = None) -> "LlamaGenBackbone":
         """Load the official checkpoints from disk (never downloaded).
 
         Args:
-            gpt_path: ``t2i_XL_stage1_256.pt`` (256 px) or ``t2i_XL_stage2_512.pt`` (512 px), or a safetensors file.
+            gpt_path: ``t2i_XL_stage1_256.pt`` (256 px) or ``t2i_XL_stage2_512.pt`` (512 px), or a safetensors file
+                with the same keys.
             t5_path: Folder of a transformers FLAN-T5 model (``google/flan-t5-xl``): the encoder and tokenizer.
             vq_path: ``vq_ds16_t2i.pt``; None: no image decoding (:meth:`can_decode` says so).
             image_size: 256 or 512 (16 x 16 / 32 x 32 codes); anything else is an error naming the key.
             gpt_model: The official GPT config name (GPT-XL for the released t2i checkpoints).
+            arch, vq_arch, latent_size: Overrides for other sizes (``dim``/``n_layer``/``n_head``/
+                ``intermediate_size``; VQ ``base_channels``/``channel_multiplier``/``z_channels``/``num_res_blocks``/
+                ``embed_dim``; the grid side), e.g. a small test checkpoint.
         """
         from transformers import AutoTokenizer, T5EncoderModel
 
-        if int(image_size) not in RESOLUTIONS:
-            raise ValueError(f"backbone.image_size={image_size}: LlamaGen t2i generates {sorted(RESOLUTIONS)} px only")
+        if latent_size is None:
+            if int(image_size) not in RESOLUTIONS:
+                raise ValueError(f"backbone.image_size={image_size}: LlamaGen t2i generates {sorted(RESOLUTIONS)} px "
+                                 "only")
+            side = RESOLUTIONS[int(image_size)]
+        else:
+            side = int(latent_size)
         if gpt_model not in GPT_CONFIGS:
             raise ValueError(f"backbone.gpt_model={gpt_model!r}: one of {sorted(GPT_CONFIGS)}")
-        side = RESOLUTIONS[int(image_size)]
         gpt_file = _require_file(gpt_path, "backbone.gpt_path")
         t5_dir = require_dir(t5_path, "backbone.t5_path")
         vq_file = _require_file(vq_path, "backbone.vq_path") if vq_path is not None else None
         t5 = T5EncoderModel.from_pretrained(t5_dir, dtype=resolve_dtype(t5_dtype))
         tok = AutoTokenizer.from_pretrained(t5_dir)
-        model = LlamaGenT2I.build(**GPT_CONFIGS[gpt_model], num_codes=16384, caption_dim=t5.config.d_model, rows=side,
-                                  cols=side, attn_implementation=attn_implementation)
         sd = _torch_load(gpt_file)
-        emb = sd.get("tok_embeddings.weight")
-        if emb is not None and emb.shape[0] != 16384:  # tiny or custom checkpoints: size the port from the weights
-            model = LlamaGenT2I.build(**GPT_CONFIGS[gpt_model], num_codes=emb.shape[0], caption_dim=t5.config.d_model,
-                                      rows=side, cols=side, attn_implementation=attn_implementation)
+        num_codes = int(sd["tok_embeddings.weight"].shape[0]) if "tok_embeddings.weight" in sd else 16384
+        shape = {**GPT_CONFIGS[gpt_model], **dict(arch or {})}
+        model = LlamaGenT2I.build(**shape, num_codes=num_codes, caption_dim=t5.config.d_model, rows=side, cols=side,
+                                  attn_implementation=attn_implementation)
         model.load_official_state_dict(sd)
         model = model.to(resolve_dtype(dtype))
-        vq = None
+        vq, down = None, 16
         if vq_file is not None:
-            vq = load_vq(_torch_load(vq_file), vq_config(num_codes=model.llama.config.vocab_size), side, side)
-        return cls(model, vq, t5, tok, side, side, name=name or f"llamagen-t2i-xl-{image_size}",
-                   revision=revision, truncate_captions=truncate_captions)
+            vcfg = vq_config(num_codes=num_codes, **dict(vq_arch or {}))
+            vq = load_vq(_torch_load(vq_file), vcfg, side, side)
+            down = 2 ** (len(vcfg.channel_multiplier) - 1)
+        bb = cls(model, vq, t5, tok, side, side, name=name or f"llamagen-t2i-xl-{image_size}", revision=revision,
+                 truncate_captions=truncate_captions, vq_downsample=down)
+        return bb
+
+    def save_official(self, folder) -> dict:
+        """Write this model as the official files (``gpt.pt``, ``vq.pt`` with ``{"model": state_dict}``, ``t5/``):
+        what :meth:`from_pretrained` reads. Returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"gpt_path": folder / "gpt.pt", "t5_path": folder / "t5"}
+        torch.save({"model": self.model.official_state_dict()}, paths["gpt_path"])
+        self.t5.save_pretrained(paths["t5_path"])
+        self.t5_tokenizer.save_pretrained(paths["t5_path"])
+        if self.vq is not None:
+            paths["vq_path"] = folder / "vq.pt"
+            torch.save({"model": {vq_official_key(k): v for k, v in self.vq.state_dict().items()}}, paths["vq_path"])
+        return {k: str(v) for k, v in paths.items()}
 
     @staticmethod
     def random_t5(seed: int = 0):
