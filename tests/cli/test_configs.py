@@ -40,11 +40,16 @@ def test_group_option_composes_into_some_primary(group, option):
     errors = []
     for name in PRIMARY:
         with initialize_config_dir(str(CONF), version_base="1.3"):
-            try:
-                override = f"+{group}={option}" if group in {"experiment"} else f"{group}={option}"
-                cfg = compose(name, overrides=[override])
-            except Exception as e:  # group not used by this primary
-                errors.append(f"{name}: {e}")
+            cfg = None
+            # experiment: `experiment=X` where the primary lists the group (eval.yaml), else `+experiment=X`
+            forms = [f"{group}={option}", f"+{group}={option}"] if group == "experiment" else [f"{group}={option}"]
+            for override in forms:
+                try:
+                    cfg = compose(name, overrides=[override])
+                    break
+                except Exception as e:  # group not used by this primary
+                    errors.append(f"{name} ({override}): {e}")
+            if cfg is None:
                 continue
         for target in _targets(OmegaConf.to_container(cfg, resolve=False)):
             assert hydra.utils.get_object(target) is not None, target
