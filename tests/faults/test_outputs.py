@@ -82,11 +82,11 @@ def test_publish_dir_into_an_unwritable_parent_names_the_key(tmp_path):
         parent.chmod(0o700)
 
 
-def test_train_cli_refuses_a_foreign_export_dir_before_loading_anything(tmp_path, random_backbone_dir, tiny_cache):
+def test_train_cli_refuses_a_foreign_export_dir_before_loading_anything(tmp_path, random_backbone_dir, disk_cache):
     """`hawkspec-train export_dir=<existing folder>` used to delete it. Expect: exit 1 naming `export_dir`, before
     the backbone is loaded; the folder intact."""
     dest = make_folder(tmp_path / "precious", ("thesis.tex",))
-    proc = run_cli("hawkspec-train", f"backbone.path={random_backbone_dir}", f"shards_dir={tiny_cache}",
+    proc = run_cli("hawkspec-train", f"backbone.path={random_backbone_dir}", f"shards_dir={disk_cache}",
                    f"hydra.run.dir={tmp_path / 'run'}", f"export_dir={dest}", "logger=none", ok=False)
     assert "export_dir" in proc.stderr and "Instantiating backbone" not in proc.stdout + proc.stderr
     assert (dest / "thesis.tex").read_text() == "thesis.tex"

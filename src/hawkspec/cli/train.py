@@ -52,7 +52,7 @@ def checkpoint_callback(cfg: DictConfig, ckpt_dir: Path) -> ModelCheckpoint:
     """Lightning's own checkpoint of the whole training state (weights, optimiser, scheduler, loops): only
     ``last.ckpt``, at every epoch end or every ``checkpoint.every_n_train_steps``."""
     every = (cfg.get("checkpoint") or {}).get("every_n_train_steps")
-    return ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True,
+    return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                            every_n_train_steps=every, save_on_train_epoch_end=True, enable_version_counter=False)
 
 
