@@ -277,3 +277,25 @@ def test_backbone_configs_carry_the_paper_sampling(res):
         assert compose("eval", overrides=[f"backbone=lumina_mgpt_{res}", "sampling.top_k=7"]).sampling.top_k == 7
         assert compose("eval").sampling.top_k == 128  # the tiny model keeps its own
     assert (Path(CONF_DIR) / "backbone" / "sampling" / f"lumina_mgpt_{res}.yaml").is_file()
+
+
+def test_footprint_of_lumina_7b_from_its_config():
+    from hawkspec.backbones.footprint import main
+
+    f = main(["backbone=lumina_mgpt_768", "cache.num_samples=6000", "cache.val_samples=0", "batch=2"])
+    assert 7.0e9 < f["parameters"] < 7.1e9 and f["weights_bytes"] == 2 * f["parameters"]  # bf16
+    assert f["grid"] == {"rows": 48, "cols": 48, "tokens_per_row": 49, "body_tokens": 2352}
+    assert f["kv_bytes_per_slot"] == 32 * 2 * 32 * 128 * 2 and f["cfg_streams"] == 2
+    assert f["kv_slots_per_stream"] == 64 + 3 + 2352 + 1 + 64
+    assert f["kv_bytes_per_batch"] == 2 * f["kv_bytes_per_image"]
+    assert f["cache_bytes"] == 6000 * (2353 * 4096 * 2 + 2352 * 2)
+
+
+def test_footprint_reads_a_local_checkpoint(lumina_checkpoint):
+    from hawkspec.backbones.footprint import main
+
+    bb, root = lumina_checkpoint
+    f = main([f"backbone=lumina_mgpt_768", f"backbone.path={root / 'model'}", "backbone.resolution=16",
+              "backbone.dtype=float32", "cache.topk=4", "--json"])
+    assert f["parameters"] == sum(p.numel() for p in bb.model.parameters())
+    assert f["grid"]["body_tokens"] == 20 and f["cache_bytes_per_sample"] == 21 * 64 * 2 + 20 * 2 + 21 * 4 * 4
