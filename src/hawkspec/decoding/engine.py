@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from hawkspec.backbones.base import Backbone
 from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.output import GenerationOutput
-from hawkspec.decoding.proposers.base import Proposer
+from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs
 from hawkspec.decoding.tree import TopologyTable
 from hawkspec.decoding.walks import walk_longest
@@ -168,138 +168,246 @@ class SpeculativeDecoder:
     def lossless(self) -> bool:
         return self.acceptance.lossless
 
+    # ------------------------------------------------------------------------------------------- the loop
     @torch.no_grad()
     def generate(
         self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
         track_entropy: bool = False,
     ) -> GenerationOutput:
-        """Sample one image per prompt. Same arguments and output as :func:`hawkspec.decoding.ar.ar_generate`."""
+        """Sample one image per prompt. Same arguments and output as :func:`hawkspec.decoding.ar.ar_generate`.
+
+        Each step is five named stages: :meth:`propose`, :meth:`build_tree`, :meth:`forward_tree`,
+        :meth:`verify`, :meth:`commit`."""
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
-        bb, tab, s = self.backbone, self.table, self.sampling
-        grid = bb.grid
-        B, L, K = len(prompts), grid.length, bb.num_codes
-        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + tab.num_nodes)
-        S = state.streams
-        dev = hidden.device
-        ar = torch.arange(B, device=dev)
-        forced_body = grid.forced_mask().to(dev)
-        eol = bb.eol_token_id if grid.eol else 0  # forced nodes exist only with an end-of-line token
-        code_ids = bb.code_token_ids
-
-        # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step
-        tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
-        codes = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
-        accept_map = torch.zeros((B, L + 1), device=dev)
-        forced_body = torch.cat([forced_body, forced_body.new_zeros(1)])
-        stats = StepStats(*(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3)))
-        ent_sum, ent_n = 0.0, 0
-
-        # first token: exact sample from the prefill distribution, as in AR
-        p0 = self.acceptance.target(target_probs(combine_cfg(bb.code_logits(hidden), S, s.cfg_scale), s))
-        first = self.acceptance.bonus(p0, generator)
-        codes[:, 0], tokens[:, 0] = first, code_ids[first]
-        n = torch.ones(B, dtype=torch.long, device=dev)
-        src_hidden = hidden[:B]  # conditional stream at the image-start token
-        self.proposer.start(B, dev)
-        observes = self.proposer.wants_accepted_hidden
-        bar = tqdm(total=L * B, disable=not progress, desc=self.proposer.name, leave=False)
-        bar.update(B)
-        arT = torch.arange(tab.num_nodes, device=dev)
-        eye = torch.eye(tab.num_nodes, dtype=torch.bool, device=dev)
-        arA = torch.arange(tab.max_depth + 1, device=dev)
-
+        run = self.start(prompts, generator, track_entropy)
+        bar = tqdm(total=run.L * run.B, disable=not progress, desc=self.proposer.name, leave=False)
+        bar.update(run.B)
         while True:
-            active = n < L
-            if not active.any():
+            run.active = run.n < run.L
+            if not run.active.any():  # the one host sync of a step
                 break
-            root_pos = (n - 1).clamp(max=L - 1)
-            topo = tab.lookup(root_pos)  # (B,)
-            depth, code_depth, rank = tab.depth[topo], tab.code_depth[topo], tab.rank[topo]  # (B, T)
-            forced, valid = tab.forced[topo], tab.valid[topo]
-            offset = self.code_offset[topo]
-            code_pos = torch.where(offset >= 0, root_pos[:, None] + offset, -1)
-            pools = self.proposer.propose(src_hidden, root_pos, code_pos, max(tab.pool_sizes), generator)
-            slot = code_depth * pools.tokens.shape[-1] + rank  # (B, T) each node's flat index into the (J, P) pool
-            cand = pools.tokens.flatten(1).gather(1, slot)  # (B, T) code of each node, -1 none
-            cand[:, 0] = codes[ar, root_pos]
-            node_ok = valid & (forced | (cand >= 0)) & active[:, None]
-            node_ok[:, 0] = True
-            node_tok = torch.where(forced, eol, code_ids[cand.clamp(min=0)])
-            node_tok[:, 0] = tokens[ar, root_pos]
-            anc = tab.mask[topo]  # (B, T, T) ancestors-or-self
-            mask = (anc & node_ok.unsqueeze(1)) | eye
-
-            h = bb.forward(state, node_tok.repeat(S, 1), tree_mask=mask.repeat(S, 1, 1), depth=depth.repeat(S, 1))
-            p = target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)  # (B, T, K)
-            if track_entropy:
-                ent_sum += entropy(p[:, 0][active]).sum().item()
-                ent_n += int(active.sum())
-            p = self.acceptance.target(p)
-
-            # ---- verification: walk every row's tree from the root
-            y = self.acceptance.draw(p, generator) if pools.q is None else None
-            if self.acceptance.independent:  # each candidate judged on its own; the longest accepted path wins
-                cur, path, n_path, bonus = walk_longest(self.acceptance, p, cand, forced, node_ok, tab.parent[topo],
-                                                        anc, depth, active, tab.max_depth, generator)
-            elif y is not None:
-                cur, path, n_path, bonus = self._walk_draw(y, cand, forced, node_ok, topo, active, anc, arT)
-            else:
-                if self.is_chain:
-                    walk = self._walk_chain(p, cand, pools, slot, forced, node_ok, active, ar, arA, generator)
-                else:
-                    walk = self._walk_tries(p, cand, pools, code_depth, rank, forced, node_ok, tab.children[topo],
-                                            active, generator)
-                cur, path, n_path, r = walk
-                bonus = self.acceptance.bonus(r, generator)
-
-            # ---- commit the accepted path (root excluded: committed last step) and the bonus token
-            path_ok = arA < n_path[:, None]  # (B, A)
-            pos = root_pos[:, None] + depth.gather(1, path)  # (B, A) body positions
-            commit = path_ok & active[:, None]
-            commit[:, 0] = False
-            path_forced = forced.gather(1, path)
-            last_pos = root_pos + depth.gather(1, cur[:, None]).squeeze(1)
-            bonus_pos = last_pos + 1
-            need = active & (bonus_pos < L)
-            bonus_forced = forced_body[bonus_pos]
-            where_to = torch.cat([torch.where(commit, pos, L), torch.where(need, bonus_pos, L)[:, None]], dim=1)
-            tokens.scatter_(1, where_to, torch.cat(
-                [node_tok.gather(1, path), torch.where(bonus_forced, eol, code_ids[bonus])[:, None]], dim=1))
-            codes.scatter_(1, where_to, torch.cat(
-                [torch.where(path_forced, -1, cand.gather(1, path)), torch.where(bonus_forced, -1, bonus)[:, None]],
-                dim=1))
-            accept_map.scatter_(1, where_to[:, :-1], 1.0)
-
-            n_new = torch.where(need, bonus_pos + 1, torch.where(active, last_pos + 1, n))
-            stats.steps += active.long()
-            stats.committed += n_new - n
-            stats.accepted += (commit & ~path_forced).sum(1)
+            pools = self.propose(run, generator)
+            tree = self.build_tree(run, pools)
+            h, p = self.forward_tree(run, tree)
+            verdict = self.verify(run, tree, p, generator)
+            committed = self.commit(run, tree, verdict, h, p, generator)
             if progress:  # reading the count waits for the device; skip it when nobody watches
-                bar.update(int((n_new - n).sum()))
-            n = n_new
-
-            if self.proposer.wants_tree_outputs:
-                node_pos = torch.where(node_ok & active[:, None], root_pos[:, None] + depth, -1)
-                self.proposer.observe_tree(p, node_pos, codes[:, :L], generator, chain=self.is_chain)
-            count = torch.where(active, n_path, 0)
-            bb.compact(state, path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
-            h_cond = h[:B]
-            if observes:
-                acc_hidden = h_cond.gather(1, path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
-                self.proposer.observe(acc_hidden, torch.where(path_ok & active[:, None], pos, -1), count)
-            src_hidden = torch.where(active[:, None], h_cond[ar, cur], src_hidden)
+                bar.update(int(committed.sum()))
         bar.close()
+        return self.finish(run)
 
-        code_positions = grid.code_positions().to(dev)
+    # ------------------------------------------------------------------------------------------- stages
+    def start(self, prompts: list[str], generator, track_entropy: bool = False) -> "_Run":
+        """Prefill both CFG streams (KV reserved once for the body and the largest tree) and sample the first
+        code exactly from the prefill's distribution, as AR does."""
+        bb, s, grid = self.backbone, self.sampling, self.backbone.grid
+        B, L = len(prompts), grid.length
+        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.table.num_nodes)
+        dev = hidden.device
+        run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
+                   eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.table.num_nodes,
+                   max_depth=self.table.max_depth)
+        # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step
+        run.tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        run.codes = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        run.accept_map = torch.zeros((B, L + 1), device=dev)
+        run.forced_body = torch.cat([grid.forced_mask().to(dev), torch.zeros(1, dtype=torch.bool, device=dev)])
+        run.stats = StepStats(*(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3)))
+        p0 = self.acceptance.target(target_probs(combine_cfg(bb.code_logits(hidden), run.S, s.cfg_scale), s))
+        first = self.acceptance.bonus(p0, generator)
+        run.codes[:, 0], run.tokens[:, 0] = first, bb.code_token_ids[first]
+        run.n = torch.ones(B, dtype=torch.long, device=dev)
+        run.src_hidden = hidden[:B]  # conditional stream after the image-start sequence
+        self.proposer.start(B, dev)
+        return run
+
+    def propose(self, run: "_Run", generator) -> Pools:
+        """Stage 1: the proposer's candidate pools for the next code depths of every row, (B, J, P), from the
+        hidden state at each row's last forwarded token (``run.src_hidden``, (B, d))."""
+        tab = self.table
+        run.root_pos = (run.n - 1).clamp(max=run.L - 1)  # (B,) the last committed body position
+        run.topo = tab.lookup(run.root_pos)  # (B,) each row's tree topology (forced tokens spliced in)
+        offset = self.code_offset[run.topo]  # (B, J)
+        code_pos = torch.where(offset >= 0, run.root_pos[:, None] + offset, -1)
+        return self.proposer.propose(run.src_hidden, run.root_pos, code_pos, max(tab.pool_sizes), generator)
+
+    def build_tree(self, run: "_Run", pools: Pools) -> "_Tree":
+        """Stage 2: every row's tree -- node tokens from the pools (forced end-of-line tokens in place), the
+        4-D mask of ancestors among the valid nodes, depth position offsets. All (B, T) or (B, T, T)."""
+        tab, topo, ar = self.table, run.topo, run.ar
+        t = _Tree(pools=pools, depth=tab.depth[topo], code_depth=tab.code_depth[topo], rank=tab.rank[topo],
+                  forced=tab.forced[topo], anc=tab.mask[topo])
+        t.slot = t.code_depth * pools.tokens.shape[-1] + t.rank  # each node's flat index into the (J, P) pool
+        t.cand = pools.tokens.flatten(1).gather(1, t.slot)  # code of each node, -1 none
+        t.cand[:, 0] = run.codes[ar, run.root_pos]
+        t.node_ok = tab.valid[topo] & (t.forced | (t.cand >= 0)) & run.active[:, None]
+        t.node_ok[:, 0] = True
+        t.node_tok = torch.where(t.forced, run.eol, self.backbone.code_token_ids[t.cand.clamp(min=0)])
+        t.node_tok[:, 0] = run.tokens[ar, run.root_pos]
+        t.mask = (t.anc & t.node_ok.unsqueeze(1)) | run.eye
+        return t
+
+    def forward_tree(self, run: "_Run", tree: "_Tree") -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 3: one backbone forward over every row's tree, both CFG streams. Returns the hidden states
+        (S*B, T, d) and the verification target at every node (B, T, K): AR's target (CFG, top-k,
+        temperature), then the acceptance rule's view of it."""
+        bb, s, S = self.backbone, self.sampling, run.S
+        h = bb.forward(run.state, tree.node_tok.repeat(S, 1), tree_mask=tree.mask.repeat(S, 1, 1),
+                       depth=tree.depth.repeat(S, 1))
+        p = target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)  # (B, T, K)
+        if run.track_entropy:
+            run.ent_sum += entropy(p[:, 0][run.active]).sum().item()
+            run.ent_n += int(run.active.sum())
+        return h, self.acceptance.target(p)
+
+    def verify(self, run: "_Run", tree: "_Tree", p: torch.Tensor, generator) -> "_Verdict":
+        """Stage 4: walk every row's tree from the root with the acceptance rule; the accepted path and the
+        bonus token. The walk is chosen by what the rule and tree allow (same decisions either way):
+
+        * independent rules (Medusa's typical): every node judged on its own, the longest accepted path;
+        * point-mass trees under a rule with the shortcut: one draw per node (:meth:`_walk_draw`);
+        * chains: every node against its parent's untouched target at once (:meth:`_walk_chain`);
+        * otherwise children tried in order against the residual (:meth:`_walk_tries`).
+        """
+        t, tab, rule, active = tree, self.table, self.acceptance, run.active
+        shortcut = not rule.independent and t.pools.q is None and rule.point_mass_shortcut
+        y = rule.draw(p, generator) if shortcut else None  # None: the rule declines the shortcut
+        if rule.independent:
+            cur, path, n_path, bonus = walk_longest(rule, p, t.cand, t.forced, t.node_ok, tab.parent[run.topo],
+                                                    t.anc, t.depth, active, tab.max_depth, generator)
+        elif y is not None:
+            cur, path, n_path, bonus = self._walk_draw(y, t.cand, t.forced, t.node_ok, run.topo, active, t.anc,
+                                                       run.arT)
+        else:
+            if self.is_chain:
+                walk = self._walk_chain(p, t.cand, t.pools, t.slot, t.forced, t.node_ok, active, run.ar, run.arA,
+                                        generator)
+            else:
+                walk = self._walk_tries(p, t.cand, t.pools, t.code_depth, t.rank, t.forced, t.node_ok,
+                                        tab.children[run.topo], active, generator)
+            cur, path, n_path, r = walk
+            bonus = rule.bonus(r, generator)
+        return _Verdict(cur=cur, path=path, n_path=n_path, bonus=bonus)
+
+    def commit(self, run: "_Run", tree: "_Tree", v: "_Verdict", h: torch.Tensor, p: torch.Tensor,
+               generator) -> torch.Tensor:
+        """Stage 5: write the accepted path (the root was committed last step) and the bonus token, count,
+        compact the KV cache to root + accepted path, and hand the proposer what it observes. The next drafts
+        come from the hidden state at the last accepted node -- no extra forward. Returns (B,) the body tokens
+        committed per row."""
+        t, bb, active, L, B, S = tree, self.backbone, run.active, run.L, run.B, run.S
+        path_ok = run.arA < v.n_path[:, None]  # (B, A)
+        pos = run.root_pos[:, None] + t.depth.gather(1, v.path)  # (B, A) body positions
+        commit = path_ok & active[:, None]
+        commit[:, 0] = False
+        path_forced = t.forced.gather(1, v.path)
+        last_pos = run.root_pos + t.depth.gather(1, v.cur[:, None]).squeeze(1)
+        bonus_pos = last_pos + 1
+        need = active & (bonus_pos < L)
+        bonus_forced = run.forced_body[bonus_pos]
+        where_to = torch.cat([torch.where(commit, pos, L), torch.where(need, bonus_pos, L)[:, None]], dim=1)
+        run.tokens.scatter_(1, where_to, torch.cat(
+            [t.node_tok.gather(1, v.path), torch.where(bonus_forced, run.eol, bb.code_token_ids[v.bonus])[:, None]],
+            dim=1))
+        run.codes.scatter_(1, where_to, torch.cat(
+            [torch.where(path_forced, -1, t.cand.gather(1, v.path)), torch.where(bonus_forced, -1, v.bonus)[:, None]],
+            dim=1))
+        run.accept_map.scatter_(1, where_to[:, :-1], 1.0)
+
+        n_new = torch.where(need, bonus_pos + 1, torch.where(active, last_pos + 1, run.n))
+        committed = n_new - run.n
+        run.stats.steps += active.long()
+        run.stats.committed += committed
+        run.stats.accepted += (commit & ~path_forced).sum(1)
+        run.n = n_new
+
+        if self.proposer.wants_tree_outputs:
+            node_pos = torch.where(t.node_ok & active[:, None], run.root_pos[:, None] + t.depth, -1)
+            self.proposer.observe_tree(p, node_pos, run.codes[:, :L], generator, chain=self.is_chain)
+        count = torch.where(active, v.n_path, 0)
+        bb.compact(run.state, v.path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
+        h_cond = h[:B]
+        if self.proposer.wants_accepted_hidden:
+            acc_hidden = h_cond.gather(1, v.path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
+            self.proposer.observe(acc_hidden, torch.where(path_ok & active[:, None], pos, -1), count)
+        run.src_hidden = torch.where(active[:, None], h_cond[run.ar, v.cur], run.src_hidden)
+        return committed
+
+    def finish(self, run: "_Run") -> GenerationOutput:
+        """The codes, tokens and counters of the batch."""
+        grid, B = self.backbone.grid, run.B
+        code_positions = grid.code_positions().to(run.device)
+        stats = run.stats
         forwards = 1 + stats.steps
         return GenerationOutput(
-            codes=codes[:, code_positions].view(B, grid.rows, grid.cols),
-            tokens=tokens[:, :L],
+            codes=run.codes[:, code_positions].view(B, grid.rows, grid.cols),
+            tokens=run.tokens[:, : run.L],
             forwards=int(forwards.max()),
             forwards_per_image=forwards.cpu(),
             accepted_tokens=stats.accepted.cpu(),
-            accept_map=accept_map[:, code_positions].view(B, grid.rows, grid.cols).cpu(),
-            mean_entropy=ent_sum / max(ent_n, 1) if track_entropy else None,
+            accept_map=run.accept_map[:, code_positions].view(B, grid.rows, grid.cols).cpu(),
+            mean_entropy=run.ent_sum / max(run.ent_n, 1) if run.track_entropy else None,
             extras={"committed": stats.committed.cpu(), "steps": stats.steps.cpu()},
         )
+
+
+@dataclass
+class _Run:
+    """What one :meth:`SpeculativeDecoder.generate` call carries from step to step (B rows, body length L)."""
+
+    B: int
+    L: int
+    S: int  # CFG streams
+    state: object  # the backbone's KVState
+    device: torch.device
+    eol: int
+    num_nodes: int
+    max_depth: int
+    track_entropy: bool = False
+    tokens: torch.Tensor | None = None  # (B, L+1) committed input ids, -1 not yet
+    codes: torch.Tensor | None = None  # (B, L+1) committed codes, -1 forced / not yet
+    accept_map: torch.Tensor | None = None  # (B, L+1) 1.0 where a draft was accepted
+    forced_body: torch.Tensor | None = None  # (L+1,) forced positions
+    stats: StepStats | None = None
+    n: torch.Tensor | None = None  # (B,) committed body tokens
+    src_hidden: torch.Tensor | None = None  # (B, d) hidden state at each row's last forwarded token
+    active: torch.Tensor | None = None  # (B,) rows still decoding
+    root_pos: torch.Tensor | None = None  # (B,) this step's root body position
+    topo: torch.Tensor | None = None  # (B,) this step's topology index
+    ent_sum: float = 0.0
+    ent_n: int = 0
+
+    def __post_init__(self):
+        dev = self.device
+        self.ar = torch.arange(self.B, device=dev)
+        self.arT = torch.arange(self.num_nodes, device=dev)
+        self.arA = torch.arange(self.max_depth + 1, device=dev)
+        self.eye = torch.eye(self.num_nodes, dtype=torch.bool, device=dev)
+
+
+@dataclass
+class _Tree:
+    """One step's trees, (B, T) per node unless noted."""
+
+    pools: Pools
+    depth: torch.Tensor  # position offset from the root
+    code_depth: torch.Tensor  # which pool depth the node draws from
+    rank: torch.Tensor  # which pool entry
+    forced: torch.Tensor  # forced end-of-line node
+    anc: torch.Tensor  # (B, T, T) ancestors-or-self in the topology
+    slot: torch.Tensor | None = None  # flat index into the (J, P) pool
+    cand: torch.Tensor | None = None  # the node's code, -1 none
+    node_ok: torch.Tensor | None = None  # node takes part (valid, has a candidate, row active)
+    node_tok: torch.Tensor | None = None  # the node's input id
+    mask: torch.Tensor | None = None  # (B, T, T) the tree attention mask
+
+
+@dataclass
+class _Verdict:
+    """The outcome of :meth:`SpeculativeDecoder.verify`, per row."""
+
+    cur: torch.Tensor  # (B,) the last accepted node
+    path: torch.Tensor  # (B, A) accepted nodes from the root, padded
+    n_path: torch.Tensor  # (B,) nodes on the path, root included
+    bonus: torch.Tensor  # (B,) the bonus code drawn at ``cur``
