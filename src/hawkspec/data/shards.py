@@ -13,7 +13,9 @@ sample exactly once. That needs the same number of batches on every rank, which 
 Validation always streams once through its shards without resampling.
 
 Both manifests are read and checked against the backbone first (:func:`hawkspec.data.manifest.check_compatible`);
-a shard whose size differs from the manifest, or that fails to parse, is reported by file name.
+a shard whose size differs from the manifest, or that fails to parse, is reported by file name. An exact pass
+also counts every shard's samples against the manifest (:class:`ShardCounter`), and a NaN / Inf in a sample is
+refused naming the sample and the shard.
 """
 
 from __future__ import annotations
