@@ -12,7 +12,8 @@ from hawkspec.heads.draft import DraftHeads, HeadsConfig
 
 LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True, "sjd": True,
             "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False,
-            "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False}
+            "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False,
+            "eagle": True, "eagle_spatial": True}
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,10 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
     DraftHeads.for_backbone(HeadsConfig(num_horizontal=4, vertical=False), bb).save(root / "medusa")
     DraftHeads.for_backbone(HeadsConfig(num_horizontal=4, vertical=True, vsd=2), bb).save(root / "hawk")
+    from hawkspec.heads.eagle import EagleConfig, EagleDrafter
+
+    for name, spatial in (("eagle", False), ("eagle_spatial", True)):
+        EagleDrafter.for_backbone(EagleConfig(spatial=spatial), bb).save(root / name)
     return bb, root
 
 

@@ -59,22 +59,25 @@ def checkpoint_callback(cfg: DictConfig, ckpt_dir: Path) -> ModelCheckpoint:
 @task
 def run(cfg: DictConfig) -> dict:
     validate_train(cfg)
-    config = heads_config(cfg)
+    # a `heads` config with a `_target_` names its own training module (heads=eagle); the others are DraftHeads
+    custom = cfg.heads.get("_target_")
+    config = None if custom else heads_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone")
-    config.validate(backbone.grid.rows)
-    distill = cfg.loss.distill_weight > 0
+    distill = cfg.loss.distill_weight > 0 and not custom
     datamodule = instantiate(cfg.data, "data", identity=backbone.identity(), topk=distill)
-    kind = "Hawk" if config.vertical else "Medusa"
-    log.info("Building %s draft heads %s for backbone %s", kind, config, backbone.name)
-    heads = DraftHeads.for_backbone(config, backbone)
-    grid = backbone.grid
-    del backbone  # the heads carry the frozen LM head rows; the transformer is not needed to train them
-    module = HeadTrainingModule(
-        heads, grid, optimizer=instantiate(cfg.optimizer, "optimizer"),
-        scheduler=instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
-        warmup_ratio=cfg.warmup_ratio, **cfg.loss,
-    )
+    optimizer = instantiate(cfg.optimizer, "optimizer")
+    scheduler = instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    if custom:
+        module = instantiate(cfg.heads, "heads", backbone=backbone, optimizer=optimizer, scheduler=scheduler,
+                             warmup_ratio=cfg.warmup_ratio)
+    else:
+        config.validate(backbone.grid.rows)
+        kind = "Hawk" if config.vertical else "Medusa"
+        log.info("Building %s draft heads %s for backbone %s", kind, config, backbone.name)
+        module = HeadTrainingModule(DraftHeads.for_backbone(config, backbone), backbone.grid, optimizer=optimizer,
+                                    scheduler=scheduler, warmup_ratio=cfg.warmup_ratio, **cfg.loss)
+    del backbone  # the module carries the frozen LM head rows; the transformer is not needed to train it
     out_dir = Path(cfg.paths.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = HeadsCheckpoint(out_dir / "heads", cfg.export_dir, overwrite=bool(cfg.get("overwrite", False)))
