@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 # Every decoder preset against AR in one run (batch 1: per-image latency, as the papers report), then our AR
 # loop against transformers' generate. Results: outputs/bench/results.{json,md}, outputs/bench/ar_vs_generate.json
 bench: $(STAMP)
-	$(BIN)/hawkspec-eval eval.decoders=all eval.num_prompts=$(N) eval.batch_size=1 hydra.run.dir=outputs/bench
+	$(BIN)/hawkspec-eval eval.decoders=all eval.num_prompts=$(N) eval.batch_size=1 eval.step_accounting=true hydra.run.dir=outputs/bench
 	$(BIN)/python experiments/bench_ar.py num_prompts=$(N) batch_size=1 out=outputs/bench/ar_vs_generate.json
 
 pretrain: $(STAMP)

@@ -29,7 +29,7 @@ from hawkspec.data.render import save_grid
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
-from hawkspec.metrics.speed import image_counters, interleaved_passes, summarize
+from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, step_accounting, summarize
 
 log = logging.getLogger("hawkspec")
 
@@ -109,11 +109,13 @@ def accept_heatmap(path: Path, maps: torch.Tensor, title: str) -> None:
 
 SPEED_COLUMNS = ["decoder", "lossless", "acceptance_length", "forwards_per_image", "step_compression",
                  "seconds_per_image", "speedup"]
+ACCOUNTING_COLUMNS = ["seconds_per_forward", "forward_share", "efficiency"]  # eval.step_accounting=true
 
 
 def table_columns(rows: list[dict]) -> list[str]:
-    """The speed columns, then the quality figures present in any row."""
-    return SPEED_COLUMNS + [k for k in QUALITY_KEYS if any(r.get(k) is not None for r in rows)]
+    """The speed columns (with step accounting when it ran), then the quality figures present in any row."""
+    accounting = [k for k in ACCOUNTING_COLUMNS if any(r.get(k) is not None for r in rows)]
+    return SPEED_COLUMNS + accounting + [k for k in QUALITY_KEYS if any(r.get(k) is not None for r in rows)]
 
 
 def markdown_table(rows: list[dict], quality: dict | None = None) -> str:
@@ -250,6 +252,12 @@ def run(cfg: DictConfig) -> dict:
         repeats=e.repeats, warmup_batches=e.warmup_batches,
     )
 
+    accounting = None
+    if e.get("step_accounting"):  # an untimed pass of its own: the clock synchronises every forward
+        accounting = step_accounting(
+            decoders, backbone, batches,
+            lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi))
+
     rows, images_of = [], {}
     ar_sec = statistics.median(seconds["ar"]) / len(prompts)
     for name, dec in decoders.items():
@@ -273,6 +281,12 @@ def run(cfg: DictConfig) -> dict:
         torch.save(codes, out_dir / f"codes_{name}.pt")
         np.save(out_dir / f"codes_{name}.npy", codes.cpu().numpy())
         row["images_per_second"] = 1.0 / sec
+        if accounting is not None:
+            acc = accounting[name]
+            row["seconds_per_forward"] = acc["seconds_per_forward"]
+            row["forward_share"] = acc["forward_seconds"] / acc["seconds"]
+            row["efficiency"] = efficiency(row["speedup"], row["step_compression"],
+                                           accounting["ar"]["seconds_per_forward"], acc["seconds_per_forward"])
         rows.append(row)
 
     results = {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": len(prompts),
