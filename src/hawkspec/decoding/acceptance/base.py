@@ -86,7 +86,7 @@ class AcceptanceRule(abc.ABC):
         Returns:
             (...) bool.
         """
-        raise NotImplementedError(f"acceptance rule {self.name!r} is not independent")
+        raise TypeError(f"acceptance rule {self.name!r} is not independent: it tries children in order")
 
     def draw(self, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
         """Shortcut for trees of point-mass (top-k) candidates, or None when the rule has none.
