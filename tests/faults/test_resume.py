@@ -115,7 +115,7 @@ def test_a_signalled_training_loses_at_most_the_work_since_its_last_checkpoint(t
     time.sleep(0.5)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, "the run finished before the signal: make it longer\n" + out[-2000:]
+    assert proc.returncode == 128 + sig or proc.returncode == 1, out[-2000:]  # 143 (SIGTERM) or 1 (Ctrl-C)
     _, state = final_weights(tmp_path / "sig")  # loadable: never half written
     assert state["epoch"] < 24
     resumed = run(tmp_path / "sig")

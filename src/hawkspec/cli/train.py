@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from hawkspec.backbones.base import Backbone
@@ -85,7 +87,12 @@ def run(cfg: DictConfig) -> dict:
     callbacks += [SeenKeysRecorder(out_dir / "seen_keys")] if cfg.record_keys else []
     trainer: L.Trainer = instantiate(cfg.trainer, "trainer", logger=instantiate_loggers(cfg.get("logger")),
                                      callbacks=callbacks, enable_checkpointing=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, ckpt_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, ckpt_dir))
+    except SIGTERMException:  # Lightning's is a SystemExit with code 0: a killed run must not look like a success
+        log.error("SIGTERM at step %d: rerun with hydra.run.dir=%s to resume from %s", trainer.global_step, out_dir,
+                  ckpt_dir / "last.ckpt")
+        raise SystemExit(128 + signal.SIGTERM) from None
     if checkpoint.saved_step != trainer.global_step and datamodule.val_manifest is not None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics; saves the heads
     if checkpoint.saved_step != trainer.global_step:  # no validation data
