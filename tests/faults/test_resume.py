@@ -48,6 +48,7 @@ class InterruptAfterFirstEpoch(ModelCheckpoint):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # ~50 s on 2 shared cores
 def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(tmp_path, monkeypatch, random_backbone_dir,
                                                                       disk_cache):
     """Expect: Ctrl-C after epoch 1 of 3, rerun into the same folder (ckpt_path=last, the default) -> the same
@@ -76,6 +77,7 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(tmp_path, 
     assert best["monitor"] == "val/loss" and best["epoch"] in (0, 1, 2)
 
 
+@pytest.mark.slow  # ~50 s on 2 shared cores
 def test_export_keeps_better_heads_unless_overwrite(tmp_path, random_backbone_dir, disk_cache):
     """Expect: a run whose best val/loss is worse than the exported heads' leaves them (exported=False); the
     export records the epoch of its heads; overwrite=true replaces them."""
