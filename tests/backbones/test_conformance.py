@@ -183,8 +183,10 @@ def heads_dir(bb, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("preset, tree", [("medusa", None), ("hawk", None), ("hawk", "gpu"), ("medusa", "chain"),
-                                          ("sjd", None), ("hawk_jacobi", None)])
+@pytest.mark.parametrize("preset, tree", [("hawk", None), ("hawk", "gpu"), ("sjd", None),  # tree, big tree, chain
+                                          pytest.param("medusa", None, marks=pytest.mark.slow),
+                                          pytest.param("medusa", "chain", marks=pytest.mark.slow),
+                                          pytest.param("hawk_jacobi", None, marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_greedy_ar(bb, heads_dir, preset, tree):
     s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
     want = ar_generate(bb, PROMPTS, s)
@@ -200,7 +202,8 @@ def test_heads_for_another_grid_are_refused(adapter, heads_dir):
     assert "hawkspec-train" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ADAPTERS)
+# every adapter in `make test-slow`; the embedded one in `make test` too (an enumeration + 3,000 decodes each)
+@pytest.mark.parametrize("name", [pytest.param(a, marks=() if a == "tiny" else pytest.mark.slow) for a in ADAPTERS])
 def test_exact_rule_is_lossless_through_the_adapter(name):
     """Hawk (sampled drafts, each with its own q, tried in turn) with the exact rule vs the enumerated target: 2x3 grid, 4 codes."""
     from hawkspec.decoding.acceptance import ExactAcceptance
