@@ -51,6 +51,7 @@ def test_real_images_are_close_to_the_reference_and_noise_is_far(meter, real):
     images, captions = real
     got = meter.measure(images, captions)
     assert got["fid_features"] == EXTRACTOR_NAME and got["quality_images"] == 128
+    assert got["fid_protocol"] == "center-crop-48-lanczos"  # the tiny extractor reads the decoded size
     noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flat = torch.full_like(images, 128)
     assert got["fid"] < 0.25 * meter.measure(noise, captions)["fid"]
@@ -109,6 +110,8 @@ def test_noise_floor_is_the_absolute_change_of_each_figure():
 # --------------------------------------------------------------------------------------------- config errors
 @pytest.mark.parametrize("kw, num, key", [
     ({"fid_features": "bogus"}, 8, "eval.quality.fid_features"),
+    ({"fid_filter": "nearest"}, 8, "eval.quality.fid_filter"),
+    ({"fid_resize": 3}, 8, "eval.quality.fid_resize"),
     ({}, 1, "eval.num_prompts"),
     ({"batch_size": 0}, 8, "eval.quality.batch_size"),
     ({"inception_weights": "/does/not/exist.pth"}, 8, "eval.quality.inception_weights"),
@@ -165,19 +168,45 @@ def test_inception_features_when_available(tmp_path, real):
 
 
 # --------------------------------------------------------------------------------------------- CLIP score
-def test_clip_score_with_a_local_clip_model(tmp_path, real):
+def test_clip_score_with_a_local_clip_model_in_both_conventions(tmp_path, real):
     from transformers import CLIPModel, CLIPProcessor
 
     clip_dir = build_tiny_clip(tmp_path / "clip")
     m = QualityMeter(settings(tmp_path, clip_model=str(clip_dir), reference={"num_images": 16}).validate(8), 48)
     images, captions = real
-    got = m.measure(images[:8], captions[:8])["clip_score"]
-    # the same score by hand: 100 x cosine of the projected embeddings, averaged, floored at 0
+    got = m.measure(images[:8], captions[:8])
+    assert "clip_score" not in got  # every key names its convention
     model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
-    with torch.no_grad():
-        img = model.get_image_features(**proc(images=list(images[:8]), return_tensors="pt"))
-        txt = model.get_text_features(**proc(text=captions[:8], return_tensors="pt", padding=True))
-    img = img if isinstance(img, torch.Tensor) else img.pooler_output
-    txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
-    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-    assert got == pytest.approx(max(float((100 * cos).mean()), 0.0), abs=1e-3)
+
+    def cosines(texts, **cut):
+        with torch.no_grad():
+            img = model.get_image_features(**proc(images=list(images[:8]), return_tensors="pt"))
+            txt = model.get_text_features(**proc(text=texts, return_tensors="pt", padding=True, **cut))
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+        txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+        return torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+
+    # torchmetrics: 100 x cosine of the projected embeddings, averaged, floored at 0
+    assert got["clip_score_100cos"] == pytest.approx(max(float((100 * cosines(captions[:8])).mean()), 0.0), abs=1e-3)
+    # LANTERN: the raw cosine with "A photo depicts " before the caption, averaged (no x100, no floor), the text cut
+    # to the model's context (77 tokens for real CLIP; 32 for the tiny one, which the prefix overflows here)
+    prefixed = ["A photo depicts " + c for c in captions[:8]]
+    assert max(len(t) for t in proc.tokenizer(prefixed)["input_ids"]) > 32
+    lantern = cosines(prefixed, truncation=True, max_length=32)
+    assert got["clip_cosine_lantern"] == pytest.approx(float(lantern.mean()), abs=1e-5)
+    assert got["clip_cosine_lantern"] != pytest.approx(float(cosines(captions[:8]).mean()), abs=1e-6)
+    clip = m.describe()["clip"]
+    assert clip["conventions"]["lantern"]["key"] == "clip_cosine_lantern" and "A photo depicts" in \
+        clip["conventions"]["lantern"]["definition"]
+    assert clip["conventions"]["torchmetrics"]["key"] == "clip_score_100cos"
+
+
+def test_clip_conventions_can_be_chosen(tmp_path, real):
+    clip_dir = build_tiny_clip(tmp_path / "clip")
+    s = settings(tmp_path, clip_model=str(clip_dir), clip_conventions=["lantern"], reference={"num_images": 16})
+    m = QualityMeter(s.validate(8), 48)
+    images, captions = real
+    got = m.measure(images[:4], captions[:4])
+    assert "clip_cosine_lantern" in got and "clip_score_100cos" not in got
+    with pytest.raises(ValueError, match=r"eval\.quality\.clip_conventions"):
+        settings(tmp_path, clip_conventions=["openai"]).validate(8)

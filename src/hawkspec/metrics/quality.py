@@ -3,23 +3,28 @@
 * ``fid``: Fréchet distance between the features of the generated images and of a fixed *reference* set of real
   images (torchmetrics ``FrechetInceptionDistance``). ``fid_features`` names the feature space, and every output
   carries it: ``"inception"`` (the standard 2048-d pool features, when the weights file is on disk and
-  ``torch-fidelity`` is installed) or ``"hawkspec-tiny-extractor"`` (the 64-d feature layer of this project's
+  ``torch-fidelity``'s Inception extractor loads) or ``"hawkspec-tiny-extractor"`` (the 64-d feature layer of this project's
   evaluator, :mod:`hawkspec.metrics.evaluator`). The two are not comparable with each other, nor with papers'
   numbers on other data; compare decoders with each other and with the noise floor.
+  ``fid_protocol`` names how images reach the features: center-cropped to the short side and resized to
+  ``fid_resize`` px with the ``fid_filter`` (``center-crop-256-lanczos``: LANTERN's protocol, the default with
+  Inception; the tiny extractor reads the decoded size). See :mod:`hawkspec.metrics.fid`.
 * ``diversity``: ``sqrt(tr Σ_gen / tr Σ_ref)`` in the same feature space — the root-mean-square distance between
   two generated images relative to that between two reference images (mean squared pairwise distance = 2 tr Σ).
   1.0: as spread as the real data; lower: collapsed.
 * ``alignment``: how often an image shows what its caption asks for — the evaluator's predicted colour, shape and
   position against the caption's, averaged over those three attributes and the images (captions of the
   procedural grammar only; ``null`` otherwise). ``alignment_<attribute>`` for each attribute the classifier reads.
-* ``clip_score``: torchmetrics ``CLIPScore`` (100 × mean cosine, floored at 0) with a local CLIP model, when one is
-  configured (``eval.quality.clip_model``); for real backbones.
+* CLIP score with a local CLIP model (``eval.quality.clip_model``; for real backbones), in each convention of
+  ``eval.quality.clip_conventions``, the convention in the key: ``clip_score_100cos`` (torchmetrics, 100 ×
+  max(cos, 0)) and ``clip_cosine_lantern`` (LANTERN, raw cosine with the "A photo depicts " prefix). See
+  :mod:`hawkspec.metrics.clip`.
 * The *noise floor* of each figure: the same metric on AR with another seed (same prompts, same number of
   images); ``|AR(seed') − AR(seed)|`` is the change sampling noise alone causes, and ``fid_ar_vs_ar`` the FID
   between the two AR sets.
 
-Reference statistics (the real images' feature sums) are computed once per extractor and reference set and
-cached on disk (``eval.quality.reference.cache_dir``).
+Reference statistics (the real images' feature sums) are computed once per extractor, protocol and reference set
+and cached on disk (``eval.quality.reference.cache_dir``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ from torch import nn
 
 from hawkspec.data.procedural import ProceduralDataset, render
 from hawkspec.metrics.captions import parse_caption
+from hawkspec.metrics.clip import CLIP_CONVENTIONS, LANTERN_PREFIX, build_clip_score, clip_cosines, load_clip
+from hawkspec.metrics.clip import _clip_missing, _ProjectedCLIP  # noqa: F401  (kept importable from here)
+from hawkspec.metrics.fid import (
+    FID_FILTERS,
+    FID_SIDE,
+    InceptionFeatures,
+    InceptionUnavailable,
+    center_crop_resize,
+    center_crop_resize_pil,
+    fid_protocol,
+    frechet_distance,
+    inception_available,
+    load_inception_class,
+    stats_from_sums,
+)
 from hawkspec.metrics.evaluator import EXTRACTOR_NAME, FeatureModule, TinyEvaluator
 
 log = logging.getLogger("hawkspec")
@@ -48,7 +68,11 @@ log = logging.getLogger("hawkspec")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
 FID_FEATURE_MODES = ("auto", "inception", "tiny")
 ALIGNMENT_ATTRIBUTES = ("color", "shape", "position")
-QUALITY_KEYS = ("fid", "diversity", "alignment", "clip_score")
+CLIP_DEFINITIONS = {
+    "torchmetrics": "torchmetrics CLIPScore: mean of 100 * max(cos(image, caption), 0)",
+    "lantern": "LANTERN eval_fid_clip.py: mean raw cos(image, {prefix!r} + caption), text cut to 77 tokens",
+}
+QUALITY_KEYS = ("fid", "diversity", "alignment", *CLIP_CONVENTIONS.values())
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -60,6 +84,10 @@ class QualitySettings:
     fid_features: str = "auto"
     inception_weights: str | None = None
     clip_model: str | None = None
+    clip_conventions: list = field(default_factory=lambda: list(CLIP_CONVENTIONS))
+    clip_prefix: str = LANTERN_PREFIX
+    fid_resize: int | str | None = "auto"
+    fid_filter: str = "lanczos"
     evaluator: str | None = None
     noise_floor: bool = True
     batch_size: int = 64
@@ -71,6 +99,15 @@ class QualitySettings:
         if num_images < 2:
             raise ValueError(f"FID needs at least 2 images per decoder: set eval.num_prompts >= 2 (got {num_images}) "
                              "or eval.quality.enabled=false")
+        if self.fid_filter not in FID_FILTERS:
+            raise ValueError(f"eval.quality.fid_filter={self.fid_filter!r}: choose one of {FID_FILTERS}")
+        if not (self.fid_resize in ("auto", None) or (isinstance(self.fid_resize, int) and self.fid_resize >= 16)):
+            raise ValueError(f"eval.quality.fid_resize={self.fid_resize!r}: 'auto' (256 with Inception, the decoded "
+                             "size with the tiny extractor), null (the decoded size) or a side in px >= 16")
+        self.clip_conventions = list(self.clip_conventions)
+        bad = [c for c in self.clip_conventions if c not in CLIP_CONVENTIONS]
+        if bad or not self.clip_conventions:
+            raise ValueError(f"eval.quality.clip_conventions={self.clip_conventions}: choose from {list(CLIP_CONVENTIONS)}")
         if self.batch_size < 1:
             raise ValueError(f"eval.quality.batch_size must be >= 1, got {self.batch_size}")
         ref = self.reference
@@ -100,64 +137,21 @@ def inception_weights_path(path: str | None) -> Path | None:
 
 
 def torch_fidelity_available() -> bool:
-    return importlib.util.find_spec("torch_fidelity") is not None
-
-
-class _ProjectedCLIP(nn.Module):
-    """A transformers ``CLIPModel`` whose ``get_*_features`` return the projected embedding tensor.
-
-    transformers 5 returns a ``BaseModelOutputWithPooling`` there, which torchmetrics 1.9's CLIPScore cannot read
-    (torchmetrics issue #3407, fixed upstream after 1.9.0).
-    """
-
-    def __init__(self, clip: nn.Module) -> None:
-        super().__init__()
-        self.clip = clip
-        self.config = clip.config
-
-    @staticmethod
-    def _tensor(out):
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    def get_image_features(self, pixel_values):
-        return self._tensor(self.clip.get_image_features(pixel_values=pixel_values))
-
-    def get_text_features(self, input_ids, attention_mask=None):
-        return self._tensor(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-
-
-def _clip_missing(path: str) -> str:
-    return (f"eval.quality.clip_model={path} is not a saved CLIP model (no config.json): point it at a folder "
-            "written by transformers' save_pretrained (e.g. a local copy of openai/clip-vit-large-patch14)")
-
-
-def build_clip_score(path: str):
-    """torchmetrics ``CLIPScore`` with the CLIP model and processor saved in folder ``path`` (no downloads)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(_clip_missing(path))
-
-    def load():
-        try:
-            model = CLIPModel.from_pretrained(folder, local_files_only=True)
-            processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
-        except Exception as e:
-            raise ValueError(f"eval.quality.clip_model={path}: cannot load a CLIP model and processor: {e}") from e
-        return _ProjectedCLIP(model.eval()), processor
-
-    return CLIPScore(model_name_or_path=load)
+    """torch-fidelity is installed *and* its Inception extractor loads (see :func:`hawkspec.metrics.fid.load_inception_class`)."""
+    return inception_available()
 
 
 # ---------------------------------------------------------------------------------------------- reference images
-def reference_images(ref: dict, side: int, batch: int) -> tuple[dict, Iterator[torch.Tensor]]:
+def reference_images(ref: dict, side: int, batch: int, fid_side: int | None = None,
+                     fid_filter: str = "lanczos") -> tuple[dict, Iterator[torch.Tensor]]:
     """The real images FID compares with: a description (the cache key) and a generator of uint8 batches.
 
-    ``ref.image_dir`` (a folder of images, sorted by name, the first ``num_images``, resized to ``side``) when set,
-    else ``ref.num_images`` procedural renders of ``ProceduralDataset(num_images, ref.seed, side)``.
+    ``ref.image_dir`` (a folder of images, sorted by name, the first ``num_images``) when set, else
+    ``ref.num_images`` procedural renders of ``ProceduralDataset(num_images, ref.seed, side)``; either way
+    center-cropped to the short side and resized to ``fid_side`` (default ``side``) with ``fid_filter``.
     """
+    fid_side = fid_side or side
+    protocol = fid_protocol(fid_side, fid_filter)
     n = int(ref.get("num_images", 0))
     if ref.get("image_dir"):
         folder = Path(ref["image_dir"])
@@ -166,24 +160,26 @@ def reference_images(ref: dict, side: int, batch: int) -> tuple[dict, Iterator[t
         if len(files) < 2:
             raise ValueError(f"eval.quality.reference.image_dir={folder} holds {len(files)} images; FID needs >= 2")
         desc = {"source": "image_dir", "path": str(folder.resolve()), "num_images": len(files), "side": side,
+                "fid_protocol": protocol,
                 "files": hashlib.sha1("\n".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()}
 
         def batches():
             from PIL import Image
 
             for s in range(0, len(files), batch):
-                imgs = [np.asarray(Image.open(p).convert("RGB").resize((side, side), Image.BICUBIC))
+                imgs = [np.asarray(center_crop_resize_pil(Image.open(p).convert("RGB"), fid_side, fid_filter))
                         for p in files[s : s + batch]]
                 yield torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     else:
         seed = int(ref.get("seed", 0))
-        desc = {"source": "procedural", "num_images": n, "seed": seed, "side": side}
+        desc = {"source": "procedural", "num_images": n, "seed": seed, "side": side, "fid_protocol": protocol}
         ds = ProceduralDataset(n, seed=seed, image_size=side)
 
         def batches():
             for s in range(0, n, batch):
                 imgs = [render(ds.scene(i), side) for i in range(s, min(n, s + batch))]
-                yield torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+                yield center_crop_resize(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(),
+                                         fid_side, fid_filter)
 
     return desc, batches()
 
@@ -213,43 +209,65 @@ class QualityMeter:
         self.batch = settings.batch_size
         self.evaluator = TinyEvaluator.load(settings.evaluator).to(self.device)
         self.fid_features, feature, self.extractor_id = self._feature_space()
+        resize = settings.fid_resize
+        self.fid_side = (FID_SIDE if self.fid_features == "inception" else image_side) if resize == "auto" else \
+            (resize or image_side)
+        self.fid_filter = settings.fid_filter
+        self.fid_protocol = fid_protocol(self.fid_side, self.fid_filter)
         self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False).to(self.device)
         self.reference = self._reference(image_side)
-        self.clip = build_clip_score(settings.clip_model).to(self.device) if settings.clip_model else None
+        self.clip = self.clip_score = None
+        if settings.clip_model:
+            self.clip = load_clip(settings.clip_model)
+            self.clip[0].to(self.device)
+            if "torchmetrics" in settings.clip_conventions:
+                self.clip_score = build_clip_score(settings.clip_model, self.clip).to(self.device)
         self._warned_captions = False
 
     # -- construction
-    def _feature_space(self) -> tuple[str, nn.Module | int, str]:
+    def _feature_space(self) -> tuple[str, nn.Module, str]:
         mode = self.settings.fid_features
         weights = inception_weights_path(self.settings.inception_weights)
-        if mode == "inception" or (mode == "auto" and weights is not None and torch_fidelity_available()):
+        usable = None
+        if mode == "inception" or (mode == "auto" and weights is not None):
+            try:
+                load_inception_class()
+                usable = True
+            except InceptionUnavailable as e:
+                usable = e
+        if mode == "inception" or (mode == "auto" and usable is True):
             if weights is None:
                 raise FileNotFoundError(
                     f"eval.quality.fid_features=inception but no Inception weights: set eval.quality.inception_weights "
                     f"to torch-fidelity's {INCEPTION_FILE}, or place it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
                 )
-            if not torch_fidelity_available():
+            if usable is not True:
                 raise ModuleNotFoundError(
-                    "eval.quality.fid_features=inception needs torch-fidelity: pip install -e '.[inception]' "
-                    "(with a torchvision matching your torch), or set eval.quality.fid_features=tiny"
+                    f"eval.quality.fid_features=inception needs torch-fidelity's Inception extractor: {usable} "
+                    "(pip install -e '.[inception]'), or set eval.quality.fid_features=tiny"
                 )
-            from torchmetrics.image.fid import NoTrainInceptionV3
-
-            log.info("FID features: inception (%s)", weights)
-            module = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                        feature_extractor_weights_path=str(weights))
+            log.info("FID features: inception (torch-fidelity FeatureExtractorInceptionV3, %s)", weights)
+            try:
+                module = InceptionFeatures(weights)
+            except Exception as e:
+                raise ValueError(f"eval.quality.inception_weights={weights}: not torch-fidelity's FID Inception "
+                                 f"state dict ({INCEPTION_FILE}): {e}") from e
             return "inception", module, f"inception-{_file_digest(weights)}"
         why = ("eval.quality.fid_features=tiny" if mode == "tiny" else
-               "no Inception weights found" if weights is None else "torch-fidelity is not installed")
+               "no Inception weights found" if weights is None else f"Inception unavailable: {usable}")
         log.info("FID features: %s, the project's evaluator (%s)", EXTRACTOR_NAME, why)
         return EXTRACTOR_NAME, FeatureModule(self.evaluator), f"{EXTRACTOR_NAME}-{self.evaluator.revision()}"
 
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Generated uint8 images through the FID protocol (center crop, resize to ``fid_side`` with ``fid_filter``)."""
+        return center_crop_resize(images, self.fid_side, self.fid_filter)
+
     def _reference(self, side: int) -> dict:
         """Load or compute (and cache) the real images' feature statistics into ``self.fid``."""
-        desc, batches = reference_images(self.settings.reference, side, self.batch)
+        desc, batches = reference_images(self.settings.reference, side, self.batch, self.fid_side, self.fid_filter)
         key = hashlib.sha1(json.dumps({"extractor": self.extractor_id, **desc}, sort_keys=True).encode()).hexdigest()
         cache_dir = Path(self.settings.reference.get("cache_dir") or ".")
-        path = cache_dir / f"{self.extractor_id}-{key[:12]}.pt"
+        path = cache_dir / f"{self.extractor_id}-{self.fid_protocol}-{key[:12]}.pt"
         states = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
         if path.is_file():
             saved = torch.load(path, map_location=self.device, weights_only=True)
@@ -269,6 +287,12 @@ class QualityMeter:
         trace = _trace_cov(self.fid.real_features_sum, self.fid.real_features_cov_sum, self.fid.real_features_num_samples)
         return {**desc, "extractor": self.extractor_id, "cache": str(path), "trace_cov": trace}
 
+    def _fid(self, fid) -> float:
+        """:func:`~hawkspec.metrics.fid.frechet_distance` between the real and fake statistics of ``fid``."""
+        mu_r, cov_r = stats_from_sums(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
+        mu_f, cov_f = stats_from_sums(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
+        return frechet_distance(mu_r, cov_r, mu_f, cov_f)
+
     # -- measuring
     @torch.no_grad()
     def measure(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
@@ -277,17 +301,31 @@ class QualityMeter:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         self.fid.reset()  # keeps the reference (reset_real_features=False)
         for s in range(0, len(images), self.batch):
-            self.fid.update(images[s : s + self.batch].to(self.device), real=False)
-        out = {"fid": float(self.fid.compute()), "fid_features": self.fid_features}
+            self.fid.update(self._prepare(images[s : s + self.batch]).to(self.device), real=False)
+        out = {"fid": self._fid(self.fid), "fid_features": self.fid_features, "fid_protocol": self.fid_protocol}
         spread = _trace_cov(self.fid.fake_features_sum, self.fid.fake_features_cov_sum, self.fid.fake_features_num_samples)
         out["diversity"] = math.sqrt(max(spread, 0.0) / self.reference["trace_cov"])
         out.update(self.alignment(images, prompts))
-        if self.clip is not None:
-            self.clip.reset()
-            for s in range(0, len(images), self.batch):
-                self.clip.update(images[s : s + self.batch].to(self.device), list(prompts[s : s + self.batch]))
-            out["clip_score"] = float(self.clip.compute())
+        out.update(self.clip_scores(images, prompts))
         out["quality_images"] = len(images)
+        return out
+
+    @torch.no_grad()
+    def clip_scores(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
+        """CLIP score in each configured convention, keyed by convention (``{}`` without a CLIP model)."""
+        if self.clip is None:
+            return {}
+        out = {}
+        if self.clip_score is not None:
+            self.clip_score.reset()
+            for s in range(0, len(images), self.batch):
+                self.clip_score.update(images[s : s + self.batch].to(self.device), list(prompts[s : s + self.batch]))
+            out[CLIP_CONVENTIONS["torchmetrics"]] = float(self.clip_score.compute())
+        if "lantern" in self.settings.clip_conventions:
+            cos = torch.cat([clip_cosines(*self.clip, images[s : s + self.batch], prompts[s : s + self.batch],
+                                          prefix=self.settings.clip_prefix)
+                             for s in range(0, len(images), self.batch)])
+            out[CLIP_CONVENTIONS["lantern"]] = float(cos.mean())
         return out
 
     def alignment(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
@@ -318,13 +356,20 @@ class QualityMeter:
         fid = FrechetInceptionDistance(feature=self.fid.inception, reset_real_features=True).to(self.device)
         for imgs, real in ((a, True), (b, False)):
             for s in range(0, len(imgs), self.batch):
-                fid.update(imgs[s : s + self.batch].to(self.device), real=real)
-        return float(fid.compute())
+                fid.update(self._prepare(imgs[s : s + self.batch]).to(self.device), real=real)
+        return self._fid(fid)
 
     def describe(self) -> dict:
         """What results.json records about how quality was measured."""
         ev = getattr(self.evaluator, "meta", {})
-        return {"fid_features": self.fid_features, "extractor": self.extractor_id, "reference": self.reference,
+        clip = None
+        if self.clip is not None:
+            clip = {"model": self.settings.clip_model, "conventions": {
+                c: {"key": CLIP_CONVENTIONS[c], "definition": CLIP_DEFINITIONS[c].format(prefix=self.settings.clip_prefix)}
+                for c in self.settings.clip_conventions}}
+        return {"fid_features": self.fid_features, "fid_protocol": self.fid_protocol,
+                "fid_resize": {"crop": "center, short side", "side": self.fid_side, "filter": self.fid_filter},
+                "extractor": self.extractor_id, "reference": self.reference, "clip": clip,
                 "evaluator": {"revision": ev.get("revision"), "val_accuracy_vq": ev.get("val_accuracy", {}).get("vq")},
                 "clip_model": self.settings.clip_model, "alignment_attributes": list(ALIGNMENT_ATTRIBUTES)}
 
@@ -337,8 +382,8 @@ def noise_floor(ar: dict, ar_reseed: dict) -> dict:
 
 def _describe(desc: dict) -> str:
     if desc["source"] == "procedural":
-        return f"{desc['num_images']} procedural images, seed {desc['seed']}, {desc['side']} px"
-    return f"{desc['num_images']} images from {desc['path']} at {desc['side']} px"
+        return f"{desc['num_images']} procedural images, seed {desc['seed']}, {desc['side']} px, {desc['fid_protocol']}"
+    return f"{desc['num_images']} images from {desc['path']}, {desc['fid_protocol']}"
 
 
 def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
