@@ -74,7 +74,7 @@ def test_eval_without_quality_keeps_the_speed_table(tmp_path, random_backbone_di
 def test_a_missing_inception_file_stops_eval_before_decoding(tmp_path, random_backbone_dir):
     proc = eval_cli(f"backbone.path={random_backbone_dir}", "eval.decoders=[ar]", "eval.num_prompts=2",
                     "eval.quality.inception_weights=/no/such/pt_inception.pth", f"hydra.run.dir={tmp_path}", ok=False)
-    assert "eval.quality.inception_weights=/no/such/pt_inception.pth does not exist" in proc.stderr
+    assert "eval.quality.inception_weights" in proc.stderr and "/no/such/pt_inception.pth" in proc.stderr
     assert not (tmp_path / "codes_ar.pt").exists()
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from hawkspec.metrics.quality import QUALITY_KEYS
+
 #: Figures of a results row the sweep tables show, in order (those present in some row).
-FIGURES = ("acceptance_length", "step_compression", "speedup", "seconds_per_image", "fid", "diversity",
-           "alignment", "clip_score")
+FIGURES = ("acceptance_length", "step_compression", "speedup", "seconds_per_image", *QUALITY_KEYS)
 
 
 @dataclass
@@ -195,7 +196,7 @@ def sweep_markdown(jobs: list[Job], title: str = "Sweep results") -> str:
     floors = [(n, f) for n, f in floors if f]
     if floors:
         parts += ["Noise floor of each job (|AR(seed') − AR(seed)|, same prompts and size):", ""]
-        keys = [k for k in ("fid", "diversity", "alignment", "clip_score") if k in floors[0][1]["delta"]]
+        keys = [k for k in QUALITY_KEYS if k in floors[0][1]["delta"]]
         parts += [markdown(["job", *keys, "fid_ar_vs_ar"],
                            [{"job": n, **{k: f["delta"].get(k) for k in keys}, "fid_ar_vs_ar": f.get("fid_ar_vs_ar")}
                             for n, f in floors])]
