@@ -238,6 +238,12 @@ class EagleDrafter(nn.Module):
         """Predicted features f^_i, (B, L, d), of whole teacher-forced bodies (see :meth:`sequence_inputs`)."""
         return self.layer(self.inputs(*self.sequence_inputs(hidden, codes, noise, generator)))
 
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        """Code logits of features (..., d) -> (..., K) float32, through the frozen code head in its own dtype (a
+        bf16 backbone's head under a float32 draft layer)."""
+        probe = next(iter([*self.code_head.buffers(), *self.code_head.parameters()]), None)
+        return self.code_head(f if probe is None else f.to(probe.dtype)).float()
+
     def new_cache(self, batch_size: int, length: int) -> EagleKV:
         """An empty KV cache for ``batch_size`` bodies of ``length`` positions (plus the trash slot)."""
         shape = (batch_size, self.layer.h, length + 1, self.layer.hd)

@@ -100,10 +100,10 @@ class EagleTrainingModule(HeadTrainingModule):
         # the token after row i: x_{i+1}; none past the image, forced ones are not drafted
         nxt = torch.cat([codes[:, 1:], codes.new_full((B, 1), -1)], dim=1)  # (B, L)
         valid = nxt >= 0
-        logits = m.code_head(f_hat[valid]).float()  # (N, K)
+        logits = m.logits(f_hat[valid])  # (N, K)
         if self.token_loss == "soft":
             with torch.no_grad():
-                p = torch.softmax(m.code_head(target[valid]).float(), -1)
+                p = torch.softmax(m.logits(target[valid]), -1)
             token = -(p * torch.log_softmax(logits, -1)).sum(-1).mean() if len(p) else logits.sum() * 0
         else:
             token = F.cross_entropy(logits, nxt[valid], reduction="sum") / max(int(valid.sum()), 1)

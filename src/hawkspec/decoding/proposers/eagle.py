@@ -134,7 +134,7 @@ class EagleProposer(Proposer):
         q_pool = torch.zeros((B, J, pool_size, K), device=dev) if self.draft == "sample" else None
         for t in range(n_steps):
             p = root_pos + 1 + t  # (B,) the drafted body position
-            logits = m.code_head(f_hat).float()  # (B, K)
+            logits = m.logits(f_hat)  # (B, K)
             cand, q = self._candidates(logits, pool_size, generator)  # (B, P), (B, K) | None
             hit = live & (code_pos == p[:, None])  # (B, J): the code depth this position is, if any
             tokens = torch.where(hit[..., None], cand[:, None, :], tokens)
