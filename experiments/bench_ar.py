@@ -2,8 +2,11 @@
 
 Same model, prompts, batch and sampling settings (no CFG: ``generate`` has no CFG stream); warm-up, then
 ``repeats`` timed passes in which the two take turns on every batch; medians reported. Writes ``results.json`` and prints a table.
+``compile=none`` compares eager with eager (ours: the static cache; theirs: ``cache_implementation="static"``),
+``compile=forward`` compiled with compiled (``HFBackbone.compile_steps`` vs transformers' own compile of ``generate``).
 
     python experiments/bench_ar.py num_prompts=8 batch_size=8 repeats=5 out=outputs/bench/ar_vs_generate.json
+    python experiments/bench_ar.py compile=forward out=outputs/bench/ar_vs_generate_compiled.json
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.metrics.speed import interleaved_passes
 
 DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0,
-            "backbone_path": None, "device": "cpu", "out": "outputs/bench/ar_vs_generate.json"}
+            "backbone_path": None, "device": "cpu", "compile": "none", "out": "outputs/bench/ar_vs_generate.json"}
 
 
 def main() -> dict:
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:]))
-    bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval()
+    bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval().compile_steps(cfg.compile)
+    theirs_mode = "forward" if cfg.compile == "forward" else "static"
     ds = ProceduralDataset(cfg.num_prompts, seed=1234)
     prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
@@ -42,7 +46,7 @@ def main() -> dict:
     class Theirs:
         def generate(self, batch, generator):
             torch.manual_seed(generator.initial_seed())  # generate draws from the global generator
-            return hf_generate(bb, batch, s)
+            return hf_generate(bb, batch, s, compile=theirs_mode)
 
     # the two take turns on every batch, so the machine's drift slows both alike
     passes, _ = interleaved_passes(
@@ -54,7 +58,7 @@ def main() -> dict:
     result = {
         "backbone": bb.name, "revision": bb.revision, "num_prompts": len(prompts), "batch_size": cfg.batch_size,
         "device": cfg.device if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-        "threads": torch.get_num_threads(), "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
+        "threads": torch.get_num_threads(), "compile": cfg.compile, "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
         "seconds_per_image": med, "all_runs": times,
         "ratio_ours_over_generate": med["hawkspec_ar"] / med["transformers_generate"],
     }

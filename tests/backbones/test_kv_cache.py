@@ -1,65 +1,62 @@
-"""The slab KV cache gives the backbone exactly what transformers' concatenating DynamicCache gives it."""
+"""The static KV cache: allocated once at prefill and written by position; rows that accept different amounts
+leave holes, which are closed (defragmented) when a block would not fit, without changing any hidden state."""
 
-import pytest
 import torch
-from transformers import DynamicCache
 
-import hawkspec.backbones.hf as hf_module
-from hawkspec.backbones.kv_cache import SlabLayer, slab_cache
-
-
-def _decode(bb, prompts, steps: int, seed: int):
-    """Prefill, then a mix of linear blocks and trees with gathering and prefix compactions."""
-    gen = torch.Generator().manual_seed(seed)
-    state, h = bb.prefill(bb.encode(prompts), cfg=True)
-    N = state.key_mask.shape[0]
-    outs = [h]
-    for step in range(steps):
-        T = 1 + step % 4
-        ids = torch.randint(0, bb.num_codes, (N, T), generator=gen) + bb.layout.code_offset
-        if step % 3 == 0:
-            outs.append(bb.forward(state, ids))
-            continue
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        if step % 3 == 1 and T > 2:  # a tree: node 2 is a sibling of node 1
-            mask[2, 1] = False
-        depth = mask.sum(-1) - 1
-        outs.append(bb.forward(state, ids, tree_mask=mask, depth=depth))
-        count = torch.randint(1, T + 1, (N,), generator=gen)
-        if step % 3 == 1 and T > 2:
-            keep = torch.tensor([0, 2] + list(range(3, T))).expand(N, -1)
-            count = count.clamp(max=T - 1)
-        else:
-            keep = torch.arange(T).expand(N, -1)
-        bb.compact(state, keep.contiguous(), count, prefix=step % 3 == 2)
-    return torch.cat([o.reshape(-1) for o in outs]), state
+from hawkspec.decoding.build import seeded
+from hawkspec.decoding.engine import SpeculativeDecoder
+from hawkspec.decoding.acceptance import GreedyAcceptance
+from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.proposers import MedusaProposer
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.tree import paths_from_budget
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
 
 
-@pytest.mark.parametrize("capacity", [4, 256])  # 4: the slab grows several times
-def test_slab_cache_equals_dynamic_cache(random_backbone, prompts, monkeypatch, capacity):
-    monkeypatch.setattr(SlabLayer, "min_capacity", capacity)
-    ours, s1 = _decode(random_backbone, prompts, steps=12, seed=3)
-    monkeypatch.setattr(hf_module, "slab_cache", lambda capacity=0: DynamicCache())
-    ref, s2 = _decode(random_backbone, prompts, steps=12, seed=3)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
-    assert torch.equal(s1.key_mask, s2.key_mask) and torch.equal(s1.next_pos, s2.next_pos)
-    assert all(isinstance(layer, SlabLayer) for layer in s1.cache.layers)
+def test_the_cache_is_allocated_once(random_backbone, prompts):
+    bb = random_backbone
+    state, _ = bb.prefill(bb.encode(prompts), cfg=True, reserve=bb.grid.length)
+    ptrs = [layer.keys.data_ptr() for layer in state.cache.layers]
+    ar_ids = bb.body_ids(torch.zeros(len(prompts), bb.grid.rows, bb.grid.cols, dtype=torch.long))
+    for j in range(bb.grid.length):
+        bb.forward(state, ar_ids[:, j : j + 1].repeat(2, 1))
+    assert [layer.keys.data_ptr() for layer in state.cache.layers] == ptrs
+    assert state.used == state.capacity  # prompt + body: exactly what was reserved
 
 
-def test_slab_layer_writes_in_place_and_recovers_from_a_foreign_tensor():
-    cache = slab_cache()
-    k = torch.randn(2, 3, 5, 4)
-    keys, _ = cache.update(k, k + 1, 0)
-    layer = cache.layers[0]
-    buf = layer._k
-    keys, values = cache.update(k[:, :, :2], k[:, :, :2] + 1, 0)
-    assert layer._k is buf and keys.data_ptr() == buf.data_ptr()  # no reallocation, no copy of the old slots
-    torch.testing.assert_close(keys, torch.cat([k, k[:, :, :2]], dim=2))
-    layer.keys, layer.values = layer.keys[:, :, :3], layer.values[:, :, :3]  # a rewind: a narrower view
-    keys, values = cache.update(k[:, :, :1] * 7, k[:, :, :1] * 7, 0)
-    torch.testing.assert_close(keys, torch.cat([k[:, :, :3], k[:, :, :1] * 7], dim=2))
-    layer.keys = -layer.keys  # someone replaced the tensor: it must be copied, not ignored
-    layer.values = -layer.values
-    keys, _ = cache.update(k[:, :, :1], k[:, :, :1], 0)
-    torch.testing.assert_close(keys, torch.cat([-k[:, :, :3], -k[:, :, :1] * 7, k[:, :, :1]], dim=2))
-    assert cache.get_seq_length() == 5
+def test_holes_are_defragmented_without_changing_hidden_states(random_backbone, prompts):
+    """Row 0 keeps 3 nodes of every 4-node chain, row 1 only 1: with little spare room the cache must close row 1's
+    holes; each row's next hidden state still equals a from-scratch recompute of what it kept."""
+    bb = random_backbone
+    enc = bb.encode(prompts)
+    g = torch.Generator().manual_seed(0)
+    state, _ = bb.prefill(enc, cfg=True, reserve=12)
+    kept = [[], []]
+    chain = torch.ones(4, 4, dtype=torch.bool).tril()
+    for step in range(5):  # 5 x 3 slots > 12 reserved: forces at least one defragmentation
+        nodes = bb.code_token_ids[torch.randint(0, bb.num_codes, (2, 4), generator=g)]
+        bb.forward(state, nodes.repeat(2, 1), tree_mask=chain, depth=torch.arange(4))
+        count = torch.tensor([3, 1])
+        bb.compact(state, torch.arange(4).expand(4, -1), count.repeat(2), prefix=True)
+        for b in range(2):
+            kept[b] += nodes[b, : count[b]].tolist()
+    nxt = bb.code_token_ids[torch.tensor([[1], [2]])]
+    out = bb.forward(state, nxt.repeat(2, 1))[:, -1]
+    for b in range(2):
+        body = torch.tensor([kept[b] + [int(nxt[b])]])
+        ref = bb.teacher_forced(enc.select([b]), body, cfg=True)[:, -1]
+        torch.testing.assert_close(out[[b, 2 + b]], ref, atol=2e-4, rtol=1e-3)
+
+
+def test_a_batch_whose_rows_accept_differently_decodes_like_each_row_alone(random_backbone, prompts):
+    bb = random_backbone
+    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=False), bb)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in heads.blocks.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
+    dec = SpeculativeDecoder(bb, MedusaProposer(heads), GreedyAcceptance(), s, paths_from_budget(6, 3, 2))
+    both = dec.generate(prompts, seeded(0)).tokens
+    for b, p in enumerate(prompts):
+        assert torch.equal(both[b], ar_generate(bb, [p], s).tokens[0])

@@ -6,10 +6,11 @@ from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, target_probs
 
 
-def test_greedy_ar_equals_transformers_generate(random_backbone, prompts):
+@pytest.mark.parametrize("mode", ["none", "static"])  # transformers' default cache, and its static cache
+def test_greedy_ar_equals_transformers_generate(random_backbone, prompts, mode):
     s = SamplingConfig(temperature=0, top_k=None, cfg_scale=1.0)
     ours = ar_generate(random_backbone, prompts, s)
-    ref = hf_generate(random_backbone, prompts, s)
+    ref = hf_generate(random_backbone, prompts, s, compile=mode)
     assert torch.equal(ours.tokens, ref)
     assert ours.forwards == random_backbone.grid.length
 

@@ -84,10 +84,11 @@ class KVState:
     """Decoding state of ``N = streams * B`` sequences sharing one KV cache.
 
     Attributes:
-        cache: The transformers cache (:func:`~hawkspec.backbones.kv_cache.slab_cache`); slot ``i`` of every
-            layer is column ``i`` of ``key_mask``.
-        key_mask: (N, L) bool, True where cache slot ``i`` holds a token of that sequence. Left padding and
-            rejected tree nodes are False (holes), so sequences may advance by different amounts.
+        cache: The transformers cache (a fixed-capacity ``StaticCache`` for :class:`~hawkspec.backbones.hf.
+            HFBackbone`); slot ``i`` of every layer is column ``i`` of ``key_mask``.
+        key_mask: (N, L) bool, True where cache slot ``i`` holds a token of that sequence. Left padding,
+            rejected tree nodes and slots not written yet are False (holes), so sequences may advance by
+            different amounts.
         next_pos: (N,) long, the position id the next committed token of each sequence gets.
         streams: 1 without CFG, 2 with CFG (rows ``[0, B)`` conditional, ``[B, 2B)`` unconditional).
     """
@@ -98,6 +99,9 @@ class KVState:
     streams: int = 1
     pending: int = field(default=0)
     """Slots appended by the last tree forward that :meth:`Backbone.compact` has not resolved yet."""
+    used: int | None = None
+    """Slots written so far (the next block goes to ``[used, used + T)``) when ``key_mask`` spans a
+    fixed-capacity cache; None when the cache is exactly ``key_mask``'s width."""
 
     @property
     def batch_size(self) -> int:
@@ -105,6 +109,12 @@ class KVState:
 
     @property
     def length(self) -> int:
+        """Slots written so far."""
+        return self.key_mask.shape[1] if self.used is None else self.used
+
+    @property
+    def capacity(self) -> int:
+        """Slots the cache holds."""
         return self.key_mask.shape[1]
 
 
@@ -234,14 +244,14 @@ class Backbone(nn.Module, abc.ABC):
         """Logits over image codes only, from the model's live weights. hidden: (..., d) -> (..., K)."""
 
     @abc.abstractmethod
-    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int = 0) -> tuple[KVState, torch.Tensor]:
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None) -> tuple[KVState, torch.Tensor]:
         """Run the prompts and the image-start sequence of a batch, and the unconditional stream if ``cfg``.
 
         Args:
             prompts: From :meth:`encode`.
             cfg: Also run the unconditional stream (rows ``[B, 2B)``).
             reserve: KV slots to reserve past the prompt, once (the body plus the largest tree block), so
-                the cache never grows while decoding.
+                the cache never grows while decoding; None: the body and a modest tree.
 
         Returns:
             The state after the image-start sequence, and the last hidden state of every row, (N, d): the one
@@ -282,6 +292,13 @@ class Backbone(nn.Module, abc.ABC):
             prefix: the caller guarantees ``keep[:, j] == j`` for ``j < count`` (a chain block: the accepted
                 nodes are its first ones, already in place), so no cache entry needs to move.
         """
+
+    def compile_steps(self, mode: str = "forward") -> "Backbone":
+        """Compile the decoding forwards (``"forward"``) or run them eagerly (``"none"``), for every decoder on this
+        backbone alike. Adapters with static-shape forwards implement it."""
+        if mode != "none":
+            raise TypeError(f"{type(self).__name__} cannot compile its forwards (compile={mode!r}): use none")
+        return self
 
     @torch.no_grad()
     def teacher_forced(self, prompts: PromptBatch, body: torch.Tensor, cfg: bool = False) -> torch.Tensor:

@@ -3,8 +3,13 @@
 An adapter (``tiny.py``, ``chameleon.py``, ...) says how to encode prompts, where its code rows are and how
 to decode images; this class runs the model. Every block goes in as ``inputs_embeds`` from :meth:`embed`, so
 an adapter whose image codes have their own embedding (Janus' generation embedding + aligner) overrides one
-method. Position ids are always explicit (left padding and rejected tree nodes leave holes in the cache);
-tree blocks get an additive 4-D float mask.
+method. Position ids are always explicit (left padding and rejected tree nodes leave holes in the cache).
+
+Static shapes: the KV cache is transformers' ``StaticCache``, allocated once at prefill with room for the
+prompt, the body and the largest tree (``reserve``) and written by position; every block attends to the whole
+capacity through an additive 4-D mask built from ``KVState.key_mask`` (slots not written yet are holes). A
+forward of T tokens therefore has the same shapes at every step, which is what lets the backbone
+compile it once per block size (one tree size, one AR token): :meth:`HFBackbone.compile_steps`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawkspec.backbones.base import Backbone, CodeHead, KVState, PromptBatch
-from hawkspec.backbones.kv_cache import slab_cache
+from transformers import StaticCache
 
 
 class HFBackbone(Backbone):
@@ -29,6 +34,8 @@ class HFBackbone(Backbone):
     """
 
     pad_token_id: int
+    DEFAULT_TREE_ROOM = 64
+    """KV slots beyond the body that :meth:`prefill` reserves when the caller does not say (decoders say)."""
 
     @property
     @abc.abstractmethod
@@ -89,23 +96,53 @@ class HFBackbone(Backbone):
             mask[i, L - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _run(self, ids, attention_mask, position_ids, cache=None, **kwargs):
-        return self.transformer(
-            inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
+    def prefill_inputs(self, prompts: PromptBatch, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`prefill` runs: (N, P, d) input embeddings of prompt + image-start sequence (left padded),
+        (N, P) long key mask and (N, P) position ids, conditional rows then unconditional ones. Adapters whose
+        prompt is not token ids (LlamaGen's caption features) override this."""
+        seqs = [p + list(self.image_start_ids) for p in prompts.streams(cfg)]
+        ids, mask = self._left_padded(seqs)
+        return self.embed(ids), mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+    def compile_steps(self, mode: str = "forward") -> "HFBackbone":
+        """``"forward"``: run every decoding block (not the prefill) through ``torch.compile`` of the decoder, one
+        graph per block size -- static shapes make that one graph for AR and one per tree size. ``"none"``:
+        eager. Applies to every decoder on this backbone alike, AR included (compiled vs compiled)."""
+        if mode not in ("none", "forward"):
+            raise ValueError(f"compile must be none or forward, got {mode!r}")
+        self.__dict__["_compiled"] = torch.compile(self.transformer, dynamic=False) if mode == "forward" else None
+        return self
+
+    def _run(self, embeds, attention_mask, position_ids, cache=None, compiled: bool = False, **kwargs):
+        model = self.__dict__.get("_compiled") if compiled else None
+        return (self.transformer if model is None else model)(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=cache is not None, **kwargs,
         )
 
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(N, T, S) bool -> (N, 1, T, S) additive float mask."""
+        dtype = self.dtype
+        attn = torch.zeros(allowed.shape[:1] + (1,) + allowed.shape[1:], dtype=dtype, device=allowed.device)
+        return attn.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
     @torch.no_grad()
-    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int = 0) -> tuple[KVState, torch.Tensor]:
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None) -> tuple[KVState, torch.Tensor]:
         if not len(prompts):
             raise ValueError("prefill needs at least one prompt")
         self.check_prompt_lengths(prompts)
-        seqs = [p + list(self.image_start_ids) for p in prompts.streams(cfg)]
-        ids, mask = self._left_padded(seqs)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = slab_cache(ids.shape[1] + reserve)  # reserved once: in-place writes, free rewinds
-        out = self._run(ids, mask, pos, cache)
-        state = KVState(cache=cache, key_mask=mask.bool(), next_pos=mask.sum(1), streams=2 if cfg else 1)
+        embeds, mask, pos = self.prefill_inputs(prompts, cfg)
+        N, P = mask.shape
+        if reserve is None:  # a whole image and a tree of up to DEFAULT_TREE_ROOM nodes
+            reserve = self.grid.length + self.DEFAULT_TREE_ROOM
+        capacity = P + max(int(reserve), 1)
+        key_mask = torch.zeros((N, capacity), dtype=torch.bool, device=self.device)
+        key_mask[:, :P] = mask.bool()
+        allowed = key_mask[:, None, :].expand(N, P, capacity) & torch.ones(
+            P, capacity, dtype=torch.bool, device=self.device).tril()  # causal over the prompt's own slots
+        cache = StaticCache(config=self.transformer.config, max_cache_len=capacity)  # reserved once
+        out = self._run(embeds, self._additive(allowed), pos, cache)
+        state = KVState(cache=cache, key_mask=key_mask, next_pos=pos[:, -1] + 1, streams=2 if cfg else 1, used=P)
         return state, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
@@ -113,22 +150,22 @@ class HFBackbone(Backbone):
         if state.pending:
             raise RuntimeError("the previous tree block was not compacted: call Backbone.compact first")
         N, T = input_ids.shape
+        if state.used + T > state.capacity:
+            self._defragment(state)  # rows that accepted less than others left holes: close them
+        u, C = state.used, state.capacity
+        if u + T > C:
+            raise RuntimeError(f"the KV cache holds {C} slots, {u} hold tokens: a block of {T} does not fit "
+                               "(prefill(..., reserve=) must cover the body and the largest tree)")
+        dev = input_ids.device
         if depth is None:
-            depth = torch.arange(T, device=input_ids.device)
+            depth = torch.arange(T, device=dev)
         pos = state.next_pos[:, None] + depth  # (N, T)
-        new = torch.ones((N, T), dtype=torch.bool, device=input_ids.device)
-        if tree_mask is None:
-            attn = torch.cat([state.key_mask, new], dim=1).long()  # (N, L+T); transformers adds causality
-        else:
-            L = state.length
-            allowed = torch.cat(
-                [state.key_mask[:, None, :].expand(N, T, L), tree_mask.expand(N, T, T)], dim=2
-            )  # (N, T, L+T)
-            dtype = self.dtype
-            attn = torch.zeros((N, 1, T, L + T), dtype=dtype, device=input_ids.device)
-            attn.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-        out = self._run(input_ids, attn, pos, state.cache)
-        state.key_mask = torch.cat([state.key_mask, new], dim=1)
+        block = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if tree_mask is None else tree_mask
+        allowed = state.key_mask[:, None, :].expand(N, T, C).clone()  # (N, T, C): the committed slots
+        allowed[:, :, u : u + T] = block  # the block's own slots: causal, or the tree's ancestors
+        out = self._run(self.embed(input_ids), self._additive(allowed), pos, state.cache, compiled=True)
+        state.key_mask[:, u : u + T] = True
+        state.used = u + T
         if tree_mask is None:
             state.next_pos = state.next_pos + T
         else:
@@ -140,23 +177,42 @@ class HFBackbone(Backbone):
         T = state.pending
         if not T:
             raise RuntimeError("compact() needs a pending tree block (forward with tree_mask first)")
-        L0 = state.length - T
-        A = keep.shape[1]
+        L0 = state.used - T
+        A = int(count.max()) if count.numel() else 0  # slots every row keeps (rows that keep fewer leave holes)
+        keep = keep[:, :A]
         idx = None
         for layer in state.cache.layers:  # every layer's keys and values have the same shape: one index
-            k, v = layer.keys, layer.values  # (N, heads, L0+T, head_dim)
-            if prefix:  # the kept nodes are already in place
-                layer.keys, layer.values = k[:, :, : L0 + A], v[:, :, : L0 + A]
-                continue
-            if idx is None:
-                idx = (L0 + keep)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            k[:, :, L0 : L0 + A] = k.gather(2, idx)
-            v[:, :, L0 : L0 + A] = v.gather(2, idx)
-            layer.keys, layer.values = k[:, :, : L0 + A], v[:, :, : L0 + A]
-        valid = torch.arange(A, device=keep.device)[None, :] < count[:, None]
-        state.key_mask = torch.cat([state.key_mask[:, :L0], valid], dim=1)
+            if not prefix:  # a chain's accepted nodes are already in place
+                k, v = layer.keys, layer.values  # (N, heads, capacity, head_dim)
+                if idx is None:
+                    idx = (L0 + keep)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                k[:, :, L0 : L0 + A] = k.gather(2, idx)
+                v[:, :, L0 : L0 + A] = v.gather(2, idx)
+            layer.cumulative_length.fill_(L0 + A)  # the next block is written from here
+        state.key_mask[:, L0 : L0 + A] = torch.arange(A, device=keep.device)[None, :] < count[:, None]
+        state.key_mask[:, L0 + A :] = False
+        state.used = L0 + A
         state.next_pos = state.next_pos + count
         state.pending = 0
+
+    @torch.no_grad()
+    def _defragment(self, state: KVState) -> None:
+        """Move every row's valid slots to the front of the cache, in order (positions are in the rotary-encoded
+        keys, so attention does not change), and free the holes behind them."""
+        order = torch.sort((~state.key_mask).to(torch.int8), dim=1, stable=True).indices  # valid slots first
+        valid = state.key_mask.sum(1)
+        used = int(valid.max())
+        order = order[:, :used]
+        idx = None
+        for layer in state.cache.layers:
+            k, v = layer.keys, layer.values  # (N, heads, capacity, head_dim)
+            if idx is None:
+                idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            k[:, :, :used] = k.gather(2, idx)
+            v[:, :, :used] = v.gather(2, idx)
+            layer.cumulative_length.fill_(used)
+        state.key_mask[:] = torch.arange(state.capacity, device=valid.device)[None, :] < valid[:, None]
+        state.used = used
 
     @torch.no_grad()
     def attention_maps(self, prompts: PromptBatch, body: torch.Tensor) -> torch.Tensor:
@@ -171,7 +227,7 @@ class HFBackbone(Backbone):
         previous = self.transformer.config._attn_implementation
         self.transformer.set_attn_implementation("eager")
         try:
-            out = self._run(ids, mask, pos, output_attentions=True)
+            out = self._run(self.embed(ids), mask, pos, output_attentions=True)
         finally:
             self.transformer.set_attn_implementation(previous)
         return torch.stack([a[:, :, -Lb:] for a in out.attentions])  # (layers, B, heads, Lb, S)

@@ -33,8 +33,12 @@ class ImageLayoutLogitsProcessor(LogitsProcessor):
 
 
 @torch.no_grad()
-def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConfig) -> torch.Tensor:
-    """Image-body tokens (B, rows*W) from ``model.generate``; seed with ``torch.manual_seed`` beforehand."""
+def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConfig, compile: str = "none") -> torch.Tensor:
+    """Image-body tokens (B, rows*W) from ``model.generate``; seed with ``torch.manual_seed`` beforehand.
+
+    ``compile``: ``"none"`` -- eager, the default cache; ``"static"`` -- ``cache_implementation="static"`` eager;
+    ``"forward"`` -- the static cache with transformers' own ``torch.compile`` of the decoding forward (on any
+    device), the counterpart of ``HFBackbone.compile_steps("forward")``."""
     if sampling.use_cfg:
         raise ValueError("hf_generate is the no-CFG reference: set sampling.cfg_scale=1.0")
     model = backbone.model
@@ -47,6 +51,14 @@ def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConf
     kwargs = dict(do_sample=False) if sampling.greedy else dict(
         do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=None
     )
+    if compile not in ("none", "static", "forward"):
+        raise ValueError(f"compile must be none, static or forward, got {compile!r}")
+    if compile != "none":
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=False, dynamic=False)
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+        kwargs.update(cache_implementation="static", disable_compile=compile == "static", compile_config=config)
     out = model.generate(
         input_ids=ids.to(model.device),
         attention_mask=mask.to(model.device),

@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hawkspec.backbones.base import ImageGrid, KVState, PromptBatch
+from hawkspec.backbones.base import ImageGrid, PromptBatch
 from hawkspec.backbones.hf import HFBackbone
 from hawkspec.backbones.janus import require_dir, resolve_dtype, to_uint8, weights_hash, word_tokenizer
-from hawkspec.backbones.kv_cache import slab_cache
 
 log = logging.getLogger(__name__)
 
@@ -488,19 +487,12 @@ class LlamaGenBackbone(HFBackbone):
                 raw[r, CAPTION_TOKENS - f.shape[0]:] = f
         return self.model.caption_proj(raw).to(dtype), mask
 
-    @torch.no_grad()
-    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int = 0) -> tuple[KVState, torch.Tensor]:
-        if not len(prompts):
-            raise ValueError("prefill needs at least one prompt")
-        self.check_prompt_lengths(prompts)
+    def prefill_inputs(self, prompts: PromptBatch, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 120 caption slots (features through the caption MLP, or the learned unconditional embedding), each at
+        its own position 0..119, padded slots masked as keys."""
         embeds, mask = self._caption_embeds(prompts, cfg)
-        N = embeds.shape[0]
-        pos = torch.arange(CAPTION_TOKENS, device=self.device).expand(N, -1)  # caption slots keep their positions
-        cache = slab_cache(CAPTION_TOKENS + reserve)
-        out = self.transformer(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        state = KVState(cache=cache, key_mask=mask.bool(), streams=2 if cfg else 1,
-                        next_pos=torch.full((N,), CAPTION_TOKENS, dtype=torch.long, device=self.device))
-        return state, out.last_hidden_state[:, -1]
+        pos = torch.arange(CAPTION_TOKENS, device=self.device).expand(embeds.shape[0], -1)
+        return embeds, mask, pos
 
     def attention_maps(self, prompts: PromptBatch, body: torch.Tensor) -> torch.Tensor:
         raise TypeError("LlamaGenBackbone does not expose attention weights (its prompt is a caption-feature prefix)")

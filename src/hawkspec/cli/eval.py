@@ -219,6 +219,7 @@ def run(cfg: DictConfig) -> dict:
     elif e.get("merge") is True or int((e.get("shard") or {}).get("count", 1)) > 1:
         raise ValueError("sharded evaluation needs eval.store: a folder every shard (and the merge) can reach")
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
+    backbone.compile_steps(e.get("compile") or "none")  # AR and every decoder alike: compiled vs compiled
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
     decodable, undecoded_why = backbone.can_decode()
     if not decodable:  # e.g. Lumina-mGPT without backbone.vqgan_path: codes only, no image-quality metrics
@@ -291,7 +292,7 @@ def run(cfg: DictConfig) -> dict:
 
     results = {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": len(prompts),
                "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-               "batch_size": e.batch_size, "repeats": e.repeats,
+               "batch_size": e.batch_size, "repeats": e.repeats, "compile": e.get("compile") or "none",
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
     if quality is not None:
         results["quality"] = score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts)
@@ -302,7 +303,9 @@ def run(cfg: DictConfig) -> dict:
               f"{out_dir}; image-quality metrics skipped.")
     results["prompts"] = prompt_description(cfg, prompt_set)
     results["speed_note"] = ("Speed measured within this one process on one device; decoders take turns per batch, "
-                             f"seconds = median of {e.repeats} timed passes.")
+                             f"seconds = median of {e.repeats} timed passes; backbone forwards "
+                             + ("compiled (torch.compile) for AR and every decoder alike."
+                                if results["compile"] == "forward" else "eager for AR and every decoder alike."))
     results["resources"] = resources(cfg.device)
     return write_results(cfg, out_dir, results)
 

@@ -215,6 +215,8 @@ def validate_eval(cfg: DictConfig) -> None:
     check_int(cfg, f"{e}.warmup_batches", 0)
     check_int(cfg, f"{e}.grid_images", 0)
     check_int(cfg, f"{e}.threads", 1, optional=True)
+    if get(cfg, f"{e}.compile", None) is not None:
+        check_choice(cfg, f"{e}.compile", ("none", "forward"))
     check_file(cfg, f"{e}.prompts_file", "one prompt per line")
     check_backbone(cfg)
     num_codes = backbone_num_codes(cfg)

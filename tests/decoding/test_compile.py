@@ -1,0 +1,61 @@
+"""Compiled decoding forwards (``eval.compile=forward``) change no decision: greedy speculative == greedy AR
+(eager), AR compiled == AR eager, the exact rule stays lossless, and transformers' compiled ``generate`` (static
+cache) agrees. Compiling takes a minute or more on a CPU: slow."""
+
+import pytest
+import torch
+
+from hawkspec.backbones.hf_reference import hf_generate
+from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
+from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.engine import SpeculativeDecoder
+from hawkspec.decoding.proposers import HawkProposer, JacobiProposer
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.tree import paths_from_budget
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+from hawkspec.testing import peaky, random_backbone
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["a large red circle in the center", "a small blue square on the left"]
+
+
+def _heads(bb, seed=0):
+    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.blocks.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return heads
+
+
+def test_compiled_decoding_equals_eager():
+    bb = random_backbone("tiny", rows=3, cols=3, num_codes=32)
+    s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
+    heads = _heads(bb)
+    eager = ar_generate(bb, PROMPTS, s).tokens
+    decoders = [SpeculativeDecoder(bb, HawkProposer(heads, vsd=1), GreedyAcceptance(), s, paths_from_budget(6, 3, 2)),
+                SpeculativeDecoder(bb, JacobiProposer(), GreedyAcceptance(), s, paths_from_budget(6, 6, 1))]
+    bb.compile_steps("forward")
+    assert torch.equal(ar_generate(bb, PROMPTS, s).tokens, eager)
+    for dec in decoders:
+        assert torch.equal(dec.generate(PROMPTS, torch.Generator().manual_seed(0)).tokens, eager)
+    s1 = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=1.0)
+    assert torch.equal(ar_generate(bb, PROMPTS, s1).tokens, hf_generate(bb, PROMPTS, s1, compile="forward"))
+
+
+def test_exact_rule_is_lossless_compiled():
+    from hawkspec.metrics.lossless import chi_square, image_distribution
+
+    bb = peaky(random_backbone("tiny", rows=2, cols=3, num_codes=4, seed=1), seed=0)
+    s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
+    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in heads.blocks.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    grids, probs = image_distribution(bb, PROMPTS[0], s)
+    bb.compile_steps("forward")
+    dec = SpeculativeDecoder(bb, HawkProposer(heads, draft="sample", vsd=1), ExactAcceptance(), s,
+                             paths_from_budget(6, 3, 3))
+    samples = dec.generate([PROMPTS[0]] * 3000, torch.Generator().manual_seed(123)).codes.flatten(1)
+    assert chi_square(samples, grids, probs) > 1e-3
