@@ -113,3 +113,14 @@ def test_bad_head_configs_name_the_key(config, rows, key):
 def test_vsd_up_to_rows_minus_one_is_fine():
     HeadsConfig(vertical=True, vsd=3).validate(rows=4)
     HeadsConfig(vertical=False, vsd=0).validate(rows=4)  # Medusa
+
+
+def test_loading_another_kind_of_drafter_names_the_key(tmp_path, random_backbone):
+    import json
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "heads.json").write_text(json.dumps({"kind": "eagle", "backbone": random_backbone.identity()}))
+    save_file({"x": torch.zeros(1)}, tmp_path / "heads.safetensors")
+    with pytest.raises(ValueError, match="decoder.heads_path"):
+        DraftHeads.load(tmp_path, random_backbone)

@@ -272,8 +272,9 @@ def run(cfg: DictConfig) -> dict:
         row["grid"] = None
         if decodable:
             images = backbone.decode_codes(codes)  # (N, 3, H, W) uint8
-            row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[: e.grid_images]),
-                                        prompts[: e.grid_images]))
+            if e.grid_images > 0:  # eval.grid_images=0: no grid
+                row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[: e.grid_images]),
+                                            prompts[: e.grid_images]))
             images_of[name] = images  # scored below (quality), once every decoder is timed
         maps = [o.accept_map for o in outs if o.accept_map is not None]
         if maps:
@@ -368,8 +369,8 @@ def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], qua
     images = {name: eval_shards.load_images(store, name, prompt_set) for name in names}
     for row in rows:
         name = row["decoder"]
-        row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[name][: e.grid_images]),
-                                    prompts[: e.grid_images]))
+        row["grid"] = None if e.grid_images <= 0 else str(save_grid(
+            out_dir / f"grid_{name}.png", list(images[name][: e.grid_images]), prompts[: e.grid_images]))
     results = {"backbone": first["backbone"], "revision": first["revision"], "num_prompts": len(prompts),
                "device": sorted({v["device"] for v in by_shard.values()}), "batch_size": e.batch_size, "repeats": 1,
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,

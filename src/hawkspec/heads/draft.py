@@ -186,6 +186,10 @@ class DraftHeads(nn.Module):
                 raise FileNotFoundError(f"draft heads checkpoint is missing {path / name}: set `decoder.heads_path` "
                                         "to a folder written by `hawkspec-train`")
         meta = json.loads((path / "heads.json").read_text())
+        if "heads" not in meta:
+            raise ValueError(f"{path / 'heads.json'} describes a {meta.get('kind', 'different')!r} drafter, not "
+                             "Medusa/Hawk heads: point `decoder.heads_path` at heads written by hawkspec-train "
+                             "heads=medusa|hawk (or use the matching decoder preset)")
         check_identity(meta.get("backbone", {}), backbone, f"the draft heads in {path}",
                        "Train heads for this backbone (hawkspec-cache, hawkspec-train) or set the matching backbone.")
         heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
