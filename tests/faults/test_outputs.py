@@ -1,6 +1,7 @@
 """Destination collisions: an output never destroys what hawkspec did not write, and replaces its own atomically."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -69,17 +70,21 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
 
 
-def test_publish_dir_into_an_unwritable_parent_names_the_key(tmp_path):
-    """Expect: PermissionError naming the key (checked before anything is moved)."""
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
+def test_publish_dir_into_an_unwritable_parent_names_the_key(tmp_path, monkeypatch):
+    """Expect: PermissionError naming the key (checked before anything is moved). The parent is read-only by mode
+    and, since root ignores modes (CI runs as root), by what ``os.access`` reports for it too."""
     parent = make_folder(tmp_path / "ro", ())
     parent.chmod(0o500)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if Path(path) == parent
+                        else real_access(path, mode, *a, **k))
+    source = make_folder(tmp_path / "s")
     try:
         with pytest.raises(PermissionError, match="export_dir"):
-            publish_dir(make_folder(tmp_path / "s"), parent / "x", "export_dir")
+            publish_dir(source, parent / "x", "export_dir")
     finally:
         parent.chmod(0o700)
+    assert source.is_dir() and not (parent / "x").exists()  # nothing was moved
 
 
 def test_train_cli_refuses_a_foreign_export_dir_before_loading_anything(tmp_path, random_backbone_dir, disk_cache):
