@@ -108,8 +108,10 @@ def measure(bb: Backbone, cfg) -> dict:
 
     out["ar_step"] = timed(ar_step)
     out["verify"] = {}
+    g = torch.Generator().manual_seed(0)
     for T in cfg.sizes:
-        nodes = body[:, context : context + T].repeat(S, 1)
+        draws = torch.randint(0, bb.num_codes, (B, T), generator=g).to(bb.code_token_ids.device)
+        nodes = bb.code_token_ids[draws].repeat(S, 1)  # T random codes (any T, past the image's end too)
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         depth = torch.arange(T)
 

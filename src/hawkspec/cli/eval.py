@@ -226,11 +226,17 @@ def run(cfg: DictConfig) -> dict:
         log.warning("images will not be decoded: %s; code grids are saved (codes_<decoder>.pt / .npy) and the "
                     "image-quality metrics are skipped", undecoded_why)
         quality = None
-    decoders = {}
+    decoders, skipped = {}, {}
     for name in names:
         dcfg = decoder_config(cfg, name)
         log.info("Instantiating decoder %s", name)
-        decoders[name] = build_decoder(dcfg, backbone, sampling)
+        try:
+            decoders[name] = build_decoder(dcfg, backbone, sampling)
+        except FileNotFoundError as err:  # `all`: a preset whose drafter is not trained here is skipped, loudly
+            if e.decoders != "all":
+                raise
+            log.warning("eval.decoders=all: skipping %s (%s)", name, err)
+            skipped[name] = str(err)
     ar_forwards = backbone.grid.length
     if e.get("store"):
         decode_shard(cfg, backbone, decoders, prompt_set, quality)
@@ -295,6 +301,8 @@ def run(cfg: DictConfig) -> dict:
                "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
                "batch_size": e.batch_size, "repeats": e.repeats, "compile": e.get("compile") or "none",
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
+    if skipped:
+        results["skipped_decoders"] = skipped
     if quality is not None:
         results["quality"] = score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts)
     if not decodable:
@@ -326,6 +334,8 @@ def write_results(cfg: DictConfig, out_dir: Path, results: dict) -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(out_dir / "results.csv", rows)
     table = markdown_table(rows, results.get("quality")) + f"\n{results['speed_note']}\n"
+    if results.get("skipped_decoders"):
+        table += f"\nSkipped (no trained drafter here): {', '.join(results['skipped_decoders'])}.\n"
     (out_dir / "results.md").write_text(table)
     print(table)
     log_results(cfg, results)
