@@ -164,3 +164,12 @@ def test_dynamic_tree_with_per_parent_children():
 def test_dynamic_tree_bad_arguments():
     with pytest.raises(ValueError, match="budget"):
         dynamic_tree_paths(pool_logp(torch.zeros(2, 2)), budget=0, max_depth=2)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_eagle_with_a_dynamic_tree_equals_greedy_ar(bb, spatial):
+    """EAGLE-2: the 5 best nodes of a 12-path superset tree per row and step, ranked by the drafter's scores."""
+    s = SamplingConfig(temperature=0, top_k=None, cfg_scale=3.0)
+    dec = SpeculativeDecoder(bb, EagleProposer(drafter=drafter(bb, spatial)), GreedyAcceptance(), s,
+                             paths_from_budget(12, 4, 3), dynamic_nodes=5)
+    assert torch.equal(dec.generate(PROMPTS).tokens, ar_generate(bb, PROMPTS, s).tokens)

@@ -86,6 +86,7 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig)
     return NamedDecoder(
         name, backbone, proposer, acceptance, sampling, tree_paths(cfg.tree),
         max_tree_nodes=int(cfg.tree.get("max_nodes", 256)),
+        dynamic_nodes=None if cfg.tree.get("dynamic") is None else int(cfg.tree.dynamic),
     )
 
 

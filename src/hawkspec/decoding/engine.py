@@ -27,7 +27,7 @@ from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs
-from hawkspec.decoding.tree import TopologyTable
+from hawkspec.decoding.tree import TopologyTable, select_subtree
 from hawkspec.decoding.walks import walk_longest
 
 
@@ -50,11 +50,16 @@ class SpeculativeDecoder:
         sampling: AR's target distribution (CFG, temperature, top-k).
         paths: The tree's rank paths (:func:`hawkspec.decoding.tree.paths_from_budget` or explicit).
         max_tree_nodes: Refuse trees with more nodes than this (``decoder.tree.max_nodes``).
+        dynamic_nodes: EAGLE-2's dynamic tree (``decoder.tree.dynamic``): every step each row forwards only the
+            ``dynamic_nodes`` nodes of the ``paths`` tree with the highest cumulative draft probability
+            (:func:`~hawkspec.decoding.tree.select_subtree`; needs a proposer that fills ``Pools.logp`` with
+            top-k drafts). The choice depends on the deterministic drafts only, so the exact rule stays lossless
+            (sampled drafts are refused: picking siblings by their value would bias them). None: the whole tree.
     """
 
     def __init__(
         self, backbone: Backbone, proposer: Proposer, acceptance: AcceptanceRule, sampling: SamplingConfig,
-        paths: list[tuple[int, ...]], max_tree_nodes: int = 256,
+        paths: list[tuple[int, ...]], max_tree_nodes: int = 256, dynamic_nodes: int | None = None,
     ):
         sampling.validate(backbone.num_codes)
         self.backbone, self.proposer, self.acceptance, self.sampling = backbone, proposer, acceptance, sampling
@@ -65,6 +70,11 @@ class SpeculativeDecoder:
                 f"decoder.tree.max_nodes={max_tree_nodes}: lower decoder.tree.budget or shorten decoder.tree.paths"
             )
         T = self.table.num_nodes
+        if dynamic_nodes is not None and not 2 <= dynamic_nodes <= T:
+            raise ValueError(f"decoder.tree.dynamic={dynamic_nodes} must be between 2 and the tree's {T} nodes "
+                             "(raise decoder.tree.budget for a larger superset tree)")
+        self.dynamic_nodes = dynamic_nodes
+        self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
         # a chain (every node's parent is the node before it): verified without a loop over levels
         self.is_chain = T > 1 and bool(
             ((self.table.parent[:, 1:] == torch.arange(T - 1)) | ~self.table.valid[:, 1:]).all()
@@ -82,18 +92,18 @@ class SpeculativeDecoder:
                 if sel.any():
                     self.code_offset[i, j] = t.depth[sel][0]
 
-    def _walk_draw(self, y, cand, forced, node_ok, topo, active, anc, arT):
+    def _walk_draw(self, y, t: "_Tree", active, arT):
         """Point-mass trees (:meth:`AcceptanceRule.draw`): y (B, T) is the target's draw at every node. A node
         is accepted iff its token equals its parent's draw (forced nodes always) and so is every ancestor; the
         deepest accepted node ends the path and its draw is the bonus token. No loop over levels.
-        ``anc`` (B, T, T) is the ancestor-or-self mask of each row's topology, ``arT`` = arange(T)."""
+        ``t.anc`` (B, T, T) is each row's ancestor-or-self mask, ``arT`` = arange(T)."""
         tab = self.table
         T = y.shape[1]
-        match = node_ok & (forced | (cand == y.gather(1, tab.parent[topo].clamp(min=0))))
+        match = t.node_ok & (t.forced | (t.cand == y.gather(1, t.parent.clamp(min=0))))
         match[:, 0] = True
-        on_path = ~(anc & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
+        on_path = ~(t.anc & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
         on_path &= active.unsqueeze(1) | (arT == 0)
-        key = torch.where(on_path, tab.depth[topo], T + tab.max_depth + 1)  # siblings never both match
+        key = torch.where(on_path, t.depth, T + tab.max_depth + 1)  # siblings never both match
         path = torch.argsort(key, dim=1)[:, : tab.max_depth + 1]
         n_path = on_path.sum(1)
         cur = path.gather(1, (n_path - 1).unsqueeze(1)).squeeze(1)
@@ -203,10 +213,10 @@ class SpeculativeDecoder:
         code exactly from the prefill's distribution, as AR does."""
         bb, s, grid = self.backbone, self.sampling, self.backbone.grid
         B, L = len(prompts), grid.length
-        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.table.num_nodes)
+        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes)
         dev = hidden.device
         run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
-                   eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.table.num_nodes,
+                   eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.forward_nodes,
                    max_depth=self.table.max_depth)
         # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step
         run.tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
@@ -237,16 +247,45 @@ class SpeculativeDecoder:
         4-D mask of ancestors among the valid nodes, depth position offsets. All (B, T) or (B, T, T)."""
         tab, topo, ar = self.table, run.topo, run.ar
         t = _Tree(pools=pools, depth=tab.depth[topo], code_depth=tab.code_depth[topo], rank=tab.rank[topo],
-                  forced=tab.forced[topo], anc=tab.mask[topo])
+                  forced=tab.forced[topo], anc=tab.mask[topo], parent=tab.parent[topo], children=tab.children[topo])
         t.slot = t.code_depth * pools.tokens.shape[-1] + t.rank  # each node's flat index into the (J, P) pool
         t.cand = pools.tokens.flatten(1).gather(1, t.slot)  # code of each node, -1 none
         t.cand[:, 0] = run.codes[ar, run.root_pos]
         t.node_ok = tab.valid[topo] & (t.forced | (t.cand >= 0)) & run.active[:, None]
         t.node_ok[:, 0] = True
+        if self.dynamic_nodes:
+            t = self._dynamic_subtree(t)
         t.node_tok = torch.where(t.forced, run.eol, self.backbone.code_token_ids[t.cand.clamp(min=0)])
         t.node_tok[:, 0] = run.tokens[ar, run.root_pos]
         t.mask = (t.anc & t.node_ok.unsqueeze(1)) | run.eye
         return t
+
+    def _dynamic_subtree(self, t: "_Tree") -> "_Tree":
+        """Keep each row's ``dynamic_nodes`` best nodes (by cumulative draft log-probability) of the superset tree,
+        renumbered in order; parents, children and ancestor masks follow. (B, T) -> (B, n)."""
+        logp = t.pools.logp
+        if t.pools.q is not None:  # choosing among i.i.d. sampled siblings by their value would bias them
+            raise ValueError("decoder.tree.dynamic ranks deterministic (top-k) drafts; sampled drafts "
+                             "(decoder.proposer.draft=sample) chosen by their own probability would no longer be "
+                             "draws from q, and the exact rule would stop being lossless: use draft=topk")
+        if logp is None:
+            raise ValueError(f"decoder.tree.dynamic needs drafts with scores (Pools.logp); the "
+                             f"{self.proposer.name!r} proposer gives none: set decoder.tree.dynamic=null")
+        node_lp = torch.where(t.forced, 0.0, logp.flatten(1).gather(1, t.slot).float())
+        node_lp[:, 0] = 0.0
+        sel = select_subtree(node_lp, t.node_ok, t.anc, self.dynamic_nodes)  # (B, n)
+        B, n, T = sel.shape[0], sel.shape[1], t.cand.shape[1]
+        inv = torch.full((B, T), -1, dtype=torch.long, device=sel.device)
+        inv.scatter_(1, sel, torch.arange(n, device=sel.device).expand(B, n))
+        renum = lambda old: torch.where(old >= 0, inv.gather(1, old.clamp(min=0).flatten(1)).view(old.shape), -1)  # noqa: E731
+        pick = lambda x: x.gather(1, sel)  # noqa: E731
+        children = renum(t.children.gather(1, sel.unsqueeze(-1).expand(-1, -1, t.children.shape[-1])))
+        children = children.gather(-1, torch.argsort((children < 0).to(torch.int8), dim=-1, stable=True))
+        anc = t.anc.gather(1, sel.unsqueeze(-1).expand(-1, -1, T)).gather(2, sel.unsqueeze(1).expand(-1, n, -1))
+        sub = _Tree(pools=t.pools, depth=pick(t.depth), code_depth=pick(t.code_depth), rank=pick(t.rank),
+                    forced=pick(t.forced), anc=anc, parent=renum(pick(t.parent)), children=children)
+        sub.slot, sub.cand, sub.node_ok = pick(t.slot), pick(t.cand), pick(t.node_ok)
+        return sub
 
     def forward_tree(self, run: "_Run", tree: "_Tree") -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 3: one backbone forward over every row's tree, both CFG streams. Returns the hidden states
@@ -274,18 +313,17 @@ class SpeculativeDecoder:
         shortcut = not rule.independent and t.pools.q is None and rule.point_mass_shortcut
         y = rule.draw(p, generator) if shortcut else None  # None: the rule declines the shortcut
         if rule.independent:
-            cur, path, n_path, bonus = walk_longest(rule, p, t.cand, t.forced, t.node_ok, tab.parent[run.topo],
+            cur, path, n_path, bonus = walk_longest(rule, p, t.cand, t.forced, t.node_ok, t.parent,
                                                     t.anc, t.depth, active, tab.max_depth, generator)
         elif y is not None:
-            cur, path, n_path, bonus = self._walk_draw(y, t.cand, t.forced, t.node_ok, run.topo, active, t.anc,
-                                                       run.arT)
+            cur, path, n_path, bonus = self._walk_draw(y, t, active, run.arT)
         else:
             if self.is_chain:
                 walk = self._walk_chain(p, t.cand, t.pools, t.slot, t.forced, t.node_ok, active, run.ar, run.arA,
                                         generator)
             else:
                 walk = self._walk_tries(p, t.cand, t.pools, t.code_depth, t.rank, t.forced, t.node_ok,
-                                        tab.children[run.topo], active, generator)
+                                        t.children, active, generator)
             cur, path, n_path, r = walk
             bonus = rule.bonus(r, generator)
         return _Verdict(cur=cur, path=path, n_path=n_path, bonus=bonus)
@@ -396,6 +434,8 @@ class _Tree:
     rank: torch.Tensor  # which pool entry
     forced: torch.Tensor  # forced end-of-line node
     anc: torch.Tensor  # (B, T, T) ancestors-or-self in the topology
+    parent: torch.Tensor  # parent node, -1 for the root
+    children: torch.Tensor  # (B, T, C) child nodes in verification order, -1 padded
     slot: torch.Tensor | None = None  # flat index into the (J, P) pool
     cand: torch.Tensor | None = None  # the node's code, -1 none
     node_ok: torch.Tensor | None = None  # node takes part (valid, has a candidate, row active)

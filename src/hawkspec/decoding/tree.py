@@ -195,3 +195,28 @@ class TopologyTable:
         for name in ("ids", "by_pos", "depth", "code_depth", "rank", "parent", "forced", "valid", "children", "mask"):
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+
+def select_subtree(node_logp: torch.Tensor, ok: torch.Tensor, anc: torch.Tensor, n: int) -> torch.Tensor:
+    """EAGLE-2's dynamic tree over a static superset tree: each row keeps the ``n`` nodes with the highest
+    cumulative draft log-probability (the product of the drafter's probabilities along the root-to-node path).
+
+    Args:
+        node_logp: (B, T) the drafter's log-probability of each node's own candidate (0 for the root and forced
+            nodes, which cost nothing to accept).
+        ok: (B, T) nodes that can take part (a candidate, a valid slot); the root must be True.
+        anc: (B, T, T) ancestor-or-self masks; node indices put every parent before its children.
+        n: Nodes to keep, root included.
+
+    Returns:
+        (B, n) long, the kept node indices in increasing order: prefix-closed (a child's score never exceeds its
+        parent's, and ties go to the lower index), so every kept node's ancestors are kept.
+    """
+    B, T = node_logp.shape
+    lp = torch.where(ok, node_logp, 0.0).float()
+    score = (anc.float() @ lp.unsqueeze(-1)).squeeze(-1)  # (B, T) sum over ancestors-or-self
+    broken = (anc & ~ok.unsqueeze(1)).any(-1)  # some ancestor (or itself) cannot take part
+    key = torch.where(broken, torch.finfo(score.dtype).min, score)
+    key[:, 0] = torch.finfo(score.dtype).max  # the root always
+    order = torch.argsort(-key, dim=1, stable=True)[:, :n]
+    return order.sort(dim=1).values

@@ -22,10 +22,13 @@ class Pools:
         tokens: (B, J, P) code indices, best first; -1 where there is no candidate.
         q: (B, J, P, K) distribution each candidate was sampled from, or None when every candidate was chosen
             deterministically (top-k): point masses for the acceptance rule.
+        logp: (B, J, P) the drafter's log-probability of each candidate, or None; what a dynamic tree
+            (``decoder.tree.dynamic``) ranks nodes by. Scores only: never used to accept anything.
     """
 
     tokens: torch.Tensor
     q: torch.Tensor | None = None
+    logp: torch.Tensor | None = None
 
 
 @functools.lru_cache(maxsize=32)

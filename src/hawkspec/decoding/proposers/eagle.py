@@ -132,12 +132,15 @@ class EagleProposer(Proposer):
         K = m.num_codes
         tokens = empty.clone()
         q_pool = torch.zeros((B, J, pool_size, K), device=dev) if self.draft == "sample" else None
+        logp = torch.zeros((B, J, pool_size), device=dev)  # the drafter's log-probabilities (dynamic trees)
         for t in range(n_steps):
             p = root_pos + 1 + t  # (B,) the drafted body position
             logits = m.logits(f_hat)  # (B, K)
             cand, q = self._candidates(logits, pool_size, generator)  # (B, P), (B, K) | None
             hit = live & (code_pos == p[:, None])  # (B, J): the code depth this position is, if any
             tokens = torch.where(hit[..., None], cand[:, None, :], tokens)
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, cand.clamp(min=0))  # (B, P)
+            logp = torch.where(hit[..., None], lp[:, None, :], logp)
             if q_pool is not None:
                 q_pool = torch.where(hit[..., None, None], q[:, None, None, :], q_pool)
             if t + 1 == n_steps:
@@ -150,7 +153,7 @@ class EagleProposer(Proposer):
             f_hat = m.step(self._rows(row[:, None]), row[:, None], self.kv)[:, 0]
         if q_pool is not None:
             q_pool = torch.where((tokens >= 0)[..., None], q_pool, 1.0 / K)  # unused slots: any valid q
-        return Pools(tokens, q_pool)
+        return Pools(tokens, q_pool, logp)
 
     def catch_up(self, root_pos: torch.Tensor) -> torch.Tensor:
         """Step 1: the draft rows ``done .. root`` with the target's features into the KV cache; returns

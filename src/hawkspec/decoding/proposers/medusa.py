@@ -56,8 +56,13 @@ class MedusaProposer(Proposer):
         return self._candidates(per_pos, ok, size, generator)
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
-        tokens, q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator)
-        return Pools(tokens, q)
+        logits = self.heads.horizontal(src_hidden)  # (B, n, K)
+        tokens, q = self.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, generator, logits)
+        n = logits.shape[1]
+        k = (code_pos - root_pos[:, None]).clamp(1, n) - 1  # (B, J) the head of each position
+        logq = torch.log_softmax(logits.float(), -1).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        logp = logq.gather(-1, tokens.clamp(min=0))  # (B, J, P) what a dynamic tree ranks by
+        return Pools(tokens, q, logp)
 
     def describe(self) -> dict:
         return {"name": self.name, "draft": self.draft, "num_horizontal": self.heads.config.num_horizontal}
