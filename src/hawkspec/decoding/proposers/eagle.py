@@ -118,13 +118,13 @@ class EagleProposer(Proposer):
         empty = torch.full((B, J, pool_size), -1, dtype=torch.long, device=dev)
         self.feat[ar, root_pos] = src_hidden.to(self.feat.dtype)  # f_{root-1}
         if self.codes is None:  # first step: the root code is not known here yet
-            return Pools(empty, None)
+            return Pools(empty, None, torch.zeros(empty.shape, device=dev))  # no drafts (scored 0)
         committed = self.codes[:, :L]
         self.tokens[:, :L] = torch.where(committed >= 0, committed, 0)
         live = code_pos >= 0
         n_steps = int((torch.where(live, code_pos, 0).amax(1) - root_pos).clamp(min=0).max())
         if n_steps == 0:
-            return Pools(empty, None)
+            return Pools(empty, None, torch.zeros(empty.shape, device=dev))  # no drafts (scored 0)
 
         f_hat = self.catch_up(root_pos)
 
