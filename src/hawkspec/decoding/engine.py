@@ -75,6 +75,7 @@ class SpeculativeDecoder:
                              "(raise decoder.tree.budget for a larger superset tree)")
         self.dynamic_nodes = dynamic_nodes
         self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
+        self.path_width = min(self.forward_nodes, self.table.max_depth + 1)  # the longest accepted path, root included
         # a chain (every node's parent is the node before it): verified without a loop over levels
         self.is_chain = T > 1 and bool(
             ((self.table.parent[:, 1:] == torch.arange(T - 1)) | ~self.table.valid[:, 1:]).all()
@@ -104,7 +105,7 @@ class SpeculativeDecoder:
         on_path = ~(t.anc & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
         on_path &= active.unsqueeze(1) | (arT == 0)
         key = torch.where(on_path, t.depth, T + tab.max_depth + 1)  # siblings never both match
-        path = torch.argsort(key, dim=1)[:, : tab.max_depth + 1]
+        path = torch.argsort(key, dim=1)[:, : self.path_width]
         n_path = on_path.sum(1)
         cur = path.gather(1, (n_path - 1).unsqueeze(1)).squeeze(1)
         return cur, path, n_path, y.gather(1, cur.unsqueeze(1)).squeeze(1)
@@ -116,7 +117,7 @@ class SpeculativeDecoder:
         B, dev = p.shape[0], p.device
         ar = torch.arange(B, device=dev)
         cur = torch.zeros(B, dtype=torch.long, device=dev)
-        path = torch.zeros((B, tab.max_depth + 1), dtype=torch.long, device=dev)
+        path = torch.zeros((B, self.path_width), dtype=torch.long, device=dev)
         n_path = torch.ones(B, dtype=torch.long, device=dev)
         alive = active.clone()
         r = p[ar, cur]
@@ -217,7 +218,7 @@ class SpeculativeDecoder:
         dev = hidden.device
         run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
                    eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.forward_nodes,
-                   max_depth=self.table.max_depth)
+                   max_depth=self.path_width - 1)
         # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step
         run.tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
         run.codes = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
