@@ -114,11 +114,34 @@ def test_ddp_cache_and_one_exact_epoch_see_every_sample_once(tmp_path, random_ba
     assert json.loads((run / "heads" / "val_metrics.json").read_text())["global_step"] == 4
 
 
+def experiments_for(entry_point: str) -> list[str]:
+    """The experiments whose header command runs ``entry_point`` (every experiment names its command)."""
+    return sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
+                  if f"#   {entry_point} " in p.read_text())
+
+
+def test_every_experiment_names_its_command():
+    named = set(experiments_for("hawkspec-train")) | set(experiments_for("hawkspec-eval"))
+    assert named == {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+
+
 @pytest.mark.slow
 def test_every_experiment_runs_in_a_multirun(tmp_path, cli_cache, random_backbone_dir):
-    experiments = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    experiments = experiments_for("hawkspec-train")
     run_cli("hawkspec-train", "-m", f"backbone.path={random_backbone_dir}", f"shards_dir={cli_cache}",
             f"hydra.sweep.dir={tmp_path}", f"experiment={','.join(experiments)}", "trainer.max_steps=2",
             "data.batch_size=4", "logger=csv")
     for job in range(len(experiments)):
         assert (tmp_path / str(job) / "heads" / "val_metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_every_tiny_eval_experiment_runs_in_a_multirun(tmp_path):
+    """The paper tables' tiny analogues (the Lumina-mGPT ones need local weights and data), shrunk to 2 prompts."""
+    experiments = [e for e in experiments_for("hawkspec-eval") if e.endswith("_tiny")]
+    assert experiments
+    run_cli("hawkspec-eval", "-m", f"hydra.sweep.dir={tmp_path}", f"experiment={','.join(experiments)}",
+            "eval.num_prompts=2", "eval.batch_size=2", "eval.repeats=1", "eval.warmup_batches=0",
+            "eval.quality.enabled=false", "logger=none")
+    for job in range(len(experiments)):
+        assert (tmp_path / str(job) / "results.json").is_file()
