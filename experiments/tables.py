@@ -120,9 +120,26 @@ def floor_stat(jobs: list[Job], key: str) -> tuple[float, float, int] | None:
     return stat([((j.results.get("quality") or {}).get("noise_floor") or {}).get("delta", {}).get(key) for j in jobs])
 
 
+def semantics(jobs: list[Job]) -> list[str]:
+    """Which decision semantics every row used (its acceptance rule and proposer options, from results.json)."""
+    seen: dict[str, str] = {}
+    for job in jobs:
+        for row in job.results.get("rows", []):
+            cfg = row.get("config") or {}
+            acc, prop = cfg.get("acceptance"), cfg.get("proposer") or {}
+            if not isinstance(acc, dict):
+                continue
+            parts = [f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless")]
+            parts += [f"proposer.{k}={v}" for k, v in prop.items() if k in ("draft", "init_q", "init")]
+            seen.setdefault(row["decoder"], f"`{row['decoder']}`: {acc.get('name')}"
+                            + (f" ({', '.join(parts)})" if parts else ""))
+    return ["Decision semantics (official defaults unless an option says otherwise; README \"Decoding, precisely\"): "
+            + "; ".join(seen.values()) + ".", ""] if seen else []
+
+
 def provenance(jobs: list[Job], table_cmd: str) -> list[str]:
     r0 = jobs[0].results
-    lines = ["Made by:", "", "```"]
+    lines = semantics(jobs) + ["Made by:", "", "```"]
     lines += commands(jobs)
     lines += [table_cmd, "```", "",
               f"Backbone `{r0.get('backbone')}` (revision `{r0.get('revision')}`), {r0.get('num_prompts')} prompts, "
@@ -134,7 +151,7 @@ def provenance(jobs: list[Job], table_cmd: str) -> list[str]:
 
 def noise_floor_line(jobs: list[Job]) -> str:
     parts = []
-    for key in ("fid", "diversity", "alignment", "clip_score"):
+    for key in ("fid", "diversity", "alignment", "clip_score_100cos", "clip_cosine_lantern"):
         s = floor_stat(jobs, key)
         if s:  # one value per distinct noise-floor run (jobs of one sweep share theirs)
             parts.append(f"{key} ±{fmt(s if s[1] > 0 else s[0])}")
@@ -191,7 +208,7 @@ def hawk_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
     """Hawk Table 1 analogue: AR, Medusa, Hawk vertical-only, LANTERN++ in Medusa, Hawk."""
     label = fid_label(jobs)
     groups = hawk_groups(jobs)
-    has_clip = any(r.get("clip_score") is not None for _, _, rs in groups for r in rs)
+    has_clip = any(r.get("clip_score_100cos") is not None for _, _, rs in groups for r in rs)
     cols = ["method", "lossless", "speedup", "speedup (paper)", "step compression", "acceptance length",
             "acceptance length (paper)", f"FID ({label})", "FID (paper)", "alignment", "diversity"]
     cols += ["CLIP", "CLIP (paper)"] if has_clip else ["CLIP (paper)"]
@@ -202,7 +219,7 @@ def hawk_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
         row = [name, str(rs[0]["lossless"]) if rs else "—", fmt(g("speedup"), 2, "×"), fmt(paper["speedup"]),
                fmt(g("step_compression"), 2, "×"), fmt(g("acceptance_length"), 2), fmt(paper["acceptance_length"]),
                fmt(g("fid"), 2), fmt(paper["fid"]), fmt(g("alignment")), fmt(g("diversity"))]
-        row += [fmt(g("clip_score"), 2), fmt(paper["clip"])] if has_clip else [fmt(paper["clip"])]
+        row += [fmt(g("clip_score_100cos"), 2), fmt(paper["clip"])] if has_clip else [fmt(paper["clip"])]
         rows.append(row)
     missing = [dec for _, dec, rs in groups if not rs]
     md = ["# Hawk Table 1 analogue", "",
@@ -261,7 +278,7 @@ def sweep_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
 TABLES = {"hawk": (hawk_table, hawk_groups, "hawk_table1"), "gsd": (gsd_table, gsd_groups, "gsd_table"),
           "sweep": (sweep_table, sweep_groups, "sweep_table")}
 #: Figures a reproduction is checked on (within the noise floor); the speed ones are this machine's and reported only.
-CHECKED = ("fid", "diversity", "alignment", "clip_score")
+CHECKED = ("fid", "diversity", "alignment", "clip_score_100cos", "clip_cosine_lantern")
 REPORTED = ("step_compression", "acceptance_length", "speedup")
 
 
