@@ -131,8 +131,8 @@ def semantics(jobs: list[Job]) -> list[str]:
                 continue
             parts = [f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless")]
             parts += [f"proposer.{k}={v}" for k, v in prop.items() if k in ("draft", "init_q", "init")]
-            seen.setdefault(row["decoder"], f"`{row['decoder']}`: {acc.get('name')}"
-                            + (f" ({', '.join(parts)})" if parts else ""))
+            text = f"`{row['decoder']}`: {acc.get('name')}" + (f" ({', '.join(parts)})" if parts else "")
+            seen.setdefault(text, text)  # every distinct setting once (a sweep's jobs differ in one option)
     return ["Decision semantics (official defaults unless an option says otherwise; README \"Decoding, precisely\"): "
             + "; ".join(seen.values()) + ".", ""] if seen else []
 
