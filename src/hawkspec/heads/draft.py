@@ -169,34 +169,52 @@ class DraftHeads(nn.Module):
     # ----------------------------------------------------------------------------------------- io
     def save(self, path: str | Path) -> Path:
         """Write ``heads.safetensors`` and ``heads.json`` (shapes + backbone identity) into folder ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.trained_state_dict().items()}, path / "heads.safetensors")
-        meta = {"heads": asdict(self.config), "hidden_size": self.hidden_size,
-                "tokens_per_row": self.tokens_per_row, "backbone": self.identity}
-        (path / "heads.json").write_text(json.dumps(meta, indent=1))
-        return path
+        return write_drafter(self, path, {"heads": asdict(self.config), "hidden_size": self.hidden_size,
+                                          "tokens_per_row": self.tokens_per_row, "backbone": self.identity})
 
     @classmethod
     def load(cls, path: str | Path, backbone) -> "DraftHeads":
         """Load heads saved by :meth:`save` for ``backbone``; refuse heads trained on another backbone/grid."""
-        path = Path(path)
-        for name in ("heads.safetensors", "heads.json"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"draft heads checkpoint is missing {path / name}: set `decoder.heads_path` "
-                                        "to a folder written by `hawkspec-train`")
-        meta = json.loads((path / "heads.json").read_text())
+        meta = read_drafter_meta(path, "draft heads", "hawkspec-train")
         if "heads" not in meta:
-            raise ValueError(f"{path / 'heads.json'} describes a {meta.get('kind', 'different')!r} drafter, not "
+            raise ValueError(f"{Path(path) / 'heads.json'} describes a {meta.get('kind', 'different')!r} drafter, not "
                              "Medusa/Hawk heads: point `decoder.heads_path` at heads written by hawkspec-train "
                              "heads=medusa|hawk (or use the matching decoder preset)")
         check_identity(meta.get("backbone", {}), backbone, f"the draft heads in {path}",
                        "Train heads for this backbone (hawkspec-cache, hawkspec-train) or set the matching backbone.")
         heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
-        missing, unexpected = heads.load_state_dict(load_file(path / "heads.safetensors"), strict=False)
-        missing = [k for k in missing if not k.startswith("code_head.")]
-        if missing or unexpected:
-            raise ValueError(f"{path / 'heads.safetensors'} does not match {path / 'heads.json'}: missing "
-                             f"{missing[:4]}, unexpected {unexpected[:4]}; retrain the heads (hawkspec-train)")
-        check_finite_state(heads.state_dict(), f"the draft heads in {path}")  # NaN / Inf weights are refused
-        return heads.eval()
+        return load_drafter_weights(heads, path, "the draft heads", "hawkspec-train")
+
+
+# --------------------------------------------------------------------------------------------- drafter checkpoints
+def write_drafter(module: nn.Module, path: str | Path, meta: dict) -> Path:
+    """Folder ``path`` with ``heads.safetensors`` (the drafter's own weights: ``trained_state_dict()``, the frozen
+    code head left out) and ``heads.json`` (``meta``: shapes and the backbone identity). Shared by every drafter."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.trained_state_dict().items()}, path / "heads.safetensors")
+    (path / "heads.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def read_drafter_meta(path: str | Path, what: str, train_cmd: str) -> dict:
+    """``heads.json`` of a drafter folder written by :func:`write_drafter`; a missing file names the key to set."""
+    path = Path(path)
+    for name in ("heads.safetensors", "heads.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{what} checkpoint is missing {path / name}: set `decoder.heads_path` to a "
+                                    f"folder written by `{train_cmd}`")
+    return json.loads((path / "heads.json").read_text())
+
+
+def load_drafter_weights(module: nn.Module, path: str | Path, what: str, train_cmd: str) -> nn.Module:
+    """Load ``heads.safetensors`` into ``module`` (built from the meta; its code head comes from the backbone),
+    refusing mismatched or non-finite weights; returns it in eval mode."""
+    path = Path(path)
+    missing, unexpected = module.load_state_dict(load_file(path / "heads.safetensors"), strict=False)
+    missing = [k for k in missing if not k.startswith("code_head.")]
+    if missing or unexpected:
+        raise ValueError(f"{path / 'heads.safetensors'} does not match {path / 'heads.json'}: missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}; retrain ({train_cmd})")
+    check_finite_state(module.state_dict(), f"{what} in {path}")  # NaN / Inf weights are refused
+    return module.eval()

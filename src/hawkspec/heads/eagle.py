@@ -26,17 +26,16 @@ identity, ``"kind": "eagle"``), and refused for another backbone.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
 from hawkspec.backbones.base import check_identity
+from hawkspec.heads.draft import load_drafter_weights, read_drafter_meta, write_drafter
 
 KIND = "eagle"
 
@@ -260,23 +259,13 @@ class EagleDrafter(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``heads.safetensors`` and ``heads.json`` (kind, shapes, backbone identity) into folder ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.trained_state_dict().items()}, path / "heads.safetensors")
-        meta = {"kind": KIND, "eagle": asdict(self.config), "hidden_size": self.hidden_size,
-                "tokens_per_row": self.tokens_per_row, "backbone": self.identity}
-        (path / "heads.json").write_text(json.dumps(meta, indent=1))
-        return path
+        return write_drafter(self, path, {"kind": KIND, "eagle": asdict(self.config), "hidden_size": self.hidden_size,
+                                          "tokens_per_row": self.tokens_per_row, "backbone": self.identity})
 
     @classmethod
     def load(cls, path: str | Path, backbone) -> "EagleDrafter":
         """Load a draft model saved by :meth:`save` for ``backbone``; refuse one of another backbone, or heads."""
-        path = Path(path)
-        for name in ("heads.safetensors", "heads.json"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"EAGLE checkpoint is missing {path / name}: set `decoder.heads_path` to a "
-                                        "folder written by `hawkspec-train heads=eagle`")
-        meta = json.loads((path / "heads.json").read_text())
+        meta = read_drafter_meta(path, "EAGLE", "hawkspec-train heads=eagle")
         if meta.get("kind") != KIND:
             raise ValueError(f"{path} holds draft heads, not an EAGLE draft model (heads.json has no \"kind\": "
                              f"\"eagle\"): set `decoder.heads_path` to the export of `hawkspec-train heads=eagle`")
@@ -284,9 +273,4 @@ class EagleDrafter(nn.Module):
                        "Train it for this backbone (hawkspec-cache, hawkspec-train heads=eagle) or set the matching "
                        "backbone.")
         model = cls.for_backbone(EagleConfig(**meta["eagle"]), backbone)
-        missing, unexpected = model.load_state_dict(load_file(path / "heads.safetensors"), strict=False)
-        missing = [k for k in missing if not k.startswith("code_head.")]
-        if missing or unexpected:
-            raise ValueError(f"{path / 'heads.safetensors'} does not match {path / 'heads.json'}: missing "
-                             f"{missing[:4]}, unexpected {unexpected[:4]}; retrain (hawkspec-train heads=eagle)")
-        return model.eval()
+        return load_drafter_weights(model, path, "the EAGLE draft model", "hawkspec-train heads=eagle")
