@@ -99,18 +99,12 @@ class KVState:
     streams: int = 1
     pending: int = field(default=0)
     """Slots appended by the last tree forward that :meth:`Backbone.compact` has not resolved yet."""
-    used: int | None = None
-    """Slots written so far (the next block goes to ``[used, used + T)``) when ``key_mask`` spans a
-    fixed-capacity cache; None when the cache is exactly ``key_mask``'s width."""
+    used: int = 0
+    """Slots written so far: the next block goes to ``[used, used + T)`` of the fixed-capacity cache."""
 
     @property
     def batch_size(self) -> int:
         return self.key_mask.shape[0] // self.streams
-
-    @property
-    def length(self) -> int:
-        """Slots written so far."""
-        return self.key_mask.shape[1] if self.used is None else self.used
 
     @property
     def capacity(self) -> int:
