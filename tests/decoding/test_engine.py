@@ -172,17 +172,20 @@ def test_hawk_jacobi_fills_the_slots_the_heads_leave_empty(bb, heads):
 def test_hawk_drafts_from_the_horizontal_logits_its_observe_made(bb, heads, monkeypatch):
     """Hawk runs every head once per step (in observe, on the accepted tokens): the horizontal logits it keeps
     for the next proposal are the heads' logits at that proposal's src_hidden, every step."""
-    seen = []
-    original = MedusaProposer.horizontal_candidates
+    from hawkspec.decoding.proposers.sources import HorizontalSource
 
-    def checked(self, src_hidden, root_pos, code_pos, size, generator, logits=None):
+    seen = []
+    original = HorizontalSource.candidates
+
+    def checked(self, src_hidden, root_pos, code_pos, size, generator):
+        logits = self.next_logits
         if logits is not None:
             live = root_pos < bb.grid.length - 1  # finished rows keep a stale src_hidden and draft nothing
             torch.testing.assert_close(logits[live], self.heads.horizontal(src_hidden)[live], atol=1e-5, rtol=1e-4)
         seen.append(logits is not None)
-        return original(self, src_hidden, root_pos, code_pos, size, generator, logits)
+        return original(self, src_hidden, root_pos, code_pos, size, generator)
 
-    monkeypatch.setattr(MedusaProposer, "horizontal_candidates", checked)
+    monkeypatch.setattr(HorizontalSource, "candidates", checked)
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
     dec = SpeculativeDecoder(bb, HawkProposer(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
     dec.generate(PROMPTS, torch.Generator().manual_seed(0))

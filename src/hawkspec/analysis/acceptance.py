@@ -5,8 +5,9 @@ Every speculative decoder returns ``accept_map`` (B, rows, cols): 1 where the co
 target accepted, 0 where it was the bonus (or first) token. :func:`acceptance_maps` runs several decoders over
 the same prompts and seeds and averages those maps.
 
-For a proposer with Hawk's speculation cache (:meth:`HawkProposer.vertical_drafts
-<hawkspec.decoding.proposers.hawk.HawkProposer.vertical_drafts>`), :class:`SourceRecorder` also records, for
+For a proposer with Hawk's speculation cache (a :class:`~hawkspec.decoding.proposers.SpatialProposer` with a
+:class:`~hawkspec.decoding.proposers.sources.VerticalSource`: ``hawk``, ``hawk_jacobi``, ``hawk_eagle``, ...),
+:class:`SourceRecorder` also records, for
 every position, the vertical drafts and the horizontal heads' top-P candidates of the step that committed
 it: a position is proposed at every step until it is committed and never after, so the last proposal of a
 position is the one its accepted draft came from. An accepted code that one of the vertical drafts equals
@@ -23,6 +24,13 @@ from typing import Sequence
 import torch
 
 from hawkspec.decoding.output import GenerationOutput
+from hawkspec.decoding.proposers.sources import HorizontalSource, VerticalSource
+
+
+def vertical_source(proposer) -> VerticalSource | None:
+    """The proposer's speculation cache (its :class:`VerticalSource`), or None."""
+    find = getattr(proposer, "source_of", None)
+    return find(VerticalSource) if find is not None else None
 
 
 class SourceRecorder:
@@ -31,8 +39,11 @@ class SourceRecorder:
     recorder draws nothing from the decoding generator, so the images are the same as without it."""
 
     def __init__(self, proposer):
-        if not hasattr(proposer, "vertical_drafts"):
-            raise TypeError(f"{type(proposer).__name__} keeps no vertical drafts (only Hawk's proposer does)")
+        self.vertical_source = vertical_source(proposer)
+        if self.vertical_source is None:
+            raise TypeError(f"{type(proposer).__name__} keeps no vertical drafts (only proposers with a vertical "
+                            "source do: hawk, hawk_eagle, ...)")
+        self.horizontal_source = proposer.source_of(HorizontalSource)
         self.inner = proposer
 
     def __getattr__(self, name):  # the engine's view of the proposer: everything not recorded here
@@ -55,10 +66,10 @@ class SourceRecorder:
         table[torch.arange(B, device=tokens.device)[:, None], where] = tokens
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator):
-        inner = self.inner
-        self._store("vertical", code_pos, inner.vertical_drafts(code_pos))
-        if getattr(inner, "horizontal", True) and inner.draft == "topk":
-            h_tok, _ = inner.horizontal_candidates(src_hidden, root_pos, code_pos, pool_size, None)
+        inner, h = self.inner, self.horizontal_source
+        self._store("vertical", code_pos, self.vertical_source.vertical_drafts(code_pos))
+        if h is not None and h.draft == "topk":
+            h_tok, _ = h.pool(src_hidden, root_pos, code_pos, pool_size, None)
             self._store("horizontal", code_pos, h_tok)
         return inner.propose(src_hidden, root_pos, code_pos, pool_size, generator)
 
@@ -134,7 +145,7 @@ def decode_with_sources(decoder, prompts: Sequence[str], generator: torch.Genera
     """``decoder.generate(prompts)`` and, when its proposer keeps vertical drafts, the source maps
     (:meth:`SourceRecorder.sources`; else ``{}``). The decoder is left as it was."""
     proposer = getattr(decoder, "proposer", None)
-    if proposer is None or not hasattr(proposer, "vertical_drafts") or not getattr(proposer, "vsd", 0):
+    if proposer is None or vertical_source(proposer) is None:
         return decoder.generate(list(prompts), generator), {}
     recorder = SourceRecorder(proposer)
     decoder.proposer = recorder

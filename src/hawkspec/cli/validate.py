@@ -216,7 +216,10 @@ def validate_eval(cfg: DictConfig) -> None:
     check_int(cfg, f"{e}.grid_images", 0)
     check_int(cfg, f"{e}.threads", 1, optional=True)
     if get(cfg, f"{e}.compile", None) is not None:
-        check_choice(cfg, f"{e}.compile", ("none", "forward"))
+        check_choice(cfg, f"{e}.compile", ("none", "forward", "step"))
+    if get(cfg, f"{e}.cuda_graphs", False) and not str(get(cfg, "device", "cpu")).startswith("cuda"):
+        raise ValueError(f"{e}.cuda_graphs=true records CUDA graphs: it needs device=cuda "
+                         f"(got device={get(cfg, 'device', 'cpu')}); set {e}.cuda_graphs=false")
     check_file(cfg, f"{e}.prompts_file", "one prompt per line")
     check_backbone(cfg)
     num_codes = backbone_num_codes(cfg)
@@ -233,11 +236,13 @@ def check_decoder_heads(cfg: DictConfig) -> None:
     names = get(cfg, "eval.decoders", [])
     if names == "all" or names is None:
         return
-    heads_path = get(cfg, "decoder.heads_path")
-    if heads_path and get(cfg, "decoder.name") in names:
-        folder = check_folder(cfg, "decoder.heads_path", ("heads.safetensors", "heads.json"),
-                              "a folder written by `hawkspec-train` (its export_dir)")
-        check_json(folder, ("heads.json",), "decoder.heads_path")
+    if get(cfg, "decoder.name") not in names:
+        return
+    for key in ("decoder.heads_path", "decoder.eagle_path"):  # eagle_path: hawk_eagle's second checkpoint
+        if get(cfg, key):
+            folder = check_folder(cfg, key, ("heads.safetensors", "heads.json"),
+                                  "a folder written by `hawkspec-train` (its export_dir)")
+            check_json(folder, ("heads.json",), key)
 
 
 def check_quality(cfg: DictConfig) -> None:

@@ -9,12 +9,30 @@ A decoder preset (``conf/decoder/<name>.yaml``) looks like::
     tree: {budget: 16, max_depth: 4, max_rank: 4, paths: null, max_nodes: 256}
 
 ``proposer: null`` is plain AR (:func:`hawkspec.decoding.ar.ar_generate`, the speed baseline).
+
+A composed proposer (:class:`~hawkspec.decoding.proposers.SpatialProposer`) lists its draft sources, each built
+from its ``_target_``; a source with a checkpoint reads its own ``path``, so one proposer can mix two (``hawk_eagle``:
+``heads_path`` for the vertical heads, ``eagle_path`` for the EAGLE draft model)::
+
+    heads_path: ${paths.heads_dir}/hawk
+    eagle_path: ${paths.heads_dir}/eagle
+    proposer:
+      _target_: hawkspec.decoding.proposers.SpatialProposer
+      sources:
+        vertical: {_target_: hawkspec.decoding.proposers.sources.VerticalSource, path: ${....heads_path}}
+        eagle: {_target_: hawkspec.decoding.proposers.sources.EagleSource, path: ${....eagle_path}}
+      order: [vertical, eagle]
+
+A missing or mismatched checkpoint names the key to set: the decoder-level key a source's ``path`` interpolates
+(``decoder.eagle_path``), else ``decoder.proposer.sources.<name>.path``. Checkpoints load when the decoder is
+built, so ``eval.decoders=all`` skips a preset whose checkpoint is missing (a FileNotFoundError).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +59,10 @@ class ARDecoder:
     sampling: SamplingConfig
     name: str = "ar"
     lossless: bool = True
+    runner: object = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
 
     def generate(self, prompts, generator=None, progress=False, track_entropy=False) -> GenerationOutput:
-        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy)
+        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy, self.runner)
 
     def describe(self) -> dict:
         return {"name": self.name, "proposer": None, "acceptance": "ar", "lossless": True}
@@ -82,12 +101,33 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig)
             raise ValueError(f"decoder `{name}` drafts with trained heads: set decoder.heads_path")
         kwargs["heads"] = DraftHeads.load(Path(cfg.heads_path), backbone)
     proposer = hydra.utils.instantiate(cfg.proposer, **kwargs)
+    for src, key in source_keys(cfg).items():  # loading errors name the key the preset sets
+        proposer.sources[src].key = key
     acceptance = hydra.utils.instantiate(cfg.acceptance)
     return NamedDecoder(
         name, backbone, proposer, acceptance, sampling, tree_paths(cfg.tree),
         max_tree_nodes=int(cfg.tree.get("max_nodes", 256)),
         dynamic_nodes=None if cfg.tree.get("dynamic") is None else int(cfg.tree.dynamic),
     )
+
+
+def source_keys(cfg: DictConfig) -> dict[str, str]:
+    """For each draft source of a composed proposer whose ``path`` is an interpolation (``${....eagle_path}``) and
+    that names no ``key`` itself: the config key it reads (``decoder.eagle_path``), which its errors then name."""
+    sources = cfg.proposer.get("sources") if isinstance(cfg.proposer, DictConfig) else None
+    if not isinstance(sources, DictConfig):
+        return {}
+    out = {}
+    for name, node in OmegaConf.to_container(sources, resolve=False).items():
+        if not isinstance(node, dict) or node.get("key"):
+            continue
+        m = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", str(node.get("path")))
+        if m is None:
+            continue
+        dots, ref = len(m.group(1)), m.group(2)
+        own = ["decoder", "proposer", "sources", str(name)]  # the node holding `path`; `.` is this node
+        out[str(name)] = ref if dots == 0 else ".".join([*own[: len(own) - dots + 1], ref])
+    return out
 
 
 def decoder_presets(conf_dir: str | Path) -> list[str]:

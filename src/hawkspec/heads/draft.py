@@ -135,7 +135,7 @@ class DraftHeads(nn.Module):
         """The weights of ``blocks`` at ``layer`` stacked per head. Without autograd (decoding) the stack is
         cached and rebuilt when a weight changed (in-place updates bump ``_version``) or moved (``.to``)."""
         params = [p for blk in blocks for p in (blk[layer].linear.weight, blk[layer].linear.bias)]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled step stacks in its graph
             return torch.stack(params[0::2]).transpose(-1, -2), torch.stack(params[1::2])
         key = tuple((p.data_ptr(), p.device, p.dtype, p._version) for p in params)
         cache = self.__dict__.setdefault("_stack_cache", {})
@@ -173,17 +173,18 @@ class DraftHeads(nn.Module):
                                           "tokens_per_row": self.tokens_per_row, "backbone": self.identity})
 
     @classmethod
-    def load(cls, path: str | Path, backbone) -> "DraftHeads":
-        """Load heads saved by :meth:`save` for ``backbone``; refuse heads trained on another backbone/grid."""
-        meta = read_drafter_meta(path, "draft heads", "hawkspec-train")
+    def load(cls, path: str | Path, backbone, key: str = "decoder.heads_path") -> "DraftHeads":
+        """Load heads saved by :meth:`save` for ``backbone``; refuse heads trained on another backbone/grid.
+        ``key``: the config key that points here, named by every error (a composed proposer's source has its own)."""
+        meta = read_drafter_meta(path, "draft heads", "hawkspec-train", key)
         if "heads" not in meta:
             raise ValueError(f"{Path(path) / 'heads.json'} describes a {meta.get('kind', 'different')!r} drafter, not "
-                             "Medusa/Hawk heads: point `decoder.heads_path` at heads written by hawkspec-train "
+                             f"Medusa/Hawk heads: point `{key}` at heads written by hawkspec-train "
                              "heads=medusa|hawk (or use the matching decoder preset)")
-        check_identity(meta.get("backbone", {}), backbone, f"the draft heads in {path}",
+        check_identity(meta.get("backbone", {}), backbone, f"the draft heads in {path} (`{key}`)",
                        "Train heads for this backbone (hawkspec-cache, hawkspec-train) or set the matching backbone.")
         heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
-        return load_drafter_weights(heads, path, "the draft heads", "hawkspec-train")
+        return load_drafter_weights(heads, path, "the draft heads", "hawkspec-train", key)
 
 
 # --------------------------------------------------------------------------------------------- drafter checkpoints
@@ -197,24 +198,27 @@ def write_drafter(module: nn.Module, path: str | Path, meta: dict) -> Path:
     return path
 
 
-def read_drafter_meta(path: str | Path, what: str, train_cmd: str) -> dict:
-    """``heads.json`` of a drafter folder written by :func:`write_drafter`; a missing file names the key to set."""
+def read_drafter_meta(path: str | Path, what: str, train_cmd: str, key: str = "decoder.heads_path") -> dict:
+    """``heads.json`` of a drafter folder written by :func:`write_drafter`; a missing file names ``key``, the config
+    key to set."""
     path = Path(path)
     for name in ("heads.safetensors", "heads.json"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{what} checkpoint is missing {path / name}: set `decoder.heads_path` to a "
+            raise FileNotFoundError(f"{what} checkpoint is missing {path / name}: set `{key}` to a "
                                     f"folder written by `{train_cmd}`")
     return json.loads((path / "heads.json").read_text())
 
 
-def load_drafter_weights(module: nn.Module, path: str | Path, what: str, train_cmd: str) -> nn.Module:
+def load_drafter_weights(module: nn.Module, path: str | Path, what: str, train_cmd: str,
+                         key: str = "decoder.heads_path") -> nn.Module:
     """Load ``heads.safetensors`` into ``module`` (built from the meta; its code head comes from the backbone),
-    refusing mismatched or non-finite weights; returns it in eval mode."""
+    refusing mismatched or non-finite weights (naming ``key``, the config key that points here); returns it in
+    eval mode."""
     path = Path(path)
     missing, unexpected = module.load_state_dict(load_file(path / "heads.safetensors"), strict=False)
     missing = [k for k in missing if not k.startswith("code_head.")]
     if missing or unexpected:
-        raise ValueError(f"{path / 'heads.safetensors'} does not match {path / 'heads.json'}: missing "
+        raise ValueError(f"{path / 'heads.safetensors'} (`{key}`) does not match {path / 'heads.json'}: missing "
                          f"{missing[:4]}, unexpected {unexpected[:4]}; retrain ({train_cmd})")
     check_finite_state(module.state_dict(), f"{what} in {path}")  # NaN / Inf weights are refused
     return module.eval()

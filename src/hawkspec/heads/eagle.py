@@ -263,14 +263,15 @@ class EagleDrafter(nn.Module):
                                           "tokens_per_row": self.tokens_per_row, "backbone": self.identity})
 
     @classmethod
-    def load(cls, path: str | Path, backbone) -> "EagleDrafter":
-        """Load a draft model saved by :meth:`save` for ``backbone``; refuse one of another backbone, or heads."""
-        meta = read_drafter_meta(path, "EAGLE", "hawkspec-train heads=eagle")
+    def load(cls, path: str | Path, backbone, key: str = "decoder.heads_path") -> "EagleDrafter":
+        """Load a draft model saved by :meth:`save` for ``backbone``; refuse one of another backbone, or heads.
+        ``key``: the config key that points here, named by every error (``decoder.eagle_path`` in ``hawk_eagle``)."""
+        meta = read_drafter_meta(path, "EAGLE", "hawkspec-train heads=eagle", key)
         if meta.get("kind") != KIND:
             raise ValueError(f"{path} holds draft heads, not an EAGLE draft model (heads.json has no \"kind\": "
-                             f"\"eagle\"): set `decoder.heads_path` to the export of `hawkspec-train heads=eagle`")
-        check_identity(meta.get("backbone", {}), backbone, f"the EAGLE draft model in {path}",
+                             f"\"eagle\"): set `{key}` to the export of `hawkspec-train heads=eagle`")
+        check_identity(meta.get("backbone", {}), backbone, f"the EAGLE draft model in {path} (`{key}`)",
                        "Train it for this backbone (hawkspec-cache, hawkspec-train heads=eagle) or set the matching "
                        "backbone.")
         model = cls.for_backbone(EagleConfig(**meta["eagle"]), backbone)
-        return load_drafter_weights(model, path, "the EAGLE draft model", "hawkspec-train heads=eagle")
+        return load_drafter_weights(model, path, "the EAGLE draft model", "hawkspec-train heads=eagle", key)

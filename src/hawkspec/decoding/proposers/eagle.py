@@ -50,6 +50,8 @@ class EagleProposer(Proposer):
             distribution under the target's top-k/temperature, each with its q).
         spatial: When set, refuse a draft model whose ``spatial`` flag differs (a sweep over the flag must not
             silently decode with the other model); None takes the model as it is.
+        key: The config key of ``path``, named by every loading error (``decoder.heads_path`` in the ``eagle``
+            presets; a composed proposer's :class:`~hawkspec.decoding.proposers.sources.EagleSource` passes its own).
     """
 
     name = "eagle"
@@ -57,22 +59,22 @@ class EagleProposer(Proposer):
     wants_tree_outputs = True  # only for the committed codes (the draft rows need x_i)
 
     def __init__(self, path: str | None = None, drafter: EagleDrafter | None = None, draft: str = "topk",
-                 spatial: bool | None = None):
+                 spatial: bool | None = None, key: str = "decoder.heads_path"):
         if draft not in DRAFTS:
             raise ValueError(f"decoder.proposer.draft must be one of {DRAFTS}, got {draft!r}")
         if drafter is None and not path:
-            raise ValueError("decoder.proposer.path (the EAGLE draft model, `decoder.heads_path`) is not set")
-        self.path, self.drafter, self.draft, self.spatial = path, drafter, draft, spatial
+            raise ValueError(f"decoder.proposer.path (the EAGLE draft model, `{key}`) is not set")
+        self.path, self.drafter, self.draft, self.spatial, self.key = path, drafter, draft, spatial, key
 
     def bind(self, backbone, sampling) -> None:
         super().bind(backbone, sampling)
         if self.drafter is None:
-            self.drafter = EagleDrafter.load(Path(self.path), backbone)
+            self.drafter = EagleDrafter.load(Path(self.path), backbone, self.key)
         check_identity(self.drafter.identity, backbone, "the EAGLE draft model",
-                       "Train it for this backbone or set `decoder.heads_path` to a matching one.")
+                       f"Train it for this backbone or set `{self.key}` to a matching one.")
         if self.spatial is not None and self.drafter.config.spatial != self.spatial:
             raise ValueError(f"decoder.proposer.spatial={self.spatial} but the draft model in {self.path} was trained "
-                             f"with spatial={self.drafter.config.spatial}: point `decoder.heads_path` at one trained "
+                             f"with spatial={self.drafter.config.spatial}: point `{self.key}` at one trained "
                              f"with `heads.spatial={str(self.spatial).lower()}`")
         self.drafter.to(next(iter(backbone.buffers())).device).eval()
         self.grid = backbone.grid

@@ -1,0 +1,210 @@
+"""A proposer composed of draft sources, merged per position into one spatial sampling pool.
+
+Hawk's proposer is not a special class: it is the horizontal heads plus the vertical speculation cache, merged
+vertical first; Hawk + Jacobi adds the carried Jacobi drafts; ``hawk_eagle`` merges the vertical cache with the
+EAGLE draft model. Any such mix is config (``conf/decoder/proposer/hawk_eagle.yaml``)::
+
+    _target_: hawkspec.decoding.proposers.SpatialProposer
+    sources:
+      vertical: {_target_: hawkspec.decoding.proposers.sources.VerticalSource, path: ${....heads_path}}
+      eagle: {_target_: hawkspec.decoding.proposers.sources.EagleSource, path: ${....eagle_path}}
+    order: [vertical, eagle]
+
+The sources are listed in :mod:`hawkspec.decoding.proposers.sources`.
+
+**The merge.** Per speculated position, the sources' candidates are concatenated in ``priority`` order
+(default: ``order``); a point-mass candidate (top-k, no q) equal to an earlier point-mass candidate is dropped
+(it adds nothing), sampled candidates are i.i.d. draws and all stay; the first ``pool_size`` survivors are the
+pool's *members* (sources left out of ``priority`` add theirs without competing). The members are then sorted
+into the *verification order* ``order``, and the first ``pool_size`` of them are the pool: the tree gives its
+first ranks (the deepest subtrees) to the candidates that come first. ``order`` lists source names, and an
+item may itself be a list of names, whose candidates are interleaved (``[[vertical, horizontal]]``: v1, h1,
+v2, h2, ...); a point mass offered by several sources ranks where its best offer ranks. Each member keeps
+the q of the source it came from (point masses get a one-hot q when the pool mixes them with sampled drafts),
+so the exact rule stays lossless for any mix, and its ``logp`` (dynamic trees rank by it; ``None`` when a
+source gives none, e.g. Jacobi).
+
+Why members and order are separate: Hawk's ``order`` ablation changes only which candidate is verified
+first, never which candidates exist (``priority: [vertical, horizontal]`` for every order), and Hawk's Jacobi
+drafts join that pool first (``order: [jacobi, vertical, horizontal]``) or fill what it leaves empty
+(``order: [vertical, horizontal, jacobi]``) without competing (``priority`` leaves ``jacobi`` out).
+
+Checkpoints: a source that drafts with a trained module reads its own ``path`` (the key its errors name), so a
+proposer can mix two checkpoints (``hawk_eagle``: ``decoder.heads_path`` and ``decoder.eagle_path``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
+from hawkspec.decoding.proposers.sources import DraftSource, HorizontalSource, VerticalSource
+
+_BIG = 1 << 20  # rank stride of one order group (far above any pool width)
+_NONE = 1 << 40  # the key of an empty slot
+
+
+def _groups(order, names: list[str]) -> list[tuple[str, ...]]:
+    """``order`` (names, or lists of names to interleave) -> groups of names; every source exactly once."""
+    if order is None:
+        return [(n,) for n in names]
+    if isinstance(order, str):
+        order = [order]
+    groups = [(item,) if isinstance(item, str) else tuple(str(x) for x in item) for item in order]
+    flat = [n for g in groups for n in g]
+    if sorted(flat) != sorted(names) or any(not g for g in groups):
+        raise ValueError(f"decoder.proposer.order={flat} must list every source exactly once: {names}")
+    return groups
+
+
+class SpatialProposer(Proposer):
+    """Candidate pools merged from several draft sources (see the module docstring).
+
+    Args:
+        sources: ``{name: DraftSource}``, in the order they draft (sampled sources draw from the generator in
+            this order). Hydra instantiates each from its ``_target_``.
+        order: Verification order: source names, or lists of names to interleave (None: ``sources`` order).
+        priority: The sources whose candidates compete for the pool's slots, in the order they join it (None:
+            every source, in ``order``); a source left out joins without competing (its candidates are members
+            whatever the others offer) and the verification order alone decides which survive the pool size.
+        name: The proposer's name (progress bars, error messages).
+    """
+
+    name = "spatial"
+
+    def __init__(self, sources: Mapping[str, DraftSource], order: Sequence | str | None = None,
+                 priority: Sequence[str] | None = None, name: str | None = None):
+        if not sources:
+            raise ValueError("decoder.proposer.sources is empty: give at least one draft source")
+        self.sources: dict[str, DraftSource] = {}
+        for key, src in sources.items():
+            if not isinstance(src, DraftSource):
+                raise TypeError(f"decoder.proposer.sources.{key} is a {type(src).__name__}, not a draft source: give "
+                                "it a `_target_` from hawkspec.decoding.proposers.sources")
+            src.name = str(key)
+            if src.key is None:
+                src.key = f"decoder.proposer.sources.{key}.path"
+            self.sources[str(key)] = src
+        names = list(self.sources)
+        self.groups = _groups(order, names)
+        self.priority = [str(n) for n in priority] if priority is not None else [n for g in self.groups for n in g]
+        if len(set(self.priority)) != len(self.priority) or not set(self.priority) <= set(names):
+            raise ValueError(f"decoder.proposer.priority={self.priority} must list sources of {names}, each at most once")
+        if name:
+            self.name = name
+        self._loaded: dict = {}
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    @property
+    def wants_accepted_hidden(self) -> bool:
+        return any(s.wants_accepted_hidden for s in self.sources.values())
+
+    @property
+    def wants_tree_outputs(self) -> bool:
+        return any(s.wants_tree_outputs for s in self.sources.values())
+
+    def load(self, cls, path, key: str, backbone):
+        """``cls.load(path, backbone, key)``, once per class and folder: sources reading one checkpoint share it.
+        A missing path is a ValueError naming ``key``; a missing checkpoint, a FileNotFoundError naming it."""
+        if not path:
+            raise ValueError(f"`{key}` is not set: point it at a folder written by hawkspec-train")
+        memo = (cls, str(Path(path)))
+        if memo not in self._loaded:
+            self._loaded[memo] = cls.load(Path(path), backbone, key)
+        return self._loaded[memo]
+
+    def bind(self, backbone, sampling) -> None:
+        super().bind(backbone, sampling)
+        for s in self.sources.values():
+            s.bind(backbone, sampling, self)
+        for s in self.sources.values():
+            s.link(self)
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        for s in self.sources.values():
+            s.start(batch_size, device)
+
+    def observe(self, hidden, positions, count) -> None:
+        for s in self.sources.values():
+            if s.wants_accepted_hidden:
+                s.observe(hidden, positions, count)
+
+    def observe_tree(self, probs, node_pos, codes, generator, chain=False) -> None:
+        for s in self.sources.values():
+            if s.wants_tree_outputs:
+                s.observe_tree(probs, node_pos, codes, generator, chain)
+
+    def source_of(self, cls) -> DraftSource | None:
+        """The first source that is a ``cls``, or None."""
+        return next((s for s in self.sources.values() if isinstance(s, cls)), None)
+
+    def vertical_drafts(self, code_pos: torch.Tensor) -> torch.Tensor:
+        """The vertical source's cached drafts for ``code_pos`` (see :meth:`VerticalSource.vertical_drafts`)."""
+        v = self.source_of(VerticalSource)
+        if v is None:
+            raise ValueError(f"the {self.name!r} proposer has no vertical source")
+        return v.vertical_drafts(code_pos)
+
+    def horizontal_candidates(self, src_hidden, root_pos, code_pos, size, generator, logits=None):
+        """The horizontal source's tokens and q at ``src_hidden`` (see :meth:`HorizontalSource.pool`)."""
+        h = self.source_of(HorizontalSource)
+        if h is None:
+            raise ValueError(f"the {self.name!r} proposer has no horizontal source")
+        return h.pool(src_hidden, root_pos, code_pos, size, generator, logits)
+
+    # ----------------------------------------------------------------------------------------- the pool
+    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+        cands = {n: s.candidates(src_hidden, root_pos, code_pos, pool_size, generator) for n, s in self.sources.items()}
+        if len(cands) == 1 and next(iter(self.sources.values())).ready_pool:
+            return next(iter(cands.values()))
+        return self.merge(cands, pool_size)
+
+    def merge(self, cands: dict[str, Pools], size: int) -> Pools:
+        """The spatial pool (B, J, size) of the sources' candidates (see the module docstring)."""
+        names = self.priority + [n for g in self.groups for n in g if n not in self.priority]
+        parts = [cands[n] for n in names]
+        widths = [p.tokens.shape[-1] for p in parts]
+        tok = torch.cat([p.tokens for p in parts], dim=-1)  # (B, J, C): the competing sources first
+        dev, C = tok.device, tok.shape[-1]
+        point = torch.cat([torch.full((w,), p.q is None, device=dev) for p, w in zip(parts, widths)])  # (C,)
+        compete = torch.cat([torch.full((w,), n in self.priority, device=dev) for n, w in zip(names, widths)])
+        # each candidate's place in the verification order: group, then (rank, source) within an interleaved group
+        where = {n: (g, i, len(grp)) for g, grp in enumerate(self.groups) for i, n in enumerate(grp)}
+        occ = torch.cat([where[n][0] * _BIG + torch.arange(w, device=dev) * where[n][2] + where[n][1]
+                         for n, w in zip(names, widths)])  # (C,)
+        # a point mass equal to an earlier point mass adds nothing; sampled drafts are i.i.d. and all stay
+        same = (tok.unsqueeze(-1) == tok.unsqueeze(-2)) & (point[:, None] & point[None, :])  # (B, J, C, C)
+        keep = ~(same & _earlier(C, dev)).any(-1) & (tok >= 0)
+        # members: the first `size` competing survivors, and every survivor of a source outside `priority`
+        keep &= ~compete | ((keep & compete).cumsum(-1) <= size)
+        key = torch.minimum(occ, torch.where(same, occ, _NONE).amin(-1))  # a point mass ranks at its best offer
+        key = torch.where(keep, key, _NONE)
+        col = torch.argsort(key, dim=-1, stable=True)[..., :size]  # (B, J, <= size) columns, verification order
+        tokens = torch.where(keep, tok, -1).gather(-1, col)
+        q = logp = None
+        if any(p.q is not None for p in parts):
+            ref = next(p.q for p in parts if p.q is not None)
+            K = ref.shape[-1]
+            q = torch.cat([p.q if p.q is not None else torch.nn.functional.one_hot(p.tokens.clamp(min=0), K).to(ref.dtype)
+                           for p in parts], dim=2).gather(2, col.unsqueeze(-1).expand(-1, -1, -1, K))
+        if all(p.logp is not None for p in parts):
+            logp = torch.cat([p.logp.float() for p in parts], dim=-1).gather(-1, col)
+        if C < size:  # fewer offers than slots: the rest stay empty
+            pad = size - C
+            tokens = torch.cat([tokens, tokens.new_full((*tokens.shape[:-1], pad), -1)], dim=-1)
+            if q is not None:
+                q = torch.cat([q, q[..., :1, :].expand(-1, -1, pad, -1)], dim=2)
+            if logp is not None:
+                logp = torch.cat([logp, logp.new_zeros((*logp.shape[:-1], pad))], dim=-1)
+        return Pools(tokens, q, logp)
+
+    def describe(self) -> dict:
+        out = {"name": self.name, "sources": {n: s.describe() for n, s in self.sources.items()},
+               "order": [list(g) if len(g) > 1 else g[0] for g in self.groups], "priority": list(self.priority)}
+        drafts = {s.describe().get("draft") for s in self.sources.values()} - {None}
+        if len(drafts) == 1:  # the decision semantics tables read it
+            out["draft"] = drafts.pop()
+        return out
