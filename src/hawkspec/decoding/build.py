@@ -59,10 +59,9 @@ class ARDecoder:
     sampling: SamplingConfig
     name: str = "ar"
     lossless: bool = True
-    runner: object = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
 
     def generate(self, prompts, generator=None, progress=False, track_entropy=False) -> GenerationOutput:
-        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy, self.runner)
+        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy)
 
     def describe(self) -> dict:
         return {"name": self.name, "proposer": None, "acceptance": "ar", "lossless": True}
