@@ -96,6 +96,10 @@ class SpatialProposer(Proposer):
         if name:
             self.name = name
         self._loaded: dict = {}
+        # the concatenation order: the competing sources first, then the others in verification order
+        self._concat = self.priority + [n for g in self.groups for n in g if n not in self.priority]
+        # no interleaving and the concatenation already in verification order: the members need no sort
+        self._presorted = all(len(g) == 1 for g in self.groups) and self._concat == [g[0] for g in self.groups]
 
     # ----------------------------------------------------------------------------------------- plumbing
     @property
@@ -164,7 +168,7 @@ class SpatialProposer(Proposer):
 
     def merge(self, cands: dict[str, Pools], size: int) -> Pools:
         """The spatial pool (B, J, size) of the sources' candidates (see the module docstring)."""
-        names = self.priority + [n for g in self.groups for n in g if n not in self.priority]
+        names = self._concat
         parts = [cands[n] for n in names]
         widths = [p.tokens.shape[-1] for p in parts]
         tok = torch.cat([p.tokens for p in parts], dim=-1)  # (B, J, C): the competing sources first
@@ -180,9 +184,12 @@ class SpatialProposer(Proposer):
         keep = ~(same & _earlier(C, dev)).any(-1) & (tok >= 0)
         # members: the first `size` competing survivors, and every survivor of a source outside `priority`
         keep &= ~compete | ((keep & compete).cumsum(-1) <= size)
-        key = torch.minimum(occ, torch.where(same, occ, _NONE).amin(-1))  # a point mass ranks at its best offer
-        key = torch.where(keep, key, _NONE)
-        col = torch.argsort(key, dim=-1, stable=True)[..., :size]  # (B, J, <= size) columns, verification order
+        if self._presorted:  # every survivor's key grows with its column: the members in column order
+            col = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :size]
+        else:
+            key = torch.minimum(occ, torch.where(same, occ, _NONE).amin(-1))  # a point mass ranks at its best offer
+            key = torch.where(keep, key, _NONE)
+            col = torch.argsort(key, dim=-1, stable=True)[..., :size]  # (B, J, <= size) columns, verification order
         tokens = torch.where(keep, tok, -1).gather(-1, col)
         q = logp = None
         if any(p.q is not None for p in parts):
