@@ -195,13 +195,22 @@ def test_a_new_mix_is_config_only(bb, checkpoints):
     assert prop.name == "three_sources" and prop.sources["vertical"].vsd == 1
     assert prop.sources["vertical"].share == [prop.sources["horizontal"]]  # the heads run once per step
     assert dec.describe()["proposer"]["order"] == ["vertical", ["eagle", "horizontal"]]
-    pools = []
+    seen = []
     propose = prop.propose
-    prop.propose = lambda *a: pools.append(propose(*a)) or pools[-1]
+
+    def recorded(src_hidden, root_pos, code_pos, pool_size, generator):
+        vertical = prop.vertical_drafts(code_pos)[..., 0]  # (B, J) the cached draft of vertical head 1
+        seen.append((vertical, propose(src_hidden, root_pos, code_pos, pool_size, generator)))
+        return seen[-1][1]
+
+    prop.propose = recorded
     out = dec.generate(PROMPTS)
     assert torch.equal(out.tokens, ar_generate(bb, PROMPTS, s).tokens)
-    assert all(p.logp is not None and p.q is None for p in pools)  # every source scores its drafts
-    assert out.accept_map.sum() > 0
+    assert all(p.logp is not None and p.q is None for _, p in seen)  # every source scores its drafts
+    cached = [(v >= 0) for v, _ in seen]
+    assert sum(int(c.sum()) for c in cached) > 0
+    for (v, p), c in zip(seen, cached):  # the cached vertical draft leads its position's pool
+        assert torch.equal(p.tokens[..., 0][c], v[c])
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -166,6 +166,21 @@ class SpatialProposer(Proposer):
             return next(iter(cands.values()))
         return self.merge(cands, pool_size)
 
+    def _columns(self, widths: tuple, points: tuple, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per column of the concatenated candidates (C,): point mass?, competing?, and its place in the
+        verification order (group, then rank and source within an interleaved group). Cached per shape."""
+        memo = (widths, points, dev)
+        cache = self.__dict__.setdefault("_column_cache", {})
+        if memo not in cache:
+            names = self._concat
+            where = {n: (g, i, len(grp)) for g, grp in enumerate(self.groups) for i, n in enumerate(grp)}
+            point = torch.cat([torch.full((w,), pt, device=dev) for pt, w in zip(points, widths)])
+            compete = torch.cat([torch.full((w,), n in self.priority, device=dev) for n, w in zip(names, widths)])
+            occ = torch.cat([where[n][0] * _BIG + torch.arange(w, device=dev) * where[n][2] + where[n][1]
+                             for n, w in zip(names, widths)])
+            cache[memo] = (point, compete, occ)
+        return cache[memo]
+
     def merge(self, cands: dict[str, Pools], size: int) -> Pools:
         """The spatial pool (B, J, size) of the sources' candidates (see the module docstring)."""
         names = self._concat
@@ -173,12 +188,7 @@ class SpatialProposer(Proposer):
         widths = [p.tokens.shape[-1] for p in parts]
         tok = torch.cat([p.tokens for p in parts], dim=-1)  # (B, J, C): the competing sources first
         dev, C = tok.device, tok.shape[-1]
-        point = torch.cat([torch.full((w,), p.q is None, device=dev) for p, w in zip(parts, widths)])  # (C,)
-        compete = torch.cat([torch.full((w,), n in self.priority, device=dev) for n, w in zip(names, widths)])
-        # each candidate's place in the verification order: group, then (rank, source) within an interleaved group
-        where = {n: (g, i, len(grp)) for g, grp in enumerate(self.groups) for i, n in enumerate(grp)}
-        occ = torch.cat([where[n][0] * _BIG + torch.arange(w, device=dev) * where[n][2] + where[n][1]
-                         for n, w in zip(names, widths)])  # (C,)
+        point, compete, occ = self._columns(tuple(widths), tuple(p.q is None for p in parts), dev)
         # a point mass equal to an earlier point mass adds nothing; sampled drafts are i.i.d. and all stay
         same = (tok.unsqueeze(-1) == tok.unsqueeze(-2)) & (point[:, None] & point[None, :])  # (B, J, C, C)
         keep = ~(same & _earlier(C, dev)).any(-1) & (tok >= 0)
