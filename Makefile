@@ -28,12 +28,15 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 # Every decoder preset against AR in one run (batch 1: per-image latency, as the papers report) with step accounting,
-# the same compiled (torch.compile of the forwards, AR too), our AR loop against transformers' generate (eager and
-# compiled), and the verify-cost projection. Results: outputs/bench/, outputs/bench_compiled/.
+# the main decoders compiled (torch.compile of the forwards, AR too) and with whole steps compiled (eval.compile=step),
+# our AR loop against transformers' generate (eager and compiled), and the verify-cost projection.
+# Results: outputs/bench/, outputs/bench_compiled/, outputs/bench_step/.
 bench: $(STAMP)
 	$(BIN)/hawkspec-eval eval.decoders=all eval.num_prompts=$(N) eval.batch_size=1 eval.step_accounting=true hydra.run.dir=outputs/bench
 	$(BIN)/hawkspec-eval 'eval.decoders=[ar,medusa,hawk,sjd,hawk_jacobi]' eval.compile=forward eval.num_prompts=$(N) \
 	  eval.batch_size=1 eval.step_accounting=true eval.quality.enabled=false hydra.run.dir=outputs/bench_compiled
+	$(BIN)/hawkspec-eval 'eval.decoders=[ar,medusa,hawk,sjd,hawk_jacobi]' eval.compile=step eval.num_prompts=$(N) \
+	  eval.batch_size=1 eval.step_accounting=true eval.quality.enabled=false hydra.run.dir=outputs/bench_step
 	$(BIN)/python experiments/bench_ar.py num_prompts=$(N) batch_size=1 out=outputs/bench/ar_vs_generate.json
 	$(BIN)/python experiments/bench_ar.py num_prompts=$(N) batch_size=1 compile=forward out=outputs/bench/ar_vs_generate_compiled.json
 	$(BIN)/python experiments/verify_cost.py results=outputs/bench/results.json out=outputs/bench/projection

@@ -3,7 +3,9 @@
 Same model, prompts, batch and sampling settings (no CFG: ``generate`` has no CFG stream); warm-up, then
 ``repeats`` timed passes in which the two take turns on every batch; medians reported. Writes ``results.json`` and prints a table.
 ``compile=none`` compares eager with eager (ours: the static cache; theirs: ``cache_implementation="static"``),
-``compile=forward`` compiled with compiled (``HFBackbone.compile_steps`` vs transformers' own compile of ``generate``).
+``compile=forward`` compiled with compiled (``HFBackbone.compile_steps`` vs transformers' own compile of ``generate``),
+``compile=graphs`` (CUDA) CUDA graphs with CUDA graphs (ours: each step recorded and replayed, ``eval.cuda_graphs``;
+theirs: ``generate`` compiled with ``mode="reduce-overhead"``, which also compiles the kernels with inductor).
 
     python experiments/bench_ar.py num_prompts=8 batch_size=8 repeats=5 out=outputs/bench/ar_vs_generate.json
     python experiments/bench_ar.py compile=forward out=outputs/bench/ar_vs_generate_compiled.json
@@ -24,6 +26,7 @@ from hawkspec.data.procedural import ProceduralDataset
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import make_runner
 from hawkspec.metrics.speed import interleaved_passes
 
 DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0,
@@ -32,8 +35,12 @@ DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temp
 
 def main() -> dict:
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:]))
-    bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval().compile_steps(cfg.compile)
-    theirs_mode = "forward" if cfg.compile == "forward" else "static"
+    if cfg.compile not in ("none", "forward", "graphs"):
+        raise ValueError(f"compile must be none, forward or graphs, got {cfg.compile!r}")
+    bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval()
+    bb.compile_steps("forward" if cfg.compile == "forward" else "none")
+    runner = make_runner("none", cuda_graphs=True) if cfg.compile == "graphs" else None
+    theirs_mode = {"none": "static", "forward": "forward", "graphs": "graphs"}[cfg.compile]
     ds = ProceduralDataset(cfg.num_prompts, seed=1234)
     prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
@@ -41,7 +48,7 @@ def main() -> dict:
 
     class Ours:
         def generate(self, batch, generator):
-            return ar_generate(bb, batch, s, generator)
+            return ar_generate(bb, batch, s, generator, runner=runner)
 
     class Theirs:
         def generate(self, batch, generator):

@@ -14,6 +14,7 @@ i.e. what the decoder would reach if everything outside the forward were free --
     python experiments/verify_cost.py                                  # the tiny model on this CPU
     python experiments/verify_cost.py results=outputs/bench/results.json out=experiments/results/projection
     python experiments/verify_cost.py model=chameleon_7b device=cuda dtype=bfloat16   # a 7B-shaped Lumina-mGPT
+    python experiments/verify_cost.py model=chameleon_7b device=cuda dtype=bfloat16 graphs=true  # + CUDA graphs
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from omegaconf import OmegaConf
 
 from hawkspec.backbones.base import Backbone
 
-DEFAULTS = {"model": "tiny", "device": "cpu", "dtype": "float32", "sizes": [1, 8, 16, 32, 64, 128],
+DEFAULTS = {"model": "tiny", "device": "cpu", "dtype": "float32", "sizes": [1, 8, 16, 32, 64, 128], "graphs": False,
             "context": None, "batch_size": 1, "warmup": 3, "repeats": 20, "results": None, "layers": 32,
             "out": "outputs/verify_cost/verify_cost"}
 
@@ -57,7 +58,7 @@ def chameleon_7b_shaped(device: str, dtype: torch.dtype, layers: int = 32) -> Ba
         finally:
             torch.set_default_dtype(previous)
     return ChameleonBackbone(model, tokenizer, (768, 768), name="lumina-mgpt-7b-shaped-random",
-                             vqgan_reason="random weights: nothing to decode")
+                             vqgan_reason="random weights: nothing to decode").to(device)
 
 
 def load(cfg) -> Backbone:
@@ -100,27 +101,45 @@ def measure(bb: Backbone, cfg) -> dict:
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def graphed(fn):
+        """``fn`` recorded once as a CUDA graph (after warm-up on a side stream): its replay."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+    modes = ["eager", "graphs"] if cfg.graphs else ["eager"]
     tok = body[:, context : context + 1].repeat(S, 1)
+    one, none = torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    keep, count = torch.zeros((S * B, 1), dtype=torch.long, device=dev), torch.zeros(S * B, dtype=torch.long, device=dev)
 
     def ar_step():  # one linear token, then rewind it (a prefix compaction of a 1-node block keeps nothing)
-        bb.forward(state, tok, tree_mask=torch.ones(1, 1, dtype=torch.bool), depth=torch.zeros(1, dtype=torch.long))
-        bb.compact(state, torch.zeros((S * B, 1), dtype=torch.long), torch.zeros(S * B, dtype=torch.long), prefix=True)
+        bb.forward(state, tok, tree_mask=one, depth=none)
+        bb.compact(state, keep, count, prefix=True)
 
-    out["ar_step"] = timed(ar_step)
-    out["verify"] = {}
+    for mode in modes:
+        out[mode] = {"ar_step": timed(ar_step if mode == "eager" else graphed(ar_step)), "verify": {}}
     g = torch.Generator().manual_seed(0)
     for T in cfg.sizes:
         draws = torch.randint(0, bb.num_codes, (B, T), generator=g).to(bb.code_token_ids.device)
         nodes = bb.code_token_ids[draws].repeat(S, 1)  # T random codes (any T, past the image's end too)
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        depth = torch.arange(T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        depth = torch.arange(T, device=dev)
 
         def verify():
             bb.forward(state, nodes, tree_mask=mask, depth=depth)
-            bb.compact(state, torch.zeros((S * B, 1), dtype=torch.long), torch.zeros(S * B, dtype=torch.long),
-                       prefix=True)
+            bb.compact(state, keep, count, prefix=True)
 
-        out["verify"][T] = timed(verify)
+        for mode in modes:
+            out[mode]["verify"][T] = timed(verify if mode == "eager" else graphed(verify))
+    out.update(out["graphs" if cfg.graphs else "eager"])  # the projection uses the fastest mode measured
+    out["mode"] = modes[-1]
     return out
 
 
@@ -158,10 +177,18 @@ def main() -> dict:
               "method": "median of timed forwards after warm-up; both CFG streams; chain-shaped tree mask; "
                         "projected speedup = step_compression x t_AR-step / t_verify(tree nodes), t_verify linear between measured sizes"}
     lines = [f"# Verify cost: {bb.name} on {device}, {cfg.dtype}, context {cost['context']} body tokens, "
-             f"batch {cost['batch_size']} x {cost['streams']} streams", "",
-             "| tree tokens | seconds per forward | x AR step |", "|---|---|---|",
-             f"| AR step (1) | {cost['ar_step'] * 1e3:.2f} ms | 1.00 |"]
-    lines += [f"| {T} | {s * 1e3:.2f} ms | {s / cost['ar_step']:.2f} |" for T, s in cost["verify"].items()]
+             f"batch {cost['batch_size']} x {cost['streams']} streams", ""]
+    modes = [m for m in ("eager", "graphs") if m in cost]
+    head = " | ".join(f"{m}: seconds per forward | {m}: x AR step" for m in modes)
+    lines += [f"| tree tokens | {head} |", "|---|" + "---|---|" * len(modes)]
+    for T in ["ar"] + list(cost["eager"]["verify"]):
+        cells = []
+        for m in modes:
+            sec = cost[m]["ar_step"] if T == "ar" else cost[m]["verify"][T]
+            cells.append(f"{sec * 1e3:.3f} ms | {sec / cost[m]['ar_step']:.2f}")
+        lines.append(f"| {'AR step (1)' if T == 'ar' else T} | " + " | ".join(cells) + " |")
+    lines += ["", "graphs: each forward (+ its compaction) recorded once as a CUDA graph and replayed; eager: launched "
+              "op by op. The projection below uses the " + cost["mode"] + " times."]
     if cfg.results:
         report["projection"] = project(cost, cfg.results)
         lines += ["", f"Projected from the step compressions in `{cfg.results}` (the bound if everything outside the "

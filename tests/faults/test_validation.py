@@ -30,6 +30,8 @@ EVAL_CASES = [
     ("eval.warmup_batches=-1", "eval.warmup_batches"),
     ("eval.grid_images=-2", "eval.grid_images"),  # silently dropped images from the grid
     ("eval.threads=0", "eval.threads"),
+    ("eval.compile=fast", "eval.compile"),
+    ("eval.cuda_graphs=true", "eval.cuda_graphs"),  # device=cpu: nothing to record a CUDA graph on
     ("eval.prompts_file=/nope.txt", "eval.prompts_file"),
     ("eval.quality.evaluator=/nope", "eval.quality.evaluator"),  # used to fail after every decoder was timed
     ("eval.quality.evaluator={empty}", "eval.quality.evaluator"),

@@ -11,9 +11,9 @@ The image-start sequence may be several tokens (Lumina-mGPT: image start and two
 Two things make speculative decoding possible on top of it, and both live here:
 
 * :class:`PromptBatch` — prompts encoded by the backbone, conditional and unconditional streams per prompt.
-* :class:`KVState` — a KV cache plus a per-slot validity mask and the next position id of every sequence,
-  so that a batch of sequences can accept different numbers of tokens per step (rejected tree nodes leave
-  masked *holes* in the cache instead of forcing the batch to one length).
+* :class:`KVState` — a KV cache plus a per-slot validity mask, each sequence's next free slot and next
+  position id, so that a batch of sequences can accept different numbers of tokens per step without forcing
+  the batch to one length.
 * :meth:`Backbone.forward` — a block of new tokens with explicit position offsets and an optional tree
   attention mask among the new tokens, against the cache; and :meth:`Backbone.compact`, which keeps only the
   accepted nodes of the block.
@@ -86,11 +86,13 @@ class KVState:
     Attributes:
         cache: The transformers cache (a fixed-capacity ``StaticCache`` for :class:`~hawkspec.backbones.hf.
             HFBackbone`); slot ``i`` of every layer is column ``i`` of ``key_mask``.
-        key_mask: (N, L) bool, True where cache slot ``i`` holds a token of that sequence. Left padding,
-            rejected tree nodes and slots not written yet are False (holes), so sequences may advance by
-            different amounts.
+        key_mask: (N, L) bool, True where cache slot ``i`` holds a committed token of that sequence. Left padding
+            and slots not written yet are False.
         next_pos: (N,) long, the position id the next committed token of each sequence gets.
         streams: 1 without CFG, 2 with CFG (rows ``[0, B)`` conditional, ``[B, 2B)`` unconditional).
+        ptr: (N,) long, each sequence's next free slot: its committed tokens fill ``[0, ptr)`` (with the prompt's
+            left padding), and the next block is written at ``[ptr, ptr + T)``. Sequences advance by different
+            amounts; every update is in place, so a compiled or graph-captured step keeps the same tensors.
     """
 
     cache: object
@@ -98,9 +100,11 @@ class KVState:
     next_pos: torch.Tensor
     streams: int = 1
     pending: int = field(default=0)
-    """Slots appended by the last tree forward that :meth:`Backbone.compact` has not resolved yet."""
+    """Slots appended by the last tree forward that :meth:`Backbone.compact` has not resolved yet (host
+    bookkeeping, skipped inside a compiled or captured step)."""
     used: int = 0
-    """Slots written so far: the next block goes to ``[used, used + T)`` of the fixed-capacity cache."""
+    """A host-side upper bound of ``ptr`` (no device read): the room check reads ``ptr`` only when it is exceeded."""
+    ptr: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -238,7 +242,8 @@ class Backbone(nn.Module, abc.ABC):
         """Logits over image codes only, from the model's live weights. hidden: (..., d) -> (..., K)."""
 
     @abc.abstractmethod
-    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None) -> tuple[KVState, torch.Tensor]:
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None,
+                round_to: int = 1) -> tuple[KVState, torch.Tensor]:
         """Run the prompts and the image-start sequence of a batch, and the unconditional stream if ``cfg``.
 
         Args:
@@ -246,6 +251,8 @@ class Backbone(nn.Module, abc.ABC):
             cfg: Also run the unconditional stream (rows ``[B, 2B)``).
             reserve: KV slots to reserve past the prompt, once (the body plus the largest tree block), so
                 the cache never grows while decoding; None: the body and a modest tree.
+            round_to: Round the cache's capacity up to a multiple of this, so batches whose prompts differ a
+                little share one shape (what a compiled or graph-captured step is specialised to).
 
         Returns:
             The state after the image-start sequence, and the last hidden state of every row, (N, d): the one

@@ -18,7 +18,7 @@ Layout of one sequence (official ``Emu3Processor`` in mode ``G`` and its generat
   by their LM-head rows. Official sampling: top-k 2048, CFG 3, T 1.
 
 The model is put in eval mode (its config has attention dropout 0.1) and always gets explicit position ids
-(transformers' default would count the holes that rejected tree nodes leave in the cache).
+(transformers' default would count cache slots, not the tokens each row has committed).
 """
 
 from __future__ import annotations

@@ -3,13 +3,17 @@
 An adapter (``tiny.py``, ``chameleon.py``, ...) says how to encode prompts, where its code rows are and how
 to decode images; this class runs the model. Every block goes in as ``inputs_embeds`` from :meth:`embed`, so
 an adapter whose image codes have their own embedding (Janus' generation embedding + aligner) overrides one
-method. Position ids are always explicit (left padding and rejected tree nodes leave holes in the cache).
+method. Position ids are always explicit (left padding, and rows that committed different numbers of tokens).
 
-Static shapes: the KV cache is transformers' ``StaticCache``, allocated once at prefill with room for the
-prompt, the body and the largest tree (``reserve``) and written by position; every block attends to the whole
-capacity through an additive 4-D mask built from ``KVState.key_mask`` (slots not written yet are holes). A
-forward of T tokens therefore has the same shapes at every step, which is what lets the backbone
-compile it once per block size (one tree size, one AR token): :meth:`HFBackbone.compile_steps`.
+Static shapes: the KV cache is transformers' ``StaticCache`` with its layers writing each row at its own slots
+(:class:`RowStaticLayer`), allocated once at prefill with room for the prompt, the body and the largest tree
+(``reserve``). Every row keeps its committed tokens contiguous from the prompt on and writes each new block right
+after them (``KVState.ptr``), so rows that accept different amounts never leave holes, compaction is a gather
+within each row, and no step reads anything back to the host. Every block attends to the whole capacity through
+an additive 4-D mask built from ``KVState.key_mask``. A forward of T tokens therefore has the same shapes and
+the same code at every step, which is what lets the backbone compile it once per block size
+(:meth:`HFBackbone.compile_steps`) and the decoders compile or graph-capture whole steps
+(:mod:`hawkspec.decoding.static`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,52 @@ from torch import nn
 
 from hawkspec.backbones.base import Backbone, CodeHead, KVState, PromptBatch
 from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+
+def capturing() -> bool:
+    """True while ``torch.compile`` traces or a CUDA graph records: host-side checks and bookkeeping (anything
+    that reads a device value or a changing Python number) are skipped, the caller guarantees them."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _Writes:
+    """Where the next block goes: (N, T) cache slots, one row per sequence, shared by every layer of a cache."""
+
+    slots: torch.Tensor | None = None
+
+
+class RowStaticLayer(StaticLayer):
+    """A ``StaticLayer`` that writes each row of a block at that row's own slots (``writes.slots``) instead of one
+    offset for the whole batch, so sequences that accepted different numbers of tree nodes stay contiguous."""
+
+    def __init__(self, max_cache_len: int, writes: _Writes):
+        super().__init__(max_cache_len=max_cache_len)
+        self.writes = writes
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self.writes.slots  # (N, T)
+        N, H, T, _ = key_states.shape
+        self.keys.scatter_(2, slots[:, None, :, None].expand(N, H, T, self.k_head_dim), key_states)
+        self.values.scatter_(2, slots[:, None, :, None].expand(N, H, T, self.v_head_dim), value_states)
+        return self.keys, self.values
+
+
+def row_static_cache(config, capacity: int) -> StaticCache:
+    """transformers' ``StaticCache`` of ``capacity`` slots whose layers are :class:`RowStaticLayer`."""
+    cache = StaticCache(config=config, max_cache_len=capacity)
+    if any(type(layer) is not StaticLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise TypeError(f"the backbone's cache has layers of kind {kinds}: hawkspec's fixed-capacity KV cache "
+                        "supports full-attention layers only (no sliding window)")
+    writes = _Writes()
+    cache.layers = [RowStaticLayer(capacity, writes) for _ in cache.layers]
+    cache.writes = writes
+    return cache
 
 
 class HFBackbone(Backbone):
@@ -64,11 +114,12 @@ class HFBackbone(Backbone):
         until the weight changes or moves."""
         w = self.lm_head_weight()
         ids = self.code_token_ids
-        first = int(ids[0])
-        if self.__dict__.get("_contiguous_codes") is None:
-            self.__dict__["_contiguous_codes"] = bool(
-                torch.equal(ids.cpu(), torch.arange(first, first + ids.numel())))
-        if self._contiguous_codes:
+        if self.__dict__.get("_code_span") is None:  # read once (a compiled step must not read ids back)
+            first = int(ids[0])
+            contiguous = bool(torch.equal(ids.cpu(), torch.arange(first, first + ids.numel())))
+            self.__dict__["_code_span"] = (first, contiguous)
+        first, contiguous = self._code_span
+        if contiguous:
             return w[first : first + ids.numel()]
         key = (w.data_ptr(), w.device, w.dtype, w._version)
         cached = self.__dict__.get("_code_rows_cache")
@@ -127,7 +178,8 @@ class HFBackbone(Backbone):
         return attn.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
     @torch.no_grad()
-    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None) -> tuple[KVState, torch.Tensor]:
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None,
+                round_to: int = 1) -> tuple[KVState, torch.Tensor]:
         if not len(prompts):
             raise ValueError("prefill needs at least one prompt")
         self.check_prompt_lengths(prompts)
@@ -135,84 +187,82 @@ class HFBackbone(Backbone):
         N, P = mask.shape
         if reserve is None:  # a whole image and a tree of up to DEFAULT_TREE_ROOM nodes
             reserve = self.grid.length + self.DEFAULT_TREE_ROOM
-        capacity = P + max(int(reserve), 1)
+        capacity = -(-(P + max(int(reserve), 1)) // round_to) * round_to
         key_mask = torch.zeros((N, capacity), dtype=torch.bool, device=self.device)
         key_mask[:, :P] = mask.bool()
         allowed = key_mask[:, None, :].expand(N, P, capacity) & torch.ones(
             P, capacity, dtype=torch.bool, device=self.device).tril()  # causal over the prompt's own slots
-        cache = StaticCache(config=self.transformer.config, max_cache_len=capacity)  # reserved once
+        cache = row_static_cache(self.transformer.config, capacity)  # reserved once
+        cache.writes.slots = torch.arange(P, device=self.device).expand(N, P)
         out = self._run(embeds, self._additive(allowed), pos, cache)
-        state = KVState(cache=cache, key_mask=key_mask, next_pos=pos[:, -1] + 1, streams=2 if cfg else 1, used=P)
+        state = KVState(cache=cache, key_mask=key_mask, next_pos=pos[:, -1] + 1, streams=2 if cfg else 1, used=P,
+                        ptr=torch.full((N,), P, dtype=torch.long, device=self.device))
         return state, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def forward(self, state, input_ids, tree_mask=None, depth=None):
-        if state.pending:
-            raise RuntimeError("the previous tree block was not compacted: call Backbone.compact first")
         N, T = input_ids.shape
-        if state.used + T > state.capacity:
-            self._defragment(state)  # rows that accepted less than others left holes: close them
-        u, C = state.used, state.capacity
-        if u + T > C:
-            raise RuntimeError(f"the KV cache holds {C} slots, {u} hold tokens: a block of {T} does not fit "
-                               "(prefill(..., reserve=) must cover the body and the largest tree)")
-        dev = input_ids.device
-        if depth is None:
-            depth = torch.arange(T, device=dev)
+        if not capturing():
+            if state.pending:
+                raise RuntimeError("the previous tree block was not compacted: call Backbone.compact first")
+            self._check_room(state, T)
+        dev, C = input_ids.device, state.capacity
+        arT = torch.arange(T, device=dev)
+        depth = arT if depth is None else depth.to(dev)
         pos = state.next_pos[:, None] + depth  # (N, T)
-        block = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if tree_mask is None else tree_mask
+        slots = state.ptr[:, None] + arT  # (N, T) each row's block goes right after its committed tokens
+        block = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if tree_mask is None else tree_mask.to(dev)
         allowed = state.key_mask[:, None, :].expand(N, T, C).clone()  # (N, T, C): the committed slots
-        allowed[:, :, u : u + T] = block  # the block's own slots: causal, or the tree's ancestors
+        allowed.scatter_(2, slots[:, None, :].expand(N, T, T), block.expand(N, T, T))  # the block: causal or the tree
+        state.cache.writes.slots = slots
         out = self._run(self.embed(input_ids), self._additive(allowed), pos, state.cache, compiled=True)
-        state.key_mask[:, u : u + T] = True
-        state.used = u + T
-        if tree_mask is None:
-            state.next_pos = state.next_pos + T
-        else:
-            state.pending = T
+        if tree_mask is None:  # committed: in place, so a captured step updates the same tensors
+            state.key_mask.scatter_(1, slots, True)
+            state.ptr.add_(T)
+            state.next_pos.add_(T)
+        if not capturing():
+            state.used += T
+            state.pending = 0 if tree_mask is None else T
         return out.last_hidden_state
+
+    def _check_room(self, state: KVState, T: int) -> None:
+        """A block of T must fit after every row's committed tokens. ``state.used`` bounds the slots any row has
+        written without reading the device; only when that bound says the block might not fit is the exact
+        pointer read (once, near the end of a run)."""
+        if state.used + T <= state.capacity:
+            return
+        state.used = int(state.ptr.max())
+        if state.used + T > state.capacity:
+            raise RuntimeError(f"the KV cache holds {state.capacity} slots, a row has {state.used} committed: a "
+                               f"block of {T} does not fit (prefill(..., reserve=) must cover the body and the "
+                               "largest tree)")
 
     @torch.no_grad()
     def compact(self, state: KVState, keep: torch.Tensor, count: torch.Tensor, prefix: bool = False) -> None:
-        T = state.pending
-        if not T:
-            raise RuntimeError("compact() needs a pending tree block (forward with tree_mask first)")
-        L0 = state.used - T
-        A = int(count.max()) if count.numel() else 0  # slots every row keeps (rows that keep fewer leave holes)
-        keep = keep[:, :A]
-        idx = None
-        for layer in state.cache.layers:  # every layer's keys and values have the same shape: one index
-            if not prefix:  # a chain's accepted nodes are already in place
+        if not capturing():
+            if not state.pending:
+                raise RuntimeError("compact() needs a pending tree block (forward with tree_mask first)")
+            T = state.pending
+            if keep.shape[1] > T:
+                raise ValueError(f"compact: keep has {keep.shape[1]} columns, the pending block {T} nodes")
+            state.used += keep.shape[1] - T  # the bound: a row keeps at most keep.shape[1] of the T it wrote
+            state.pending = 0
+        keep, count = keep.to(state.ptr.device), count.to(state.ptr.device)
+        A = keep.shape[1]  # every row moves A slots (the ones past its count are left unmarked)
+        dst = state.ptr[:, None] + torch.arange(A, device=keep.device)  # (N, A)
+        if not prefix:  # a chain's accepted nodes are already in place
+            src = state.ptr[:, None] + keep
+            idx = None
+            for layer in state.cache.layers:  # every layer's keys and values have the same shape: one index
                 k, v = layer.keys, layer.values  # (N, heads, capacity, head_dim)
                 if idx is None:
-                    idx = (L0 + keep)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-                k[:, :, L0 : L0 + A] = k.gather(2, idx)
-                v[:, :, L0 : L0 + A] = v.gather(2, idx)
-            layer.cumulative_length.fill_(L0 + A)  # the next block is written from here
-        state.key_mask[:, L0 : L0 + A] = torch.arange(A, device=keep.device)[None, :] < count[:, None]
-        state.key_mask[:, L0 + A :] = False
-        state.used = L0 + A
-        state.next_pos = state.next_pos + count
-        state.pending = 0
-
-    @torch.no_grad()
-    def _defragment(self, state: KVState) -> None:
-        """Move every row's valid slots to the front of the cache, in order (positions are in the rotary-encoded
-        keys, so attention does not change), and free the holes behind them."""
-        order = torch.sort((~state.key_mask).to(torch.int8), dim=1, stable=True).indices  # valid slots first
-        valid = state.key_mask.sum(1)
-        used = int(valid.max())
-        order = order[:, :used]
-        idx = None
-        for layer in state.cache.layers:
-            k, v = layer.keys, layer.values  # (N, heads, capacity, head_dim)
-            if idx is None:
-                idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            k[:, :, :used] = k.gather(2, idx)
-            v[:, :, :used] = v.gather(2, idx)
-            layer.cumulative_length.fill_(used)
-        state.key_mask[:] = torch.arange(state.capacity, device=valid.device)[None, :] < valid[:, None]
-        state.used = used
+                    shape = (-1, k.shape[1], -1, k.shape[3])
+                    src_idx, idx = src[:, None, :, None].expand(shape), dst[:, None, :, None].expand(shape)
+                k.scatter_(2, idx, k.gather(2, src_idx))
+                v.scatter_(2, idx, v.gather(2, src_idx))
+        state.key_mask.scatter_(1, dst, torch.arange(A, device=keep.device)[None, :] < count[:, None])
+        state.ptr.add_(count)
+        state.next_pos.add_(count)
 
     @torch.no_grad()
     def attention_maps(self, prompts: PromptBatch, body: torch.Tensor) -> torch.Tensor:

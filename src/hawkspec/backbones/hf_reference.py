@@ -38,7 +38,8 @@ def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConf
 
     ``compile``: ``"none"`` -- eager, the default cache; ``"static"`` -- ``cache_implementation="static"`` eager;
     ``"forward"`` -- the static cache with transformers' own ``torch.compile`` of the decoding forward (on any
-    device), the counterpart of ``HFBackbone.compile_steps("forward")``."""
+    device), the counterpart of ``HFBackbone.compile_steps("forward")``; ``"graphs"`` -- the same compiled with
+    ``mode="reduce-overhead"`` (CUDA graphs), the counterpart of ``eval.cuda_graphs``."""
     if sampling.use_cfg:
         raise ValueError("hf_generate is the no-CFG reference: set sampling.cfg_scale=1.0")
     model = backbone.model
@@ -51,12 +52,13 @@ def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConf
     kwargs = dict(do_sample=False) if sampling.greedy else dict(
         do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=None
     )
-    if compile not in ("none", "static", "forward"):
-        raise ValueError(f"compile must be none, static or forward, got {compile!r}")
+    if compile not in ("none", "static", "forward", "graphs"):
+        raise ValueError(f"compile must be none, static, forward or graphs, got {compile!r}")
     if compile != "none":
         from transformers import CompileConfig
 
-        config = CompileConfig(fullgraph=False, dynamic=False)
+        config = CompileConfig(fullgraph=False, dynamic=False,
+                               mode="reduce-overhead" if compile == "graphs" else "default")
         config._compile_all_devices = True  # transformers compiles on accelerators only unless told
         kwargs.update(cache_implementation="static", disable_compile=compile == "static", compile_config=config)
     out = model.generate(

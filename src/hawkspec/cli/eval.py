@@ -28,6 +28,7 @@ from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import make_runner
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
 from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, step_accounting, summarize
 
@@ -219,7 +220,8 @@ def run(cfg: DictConfig) -> dict:
     elif e.get("merge") is True or int((e.get("shard") or {}).get("count", 1)) > 1:
         raise ValueError("sharded evaluation needs eval.store: a folder every shard (and the merge) can reach")
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
-    backbone.compile_steps(e.get("compile") or "none")  # AR and every decoder alike: compiled vs compiled
+    compile_mode = e.get("compile") or "none"
+    backbone.compile_steps("forward" if compile_mode == "forward" else "none")  # AR and every decoder alike
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
     decodable, undecoded_why = backbone.can_decode()
     if not decodable:  # e.g. Lumina-mGPT without backbone.vqgan_path: codes only, no image-quality metrics
@@ -237,6 +239,8 @@ def run(cfg: DictConfig) -> dict:
                 raise
             log.warning("eval.decoders=all: skipping %s (%s)", name, err)
             skipped[name] = str(err)
+    for dec in decoders.values():  # whole steps compiled / graph-captured: AR and every decoder alike
+        dec.runner = make_runner(compile_mode, bool(e.get("cuda_graphs", False)))
     ar_forwards = backbone.grid.length
     if e.get("store"):
         decode_shard(cfg, backbone, decoders, prompt_set, quality)
@@ -263,7 +267,8 @@ def run(cfg: DictConfig) -> dict:
     if e.get("step_accounting"):  # an untimed pass of its own: the clock synchronises every forward
         accounting = step_accounting(
             decoders, backbone, batches,
-            lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi))
+            lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi),
+            compiled_forward=compile_mode == "step")
 
     rows, images_of = [], {}
     ar_sec = statistics.median(seconds["ar"]) / len(prompts)
@@ -299,7 +304,8 @@ def run(cfg: DictConfig) -> dict:
 
     results = {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": len(prompts),
                "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-               "batch_size": e.batch_size, "repeats": e.repeats, "compile": e.get("compile") or "none",
+               "batch_size": e.batch_size, "repeats": e.repeats, "compile": compile_mode,
+               "cuda_graphs": bool(e.get("cuda_graphs", False)),
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
     if skipped:
         results["skipped_decoders"] = skipped
@@ -313,10 +319,16 @@ def run(cfg: DictConfig) -> dict:
     results["prompts"] = prompt_description(cfg, prompt_set)
     results["speed_note"] = ("Speed measured within this one process on one device; decoders take turns per batch, "
                              f"seconds = median of {e.repeats} timed passes; backbone forwards "
-                             + ("compiled (torch.compile) for AR and every decoder alike."
-                                if results["compile"] == "forward" else "eager for AR and every decoder alike."))
+                             + speed_mode(compile_mode, bool(e.get("cuda_graphs", False))))
     results["resources"] = resources(cfg.device)
     return write_results(cfg, out_dir, results)
+
+
+def speed_mode(compile_mode: str, cuda_graphs: bool) -> str:
+    """How AR and the decoders ran, for results.json's speed note."""
+    what = {"none": "eager", "forward": "backbone forwards compiled (torch.compile)",
+            "step": "whole decoding steps compiled (torch.compile, one graph per step)"}[compile_mode]
+    return what + (", replayed from CUDA graphs" if cuda_graphs else "") + ", for AR and every decoder alike."
 
 
 def prompt_description(cfg: DictConfig, prompt_set: list[Prompt]) -> dict:

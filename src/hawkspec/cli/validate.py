@@ -216,7 +216,10 @@ def validate_eval(cfg: DictConfig) -> None:
     check_int(cfg, f"{e}.grid_images", 0)
     check_int(cfg, f"{e}.threads", 1, optional=True)
     if get(cfg, f"{e}.compile", None) is not None:
-        check_choice(cfg, f"{e}.compile", ("none", "forward"))
+        check_choice(cfg, f"{e}.compile", ("none", "forward", "step"))
+    if get(cfg, f"{e}.cuda_graphs", False) and not str(get(cfg, "device", "cpu")).startswith("cuda"):
+        raise ValueError(f"{e}.cuda_graphs=true records CUDA graphs: it needs device=cuda "
+                         f"(got device={get(cfg, 'device', 'cpu')}); set {e}.cuda_graphs=false")
     check_file(cfg, f"{e}.prompts_file", "one prompt per line")
     check_backbone(cfg)
     num_codes = backbone_num_codes(cfg)

@@ -1,10 +1,14 @@
 """Plain autoregressive sampling with a KV cache: the baseline every speedup is measured against.
 
 It is kept as lean as transformers' own ``generate`` (one forward of one token per step, code logits only),
-and ``make bench`` checks that it is not slower.
+and ``make bench`` checks that it is not slower. Its step gets every treatment the speculative decoders' steps
+get (``eval.compile=forward|step``, ``eval.cuda_graphs``: :mod:`hawkspec.decoding.static`), so speedups are
+always compiled vs compiled or eager vs eager.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +16,42 @@ from tqdm.auto import tqdm
 from hawkspec.backbones.base import Backbone
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, sample, target_probs
+from hawkspec.decoding.static import ROUND_CAPACITY, StepRunner
+
+
+@dataclass
+class _ARRun:
+    """What one AR call carries from token to token (all on the device, updated in place or rebound)."""
+
+    state: object  # the backbone's KVState
+    hidden: torch.Tensor  # (N, d) the state that predicts the next token
+    tokens: torch.Tensor  # (B, L) input ids written so far
+    codes: torch.Tensor  # (B, C) codes sampled so far
+    eol: torch.Tensor  # (B,) the end-of-line token
+    j: torch.Tensor  # (1,) the next body position
+    n_code: torch.Tensor  # (1,) the next code index
+    ent_sum: torch.Tensor  # () sum of the per-position mean target entropy
+
+
+def _ar_step(backbone: Backbone, run: _ARRun, sampling: SamplingConfig, forced: bool, last: bool,
+             track_entropy: bool, rng) -> None:
+    """One body position: sample a code (or take the forced end-of-line token), write it, and forward it unless
+    it is the last one. ``forced``/``last``/``track_entropy`` are Python constants: one compiled graph each."""
+    streams = run.state.streams
+    if forced:
+        tok = run.eol
+    else:
+        probs = target_probs(combine_cfg(backbone.code_logits(run.hidden), streams, sampling.cfg_scale), sampling)
+        if track_entropy:
+            run.ent_sum += entropy(probs).mean()
+        code = probs.argmax(-1) if sampling.greedy else sample(probs, rng)
+        run.codes.index_copy_(1, run.n_code, code[:, None])
+        run.n_code += 1
+        tok = backbone.code_token_ids[code]
+    run.tokens.index_copy_(1, run.j, tok[:, None])
+    run.j += 1
+    if not last:
+        run.hidden = backbone.forward(run.state, tok.repeat(streams)[:, None])[:, -1]
 
 
 @torch.no_grad()
@@ -22,6 +62,7 @@ def ar_generate(
     generator: torch.Generator | None = None,
     progress: bool = False,
     track_entropy: bool = False,
+    runner: StepRunner | None = None,
 ) -> GenerationOutput:
     """Sample one image per prompt, one token per forward pass.
 
@@ -32,39 +73,37 @@ def ar_generate(
         generator: Seeds the draws (same generator state -> same images).
         progress: Show a progress bar over image tokens.
         track_entropy: Also return the mean target entropy over sampled positions.
+        runner: Compiled / graph-captured steps (:func:`hawkspec.decoding.static.make_runner`); None: eager.
     """
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
     sampling.validate(backbone.num_codes)
     grid = backbone.grid
-    B = len(prompts)
-    state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=grid.length)
-    streams = state.streams
+    B, L = len(prompts), grid.length
+    state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=L,
+                                     round_to=1 if runner is None else ROUND_CAPACITY)
     device = hidden.device
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    run = _ARRun(
+        state=state, hidden=hidden.contiguous(), eol=torch.full((B,), backbone.eol_token_id if grid.eol else 0, device=device),
+        tokens=torch.zeros((B, L), dtype=torch.long, device=device),
+        codes=torch.zeros((B, grid.num_codes), dtype=torch.long, device=device),
+        j=zero, n_code=zero.clone(), ent_sum=torch.zeros((), device=device),
+    )
+    roots = {"ar": run}
+    if runner is not None:
+        runner.begin(roots)
     forced = grid.forced_mask().tolist()
-    tokens = torch.empty((B, grid.length), dtype=torch.long, device=device)
-    codes = torch.empty((B, grid.num_codes), dtype=torch.long, device=device)
-    eol = torch.full((B,), backbone.eol_token_id if grid.eol else 0, dtype=torch.long, device=device)
-    forwards, n_code, ent_sum = 1, 0, 0.0
-    for j in tqdm(range(grid.length), disable=not progress, desc="AR", leave=False):
-        if forced[j]:
-            tok = eol
+    for j in tqdm(range(L), disable=not progress, desc="AR", leave=False):
+        args = (backbone, run, sampling, forced[j], j == L - 1, track_entropy)
+        if runner is None or j == L - 1:
+            _ar_step(*args, generator)
         else:
-            probs = target_probs(combine_cfg(backbone.code_logits(hidden), streams, sampling.cfg_scale), sampling)
-            if track_entropy:
-                ent_sum += entropy(probs).mean().item()
-            code = probs.argmax(-1) if sampling.greedy else sample(probs, generator)
-            codes[:, n_code] = code
-            n_code += 1
-            tok = backbone.code_token_ids[code]
-        tokens[:, j] = tok
-        if j < grid.length - 1:
-            hidden = backbone.forward(state, tok.repeat(streams)[:, None])[:, -1]
-            forwards += 1
+            runner.step(("ar", forced[j], track_entropy), _ar_step, args, roots, generator)
     return GenerationOutput(
-        codes=codes.view(B, grid.rows, grid.cols),
-        tokens=tokens,
-        forwards=forwards,
-        forwards_per_image=torch.full((B,), forwards),
-        mean_entropy=ent_sum / n_code if track_entropy else None,
+        codes=run.codes.view(B, grid.rows, grid.cols),
+        tokens=run.tokens,
+        forwards=L,
+        forwards_per_image=torch.full((B,), L),
+        mean_entropy=float(run.ent_sum) / grid.num_codes if track_entropy else None,
     )

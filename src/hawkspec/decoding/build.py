@@ -59,9 +59,10 @@ class ARDecoder:
     sampling: SamplingConfig
     name: str = "ar"
     lossless: bool = True
+    runner: object = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
 
     def generate(self, prompts, generator=None, progress=False, track_entropy=False) -> GenerationOutput:
-        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy)
+        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy, self.runner)
 
     def describe(self) -> dict:
         return {"name": self.name, "proposer": None, "acceptance": "ar", "lossless": True}

@@ -26,7 +26,8 @@ from hawkspec.backbones.base import Backbone
 from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.proposers.base import Pools, Proposer
-from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs
+from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs, uniform
+from hawkspec.decoding.static import ROUND_CAPACITY
 from hawkspec.decoding.tree import TopologyTable, select_subtree
 from hawkspec.decoding.walks import walk_longest
 
@@ -74,6 +75,7 @@ class SpeculativeDecoder:
             raise ValueError(f"decoder.tree.dynamic={dynamic_nodes} must be between 2 and the tree's {T} nodes "
                              "(raise decoder.tree.budget for a larger superset tree)")
         self.dynamic_nodes = dynamic_nodes
+        self.runner = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
         self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
         self.path_width = min(self.forward_nodes, self.table.max_depth + 1)  # the longest accepted path, root included
         # a chain (every node's parent is the node before it): verified without a loop over levels
@@ -112,7 +114,12 @@ class SpeculativeDecoder:
 
     def _walk_tries(self, p, cand, pools, code_depth, rank, forced, node_ok, children, active, generator):
         """General trees: try the children of the current node in order with the acceptance rule against the
-        residual; descend into the first accepted one. Returns the final residuals for the bonus draw."""
+        residual; descend into the first accepted one. Returns the final residuals for the bonus draw.
+
+        Every (level, child) slot is tried for every row at once and the rows that were not really trying it are
+        masked out (each row's uniform for a slot is drawn up front, so masking changes no decision). Eager, the
+        loops stop as soon as no row is left trying (one read-back per slot); under a compiled or graph-captured
+        step they run their bounded length and read nothing back."""
         tab = self.table
         B, dev = p.shape[0], p.device
         ar = torch.arange(B, device=dev)
@@ -121,30 +128,28 @@ class SpeculativeDecoder:
         n_path = torch.ones(B, dtype=torch.long, device=dev)
         alive = active.clone()
         r = p[ar, cur]
-        u = torch.rand((B, tab.max_depth, tab.num_children), generator=generator, device=dev)
+        u = uniform((B, tab.max_depth, tab.num_children), generator, dev)
+        eager = self.runner is None
         for level in range(tab.max_depth):
             moved = torch.zeros(B, dtype=torch.bool, device=dev)
             for i in range(tab.num_children):
                 child = children[ar, cur, i]
-                trying = alive & ~moved & (child >= 0)
-                if not trying.any():
-                    break
                 child_c = child.clamp(min=0)
-                trying &= node_ok[ar, child_c]
+                trying = alive & ~moved & (child >= 0) & node_ok[ar, child_c]
+                if eager and not trying.any():  # children are packed first: nobody tries a later one either
+                    break
                 acc = trying & forced[ar, child_c]  # forced tokens are accepted without a test
                 test = trying & ~acc
-                if test.any():
-                    rows = test.nonzero().squeeze(1)
-                    c = child_c[rows]
-                    q = None if pools.q is None else pools.q[rows, code_depth[rows, c], rank[rows, c]]
-                    ok, r_new = self.acceptance.try_candidate(r[rows], cand[rows, c], q, u[rows, level, i])
-                    acc[rows] = ok
-                    r[rows[~ok]] = r_new[~ok]
+                q = None if pools.q is None else pools.q[ar, code_depth[ar, child_c], rank[ar, child_c]]
+                ok, r_new = self.acceptance.try_candidate(r, cand[ar, child_c].clamp(min=0), q, u[:, level, i])
+                acc |= test & ok
+                r = torch.where((test & ~ok).unsqueeze(-1), r_new, r)
                 cur = torch.where(acc, child_c, cur)
                 moved |= acc
-            if not moved.any():
+            if eager and not moved.any():
                 break
-            path[moved, n_path[moved]] = cur[moved]
+            slot = n_path.clamp(max=self.path_width - 1).unsqueeze(1)
+            path.scatter_(1, slot, torch.where(moved, cur, path.gather(1, slot).squeeze(1)).unsqueeze(1))
             n_path += moved.long()
             r = torch.where(moved.unsqueeze(-1), p[ar, cur], r)
             alive &= moved
@@ -161,7 +166,7 @@ class SpeculativeDecoder:
         q = None
         if pools.q is not None:
             q = pools.q.flatten(1, 2).gather(1, slot[:, 1:, None].expand(-1, -1, K)).reshape(-1, K)
-        u = torch.rand((B, T - 1), generator=generator, device=p.device)
+        u = uniform((B, T - 1), generator, p.device)
         ok, r_new = self.acceptance.try_candidate(r.reshape(-1, K), x.clamp(min=0).reshape(-1), q, u.reshape(-1))
         tried = node_ok[:, 1:] & active[:, None]
         acc = tried & (forced[:, 1:] | ok.view(B, T - 1))
@@ -194,19 +199,46 @@ class SpeculativeDecoder:
         run = self.start(prompts, generator, track_entropy)
         bar = tqdm(total=run.L * run.B, disable=not progress, desc=self.proposer.name, leave=False)
         bar.update(run.B)
-        while True:
-            run.active = run.n < run.L
-            if not run.active.any():  # the one host sync of a step
-                break
-            pools = self.propose(run, generator)
-            tree = self.build_tree(run, pools)
-            h, p = self.forward_tree(run, tree)
-            verdict = self.verify(run, tree, p, generator)
-            committed = self.commit(run, tree, verdict, h, p, generator)
-            if progress:  # reading the count waits for the device; skip it when nobody watches
-                bar.update(int(committed.sum()))
+        if self.runner is not None:
+            self._static_loop(run, generator, bar)
+        else:
+            while True:
+                run.active = run.n < run.L
+                if not run.active.any():  # the one host sync of a step
+                    break
+                committed = self.step(run, generator)
+                if progress:  # reading the count waits for the device; skip it when nobody watches
+                    bar.update(int(committed.sum()))
         bar.close()
         return self.finish(run)
+
+    def step(self, run: "_Run", generator) -> torch.Tensor:
+        """One step over every row (rows already done take part without committing anything): the five stages.
+        Returns (B,) the body tokens committed per row."""
+        run.active = run.n < run.L
+        pools = self.propose(run, generator)
+        tree = self.build_tree(run, pools)
+        h, p = self.forward_tree(run, tree)
+        verdict = self.verify(run, tree, p, generator)
+        run.committed = self.commit(run, tree, verdict, h, p, generator)
+        return run.committed
+
+    def _static_loop(self, run: "_Run", generator, bar) -> None:
+        """Steps through :attr:`runner` (compiled and/or replayed from a CUDA graph). The host reads the
+        committed counts only between stretches of steps: a step commits at most ``path_width`` tokens per row,
+        so ``ceil(remaining / path_width)`` steps never overshoot the last row's end."""
+        roots = {"run": run, "proposer": self.proposer}
+        self.runner.begin(roots)
+        done = int(run.B)
+        while True:
+            left = (run.L - run.n).clamp(min=0)
+            remaining, total = torch.stack([left.max(), left.sum()]).tolist()  # one read-back per stretch
+            bar.update(run.L * run.B - total - done)
+            done = run.L * run.B - total
+            if remaining == 0:
+                return
+            for _ in range(-(-remaining // self.path_width)):
+                self.runner.step("tree", self.step, (run,), roots, generator)
 
     # ------------------------------------------------------------------------------------------- stages
     def start(self, prompts: list[str], generator, track_entropy: bool = False) -> "_Run":
@@ -214,7 +246,8 @@ class SpeculativeDecoder:
         code exactly from the prefill's distribution, as AR does."""
         bb, s, grid = self.backbone, self.sampling, self.backbone.grid
         B, L = len(prompts), grid.length
-        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes)
+        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes,
+                                   round_to=1 if self.runner is None else ROUND_CAPACITY)
         dev = hidden.device
         run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
                    eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.forward_nodes,
@@ -229,7 +262,9 @@ class SpeculativeDecoder:
         first = self.acceptance.bonus(p0, generator)
         run.codes[:, 0], run.tokens[:, 0] = first, bb.code_token_ids[first]
         run.n = torch.ones(B, dtype=torch.long, device=dev)
-        run.src_hidden = hidden[:B]  # conditional stream after the image-start sequence
+        run.src_hidden = hidden[:B].clone()  # conditional stream after the image-start sequence
+        run.ent_sum = torch.zeros((), device=dev)
+        run.ent_n = torch.zeros((), dtype=torch.long, device=dev)
         self.proposer.start(B, dev)
         return run
 
@@ -296,9 +331,9 @@ class SpeculativeDecoder:
         h = bb.forward(run.state, tree.node_tok.repeat(S, 1), tree_mask=tree.mask.repeat(S, 1, 1),
                        depth=tree.depth.repeat(S, 1))
         p = target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)  # (B, T, K)
-        if run.track_entropy:
-            run.ent_sum += entropy(p[:, 0][run.active]).sum().item()
-            run.ent_n += int(run.active.sum())
+        if run.track_entropy:  # on the device: no read-back in the step
+            run.ent_sum += torch.where(run.active, entropy(p[:, 0]), 0.0).sum()
+            run.ent_n += run.active.sum()
         return h, self.acceptance.target(p)
 
     def verify(self, run: "_Run", tree: "_Tree", p: torch.Tensor, generator) -> "_Verdict":
@@ -386,7 +421,7 @@ class SpeculativeDecoder:
             forwards_per_image=forwards.cpu(),
             accepted_tokens=stats.accepted.cpu(),
             accept_map=run.accept_map[:, code_positions].view(B, grid.rows, grid.cols).cpu(),
-            mean_entropy=run.ent_sum / max(run.ent_n, 1) if run.track_entropy else None,
+            mean_entropy=float(run.ent_sum) / max(int(run.ent_n), 1) if run.track_entropy else None,
             extras={"committed": stats.committed.cpu(), "steps": stats.steps.cpu()},
         )
 
@@ -414,8 +449,9 @@ class _Run:
     active: torch.Tensor | None = None  # (B,) rows still decoding
     root_pos: torch.Tensor | None = None  # (B,) this step's root body position
     topo: torch.Tensor | None = None  # (B,) this step's topology index
-    ent_sum: float = 0.0
-    ent_n: int = 0
+    ent_sum: torch.Tensor | None = None  # () target entropy summed over the roots of active rows
+    ent_n: torch.Tensor | None = None
+    committed: torch.Tensor | None = None  # (B,) tokens the last step committed
 
     def __post_init__(self):
         dev = self.device

@@ -64,14 +64,56 @@ def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if logits.dtype != torch.float32:
         logits = logits.float()
     if cfg.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        return one_hot(logits.argmax(-1), logits.shape[-1], logits.dtype)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.softmax(logits if cfg.temperature == 1 else logits / cfg.temperature, dim=-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+class Uniforms:
+    """A stand-in for a ``torch.Generator`` inside a compiled or graph-captured decoding step: the step's uniforms
+    are drawn from the real generator before the step, into one buffer (one kernel), and handed out in order.
+    The step's shapes are static, so it takes the same number every time (:attr:`taken` after a first step).
+
+    Args:
+        buffer: (n,) float32 uniforms in [0, 1), or None to count: draw from ``generator`` and record how many.
+        generator: The real generator (counting mode).
+    """
+
+    def __init__(self, buffer: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        self.buffer, self.generator, self.taken = buffer, generator, 0
+
+    def take(self, shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        start, self.taken = self.taken, self.taken + n
+        if self.buffer is None:  # counting
+            return torch.rand(shape, generator=self.generator, device=device, dtype=dtype)
+        if self.taken > self.buffer.numel():
+            raise RuntimeError(f"the step took {self.taken} uniforms, more than the {self.buffer.numel()} its first "
+                               "step took: its random draws are not static (decoder.compile=step needs them to be)")
+        return self.buffer[start : self.taken].view(shape).to(dtype)
+
+
+def uniform(shape: tuple[int, ...], generator: "torch.Generator | Uniforms | None", device,
+            dtype=torch.float32) -> torch.Tensor:
+    """Uniforms in [0, 1) of ``shape``: from ``generator``, or the next ones of a :class:`Uniforms` buffer. Every
+    random draw of decoding goes through here."""
+    if isinstance(generator, Uniforms):
+        return generator.take(shape, device, dtype)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+def one_hot(index: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """(...) long -> (..., num_classes) one-hot. Unlike ``F.one_hot`` it does not read the indices back to check
+    them, so it can sit inside a compiled or graph-captured step."""
+    out = torch.zeros((*index.shape, num_classes), dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1)
+
+
+def sample(probs: torch.Tensor, generator: "torch.Generator | Uniforms | None" = None) -> torch.Tensor:
     """One draw per row by inverting the CDF with one uniform per row. probs: (..., K), non-negative, rows
     not all zero (need not sum to one) -> (...) long.
 
@@ -83,7 +125,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """
     flat = probs.reshape(-1, probs.shape[-1])
     cdf = flat.cumsum(-1)
-    u = torch.rand((flat.shape[0], 1), generator=generator, device=flat.device, dtype=cdf.dtype)
+    u = uniform((flat.shape[0], 1), generator, flat.device, cdf.dtype)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
     return torch.minimum(idx, cdf.argmax(-1)).reshape(probs.shape[:-1])
 

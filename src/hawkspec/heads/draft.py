@@ -135,7 +135,7 @@ class DraftHeads(nn.Module):
         """The weights of ``blocks`` at ``layer`` stacked per head. Without autograd (decoding) the stack is
         cached and rebuilt when a weight changed (in-place updates bump ``_version``) or moved (``.to``)."""
         params = [p for blk in blocks for p in (blk[layer].linear.weight, blk[layer].linear.bias)]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled step stacks in its graph
             return torch.stack(params[0::2]).transpose(-1, -2), torch.stack(params[1::2])
         key = tuple((p.data_ptr(), p.device, p.dtype, p._version) for p in params)
         cache = self.__dict__.setdefault("_stack_cache", {})

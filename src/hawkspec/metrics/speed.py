@@ -121,21 +121,36 @@ class ForwardClock:
 
 
 def step_accounting(decoders: Mapping[str, object], backbone, batches: list[list[str]],
-                    generator: Callable[[int], torch.Generator]) -> dict[str, dict[str, float]]:
+                    generator: Callable[[int], torch.Generator],
+                    compiled_forward: bool = False) -> dict[str, dict[str, float]]:
     """One untimed pass per decoder with a :class:`ForwardClock`: seconds in backbone forwards and outside them.
+
+    A clock cannot stop inside a compiled or graph-captured step, so the pass runs each decoder's steps without
+    its runner; ``compiled_forward`` (``eval.compile=step``) compiles the backbone's forwards for it, so the
+    forward times are those of compiled forwards, as inside the compiled steps.
 
     Returns, per decoder: ``seconds`` (the pass), ``forward_seconds``, ``forwards`` (calls, prefill excluded)
     and ``seconds_per_forward``.
     """
     out = {}
-    for name, dec in decoders.items():
-        with ForwardClock(backbone) as clock:
-            t0 = time.perf_counter()
-            for i, batch in enumerate(batches):
-                dec.generate(batch, generator(i))
-            total = time.perf_counter() - t0
-        out[name] = {"seconds": total, "forward_seconds": clock.seconds, "forwards": clock.calls,
-                     "seconds_per_forward": clock.seconds / max(clock.calls, 1)}
+    if compiled_forward:
+        backbone.compile_steps("forward")
+    try:
+        for name, dec in decoders.items():
+            runner, dec.runner = getattr(dec, "runner", None), None
+            try:
+                with ForwardClock(backbone) as clock:
+                    t0 = time.perf_counter()
+                    for i, batch in enumerate(batches):
+                        dec.generate(batch, generator(i))
+                    total = time.perf_counter() - t0
+            finally:
+                dec.runner = runner
+            out[name] = {"seconds": total, "forward_seconds": clock.seconds, "forwards": clock.calls,
+                         "seconds_per_forward": clock.seconds / max(clock.calls, 1)}
+    finally:
+        if compiled_forward:
+            backbone.compile_steps("none")
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hawkspec.decoding.acceptance.base import AcceptanceRule, gather1, normalize
-from hawkspec.decoding.sampling import sample
+from hawkspec.decoding.sampling import one_hot, sample
 
 
 def exact_try(
@@ -54,7 +54,7 @@ class GreedyAcceptance(ExactAcceptance):
     lossless = True
 
     def target(self, probs: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+        return one_hot(probs.argmax(-1), probs.shape[-1], probs.dtype)
 
     def bonus(self, r, generator):
         return r.argmax(-1)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
-from hawkspec.decoding.sampling import sample
+from hawkspec.decoding.sampling import one_hot, sample, uniform
 
 INITS = ("uniform", "spatial")
 INIT_QS = ("onehot", "uniform")
@@ -108,24 +108,22 @@ class JacobiProposer(Proposer):
         B, J = code_pos.shape
         dev = code_pos.device
         tokens, q = self.drafts.lookup(code_pos)  # (B, J), (B, J, K)
-        fresh = tokens < 0
-        if fresh.any():
-            init_tok = torch.randint(self.K, (B, J), generator=generator, device=dev)
-            if self.init_q == "onehot":
-                init_q = torch.nn.functional.one_hot(init_tok, self.K).to(q.dtype)
-            else:
-                init_q = torch.full((B, J, self.K), 1.0 / self.K, device=dev)
-            codes = self.drafts.codes
-            if self.init == "spatial" and codes is not None:
-                bidx = torch.arange(B, device=dev)[:, None]
-                above = code_pos - self.W
-                code_above = torch.where(above >= 0, codes[bidx, above.clamp(min=0)], -1)
-                known = code_above >= 0
-                init_tok = torch.where(known, code_above, init_tok)
-                point = torch.nn.functional.one_hot(code_above.clamp(min=0), self.K).to(init_q.dtype)
-                init_q = torch.where(known.unsqueeze(-1), point, init_q)
-            tokens = torch.where(fresh, init_tok, tokens)
-            q = torch.where(fresh.unsqueeze(-1), init_q, q)
+        fresh = tokens < 0  # no carried draft yet: SJD's initialisation (drawn for every position, kept where fresh)
+        init_tok = (uniform((B, J), generator, dev) * self.K).long().clamp(max=self.K - 1)
+        if self.init_q == "onehot":
+            init_q = one_hot(init_tok, self.K, q.dtype)
+        else:
+            init_q = torch.full((B, J, self.K), 1.0 / self.K, device=dev)
+        codes = self.drafts.codes
+        if self.init == "spatial" and codes is not None:
+            bidx = torch.arange(B, device=dev)[:, None]
+            above = code_pos - self.W
+            code_above = torch.where(above >= 0, codes[bidx, above.clamp(min=0)], -1)
+            known = code_above >= 0
+            init_tok = torch.where(known, code_above, init_tok)
+            init_q = torch.where(known.unsqueeze(-1), one_hot(code_above.clamp(min=0), self.K, init_q.dtype), init_q)
+        tokens = torch.where(fresh, init_tok, tokens)
+        q = torch.where(fresh.unsqueeze(-1), init_q, q)
         ok = code_pos >= 0
         tokens = torch.where(ok, tokens, -1)
         # one candidate per position (the chain); further ranks are empty

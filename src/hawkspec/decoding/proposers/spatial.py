@@ -42,6 +42,7 @@ import torch
 
 from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
 from hawkspec.decoding.proposers.sources import DraftSource, HorizontalSource, VerticalSource
+from hawkspec.decoding.sampling import one_hot
 
 _BIG = 1 << 20  # rank stride of one order group (far above any pool width)
 _NONE = 1 << 40  # the key of an empty slot
@@ -170,8 +171,8 @@ class SpatialProposer(Proposer):
         """Per column of the concatenated candidates (C,): point mass?, competing?, and its place in the
         verification order (group, then rank and source within an interleaved group). Cached per shape."""
         memo = (widths, points, dev)
-        cache = self.__dict__.setdefault("_column_cache", {})
-        if memo not in cache:
+        cache = {} if torch.compiler.is_compiling() else self.__dict__.setdefault("_column_cache", {})
+        if memo not in cache:  # (a compiled step builds them in its graph: constants folded there)
             names = self._concat
             where = {n: (g, i, len(grp)) for g, grp in enumerate(self.groups) for i, n in enumerate(grp)}
             point = torch.cat([torch.full((w,), pt, device=dev) for pt, w in zip(points, widths)])
@@ -205,7 +206,7 @@ class SpatialProposer(Proposer):
         if any(p.q is not None for p in parts):
             ref = next(p.q for p in parts if p.q is not None)
             K = ref.shape[-1]
-            q = torch.cat([p.q if p.q is not None else torch.nn.functional.one_hot(p.tokens.clamp(min=0), K).to(ref.dtype)
+            q = torch.cat([p.q if p.q is not None else one_hot(p.tokens.clamp(min=0), K, ref.dtype)
                            for p in parts], dim=2).gather(2, col.unsqueeze(-1).expand(-1, -1, -1, K))
         if all(p.logp is not None for p in parts):
             logp = torch.cat([p.logp.float() for p in parts], dim=-1).gather(-1, col)

@@ -1,0 +1,214 @@
+"""Whole decoding steps compiled (``eval.compile=step``) and replayed from CUDA graphs (``eval.cuda_graphs``).
+
+A step of AR or of the speculative engine (propose, build the tree, forward, verify, commit) has static shapes
+and never reads a device value back to the host: the KV cache writes each row at its own slots
+(:class:`~hawkspec.backbones.hf.RowStaticLayer`), trees are padded to a fixed node count, every walk is
+vectorised, and the random draws come from one buffer of uniforms drawn before the step
+(:class:`~hawkspec.decoding.sampling.Uniforms`). So a step can be
+
+* compiled as one graph: ``torch.compile(fullgraph=True)`` -- a graph break is an error, not a slowdown;
+* recorded once as a CUDA graph and replayed: one launch per step instead of hundreds.
+
+A CUDA graph replays fixed addresses, so every tensor a step reads or writes must stay in the same memory from
+step to step and from batch to batch. :class:`Persistent` keeps that promise for the decoders' plain Python
+state (the run, its KV state and cache, the proposer) without asking them to write in place: after each recorded
+step and each batch's start, a tensor attribute rebound to a new tensor is copied into the one first seen at the
+same attribute path, and the attribute points back at it.
+
+Both apply to AR and to every decoder alike (compiled vs compiled, graphs vs graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from hawkspec.decoding.sampling import Uniforms
+
+log = logging.getLogger("hawkspec")
+
+COMPILE_MODES = ("none", "forward", "step")
+ROUND_CAPACITY = 64
+"""KV capacities are rounded up to a multiple of this under a static runner, so batches whose prompts differ a
+little reuse one compiled graph / one CUDA graph."""
+
+
+def _tensor_attrs(obj, path: str, seen: set, depth: int = 0) -> Iterator[tuple[str, object, str, torch.Tensor]]:
+    """(path, owner, attribute, tensor) for every tensor attribute reachable from ``obj`` through plain objects,
+    lists and dicts (modules, generators and classes are not entered: their memory does not move)."""
+    if depth > 6 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            yield from _tensor_attrs(x, f"{path}[{i}]", seen, depth + 1)
+        return
+    if isinstance(obj, dict):
+        for k, x in obj.items():
+            yield from _tensor_attrs(x, f"{path}[{k!r}]", seen, depth + 1)
+        return
+    if isinstance(obj, (nn.Module, torch.Generator, Uniforms, type, torch.Tensor)) or not hasattr(obj, "__dict__"):
+        return
+    if callable(obj) and not hasattr(type(obj), "__dataclass_fields__"):
+        return
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, torch.Tensor):
+            yield f"{path}.{name}", obj, name, value
+        elif isinstance(value, (list, tuple, dict)) or hasattr(value, "__dict__"):
+            yield from _tensor_attrs(value, f"{path}.{name}", seen, depth + 1)
+
+
+class Persistent:
+    """The memory a recorded step reads and writes, by attribute path (``run.n``, ``proposer.ring_tok``, ...)."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def adopt(self, roots: dict[str, object], strict: bool = False) -> bool:
+        """Point every tensor attribute under ``roots`` at its persistent tensor, copying the new value in.
+
+        Returns True when every attribute already had a persistent tensor of the same shape, dtype and device
+        (recorded graphs stay valid). ``strict``: while recording, anything else is an error."""
+        found = [(p, o, n, t) for key, root in roots.items() for p, o, n, t in _tensor_attrs(root, key, set())]
+        known = {id(t) for t in self.tensors.values()}
+        same, moves = True, []
+        for path, owner, name, t in found:
+            keep = self.tensors.get(path)
+            if keep is None or keep.shape != t.shape or keep.dtype != t.dtype or keep.device != t.device:
+                if strict:
+                    raise RuntimeError(f"a recorded decoding step changed `{path}` to a new shape/dtype "
+                                       f"({tuple(t.shape)}, {t.dtype}): its step is not static; run it with "
+                                       "eval.cuda_graphs=false")
+                if id(t) in known:  # another path's memory: this path gets its own (read before any copy)
+                    t = t.clone()
+                    setattr(owner, name, t)
+                self.tensors[path], same = t, False
+                known.add(id(t))
+            elif keep is not t:
+                moves.append((owner, name, keep, t.clone() if id(t) in known else t))  # never read a copied target
+        for owner, name, keep, t in moves:
+            keep.copy_(t)
+            setattr(owner, name, keep)
+        return same
+
+
+class StepRunner:
+    """Runs decoding steps eagerly with counted random draws, compiled, and/or replayed from CUDA graphs.
+
+    A step is ``fn(*args, rng)``: it reads and updates the state reachable from ``roots`` and draws every random
+    number from ``rng`` (through :func:`~hawkspec.decoding.sampling.uniform`). Steps are keyed (AR has one for
+    code positions and one for end-of-line tokens); each key's first step runs eagerly and counts its uniforms,
+    its second runs for real (compiling, on a side stream when recording) and records the CUDA graph, and the
+    rest are replays after one in-place fill of the uniform buffer.
+
+    A recorded graph replays what the step did when it was recorded, whatever Python state says later, so with
+    graphs the first step of every batch runs eagerly (a proposer's "nothing cached yet" branch, say) and the
+    state it leaves is moved into the persistent memory before the replays go on.
+
+    Args:
+        compile_step: ``torch.compile`` the step (one graph, ``fullgraph=True``).
+        cuda_graphs: Record and replay the step as a CUDA graph (CUDA only).
+        persist_every_step: Move the state into the persistent memory after every step, as recording does,
+            without recording (what CPU tests use to check that a replayed step would see the right memory).
+    """
+
+    def __init__(self, compile_step: bool = False, cuda_graphs: bool = False, persist_every_step: bool = False):
+        if cuda_graphs and not torch.cuda.is_available():
+            raise ValueError("eval.cuda_graphs=true needs a CUDA device (device=cuda): set eval.cuda_graphs=false")
+        self.compile_step, self.cuda_graphs = compile_step, cuda_graphs
+        self.persist_every_step = persist_every_step or cuda_graphs
+        self.persist = Persistent()
+        self._eager_next: set = set()
+        self.n_uniforms: dict[object, int] = {}
+        self.buffers: dict[object, torch.Tensor] = {}
+        self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
+        self._compiled: dict[object, Callable] = {}
+
+    @property
+    def mode(self) -> str:
+        return ("step" if self.compile_step else "eager") + (" + CUDA graphs" if self.cuda_graphs else "")
+
+    def begin(self, roots: dict[str, object]) -> None:
+        """A new batch has started: move its state into the persistent memory (recorded graphs stay valid when
+        every shape matches the last batch's; otherwise they are recorded again)."""
+        if not (self.persist_every_step and self.persist.tensors):
+            return
+        if not self.persist.adopt(roots):
+            self.graphs.clear()
+        self._eager_next = set(self.n_uniforms)
+
+    def _body(self, key, fn: Callable) -> Callable:
+        def body(args, buf):
+            fn(*args, Uniforms(buf))
+
+        if not self.compile_step:
+            return body
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(body, fullgraph=True, dynamic=False)
+        return self._compiled[key]
+
+    @staticmethod
+    def _call(body: Callable, args: tuple, buf: torch.Tensor) -> None:
+        try:
+            body(args, buf)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise RuntimeError(f"this decoder's step does not compile as one graph (eval.compile=step): {e}\n"
+                               "Use eval.compile=forward.") from e
+
+    def _fill(self, key, generator) -> torch.Tensor:
+        buf = self.buffers[key]
+        if generator is None or generator.device.type == buf.device.type:
+            return buf.uniform_(generator=generator)
+        return buf.copy_(torch.rand(buf.shape, generator=generator))
+
+    def step(self, key, fn: Callable, args: tuple, roots: dict[str, object], generator) -> None:
+        """Run one step of kind ``key``."""
+        if key not in self.n_uniforms or key in self._eager_next:  # eager, counting the draws
+            counter = Uniforms(None, generator)
+            fn(*args, counter)
+            if key in self._eager_next:
+                self._eager_next.discard(key)
+            else:
+                self.n_uniforms[key] = counter.taken
+                device = next((t.device for _, _, _, t in _tensor_attrs(roots, "roots", set())), torch.device("cpu"))
+                self.buffers[key] = torch.zeros(max(counter.taken, 1), device=device)
+            if self.persist_every_step:
+                self.persist.adopt(roots)
+            return
+        body = self._body(key, fn)
+        buf = self._fill(key, generator)
+        if not self.cuda_graphs:
+            self._call(body, args, buf)
+            if self.persist_every_step:
+                self.persist.adopt(roots)
+            return
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        # this step for real on a side stream (it compiles, warms cuBLAS up), then record the same step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._call(body, args, buf)
+            self.persist.adopt(roots)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records only: nothing runs
+            body(args, buf)
+            self.persist.adopt(roots, strict=True)
+        self.graphs[key] = graph
+        log.info("recorded a CUDA graph for decoding step %r (%d uniforms)", key, self.n_uniforms[key])
+
+
+def make_runner(compile: str = "none", cuda_graphs: bool = False) -> StepRunner | None:
+    """The runner for ``eval.compile`` / ``eval.cuda_graphs``, or None for plain eager (or forward-compiled)
+    steps."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"eval.compile must be one of {COMPILE_MODES}, got {compile!r}")
+    if compile != "step" and not cuda_graphs:
+        return None
+    return StepRunner(compile_step=compile == "step", cuda_graphs=bool(cuda_graphs))
