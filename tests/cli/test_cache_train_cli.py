@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hawkspec.cli.train import heads_config
+from hawkspec.cli.train import training_factory
 from hawkspec.data.manifest import ShardManifest, sample_key
 from hawkspec.testing import run_cli
 
@@ -69,12 +69,57 @@ def test_train_cli_bad_heads_name_the_key(tmp_path, cli_cache, random_backbone_d
     assert key in proc.stderr + proc.stdout
 
 
-def test_heads_group_options_compose_and_validate():
+def test_heads_group_options_compose_and_validate(random_backbone):
+    from hawkspec.cli.common import instantiate
+    from hawkspec.training.eagle import EagleTrainingModule
+    from hawkspec.training.heads import HeadTrainingModule
+
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        for overrides in (["heads=medusa"], ["heads=hawk"], ["experiment=vertical_off"], ["experiment=vsd1"]):
-            heads_config(compose("train", overrides=overrides))
+        for overrides in (["heads=medusa"], ["heads=hawk"], ["experiment=vertical_off"], ["experiment=vsd1"],
+                          ["heads=eagle"], ["heads=eagle_spatial"]):
+            cfg = compose("train", overrides=[*overrides, "loss.distill_weight=0.5"])
+            training_factory(cfg)  # resolves `_target_` and checks the keys, without a backbone
+            module = instantiate(cfg.heads, "heads", backbone=random_backbone, optimizer=None)
+            eagle = overrides[0].startswith("heads=eagle")
+            assert type(module) is (EagleTrainingModule if eagle else HeadTrainingModule)
+            assert module.needs_topk is not eagle  # the shared `loss` group reaches the heads' module
         with pytest.raises(ValueError, match="heads.vsd"):
-            heads_config(compose("train", overrides=["heads.vsd=0"]))
+            instantiate(compose("train", overrides=["heads.vsd=0"]).heads, "heads", backbone=random_backbone, optimizer=None)
+        with pytest.raises(ValueError, match="vsdd"):
+            training_factory(compose("train", overrides=["+heads.vsdd=1"]))
+        with pytest.raises(ValueError, match="_target_"):
+            training_factory(compose("train", overrides=["~heads._target_"]))
+
+
+TOY_DRAFT = """
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
+from hawkspec.training.heads import HeadTrainingModule
+
+
+class ToyDraft(HeadTrainingModule):
+    \"\"\"A new draft model outside hawkspec: `depth` Medusa heads.\"\"\"
+
+    @classmethod
+    def build(cls, backbone, optimizer, scheduler=None, warmup_ratio=0.05, depth=1):
+        heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=depth, vertical=False, vsd=0), backbone)
+        return cls(heads, backbone.grid, optimizer, scheduler, warmup_ratio)
+"""
+
+
+def test_train_cli_builds_the_module_named_by_heads_target(tmp_path, cli_cache, random_backbone_dir):
+    """A new draft model is one file and one YAML: `hawkspec-train heads=toy` builds the `_target_` of toy.yaml."""
+    (tmp_path / "toy_draft.py").write_text(TOY_DRAFT)
+    (tmp_path / "conf" / "heads").mkdir(parents=True)
+    (tmp_path / "conf" / "heads" / "toy.yaml").write_text("_target_: toy_draft.ToyDraft.build\ndepth: 2\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    args = [f"backbone.path={random_backbone_dir}", f"shards_dir={cli_cache}", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "heads=toy", "trainer.max_steps=2", "data.batch_size=4", "logger=none"]
+    export = tmp_path / "export"
+    run_cli("hawkspec-train", *args, f"hydra.run.dir={tmp_path / 'run'}", f"export_dir={export}", env=env)
+    report = json.loads((export / "val_metrics.json").read_text())
+    assert [r["name"] for r in report["heads"]] == ["h1", "h2"] and report["global_step"] == 2
+    proc = run_cli("hawkspec-train", *args, "+heads.width=3", f"hydra.run.dir={tmp_path / 'bad'}", env=env, ok=False)
+    assert "width" in proc.stderr and "toy_draft.ToyDraft.build" in proc.stderr
 
 
 def test_train_cli_refuses_shards_of_another_backbone(tmp_path, cli_cache):

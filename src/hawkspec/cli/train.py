@@ -1,4 +1,8 @@
-"""``hawkspec-train``: train Medusa / Hawk draft heads on a hidden-state cache; save the heads alone.
+"""``hawkspec-train``: train a draft model (Medusa / Hawk heads, EAGLE, ...) on a hidden-state cache; save it alone.
+
+The training module is the ``_target_`` of the ``heads`` group (``conf/heads/*.yaml``), called with the backbone,
+the optimiser and scheduler factories and ``warmup_ratio`` besides the group's own keys: a new draft model is its
+module and one YAML, no change here.
 
 Resumable: Lightning checkpoints go to ``<run>/checkpoints`` (``last.ckpt`` at every epoch end, or every
 ``checkpoint.every_n_train_steps``); with ``ckpt_path=last`` (the default) a rerun into the same run folder
@@ -8,6 +12,7 @@ Resumable: Lightning checkpoints go to ``<run>/checkpoints`` (``last.ckpt`` at e
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import signal
@@ -22,20 +27,36 @@ from omegaconf import DictConfig
 from hawkspec.backbones.base import Backbone
 from hawkspec.cli.common import CONF_PATH, instantiate, instantiate_loggers, task
 from hawkspec.cli.validate import validate_train
-from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.training.checkpoint import VAL_METRICS, HeadsCheckpoint
-from hawkspec.training.heads import HeadTrainingModule
 from hawkspec.training.seen_keys import SeenKeysRecorder
 
 log = logging.getLogger("hawkspec")
 
 
-def heads_config(cfg: DictConfig) -> HeadsConfig:
-    """``HeadsConfig`` from the ``heads`` group, checked before anything heavy is loaded."""
+# what the CLI passes to every training module's factory besides the `heads` group's keys
+BUILD_ARGS = ("backbone", "optimizer", "scheduler", "warmup_ratio")
+
+
+def training_factory(cfg: DictConfig):
+    """The training module's factory named by ``heads._target_``, with the group's keys checked against its
+    signature before anything heavy is loaded (a typo names the key)."""
+    target = cfg.heads.get("_target_")
+    if not target:
+        raise ValueError("`heads` has no `_target_`: name the training module's factory, e.g. "
+                         "hawkspec.training.heads.HeadTrainingModule.for_backbone (see conf/heads/*.yaml)")
     try:
-        return HeadsConfig(**cfg.heads).validate()
+        factory = hydra.utils.get_method(str(target))
+    except Exception as e:
+        raise ValueError(f"heads._target_={target} cannot be imported: {e}") from e
+    keys = [k for k in cfg.heads if not str(k).startswith("_")]
+    taken = sorted(set(keys) & set(BUILD_ARGS))
+    if taken:
+        raise ValueError(f"bad key in `heads`: {taken} are passed by hawkspec-train itself")
+    try:
+        inspect.signature(factory).bind_partial(**dict.fromkeys(keys))
     except TypeError as e:
-        raise ValueError(f"bad key in `heads` (expected num_horizontal, vertical, vsd, num_layers): {e}") from e
+        raise ValueError(f"bad key in `heads` for {target}: {e}") from e
+    return factory
 
 
 def resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
@@ -61,24 +82,15 @@ def checkpoint_callback(cfg: DictConfig, ckpt_dir: Path) -> ModelCheckpoint:
 @task
 def run(cfg: DictConfig) -> dict:
     validate_train(cfg)
-    # a `heads` config with a `_target_` names its own training module (heads=eagle); the others are DraftHeads
-    custom = cfg.heads.get("_target_")
-    config = None if custom else heads_config(cfg)
+    training_factory(cfg)
     L.seed_everything(cfg.seed, workers=True)
     backbone: Backbone = instantiate(cfg.backbone, "backbone")
-    distill = cfg.loss.distill_weight > 0 and not custom
-    datamodule = instantiate(cfg.data, "data", identity=backbone.identity(), topk=distill)
     optimizer = instantiate(cfg.optimizer, "optimizer")
     scheduler = instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    if custom:
-        module = instantiate(cfg.heads, "heads", backbone=backbone, optimizer=optimizer, scheduler=scheduler,
-                             warmup_ratio=cfg.warmup_ratio)
-    else:
-        config.validate(backbone.grid.rows)
-        kind = "Hawk" if config.vertical else "Medusa"
-        log.info("Building %s draft heads %s for backbone %s", kind, config, backbone.name)
-        module = HeadTrainingModule(DraftHeads.for_backbone(config, backbone), backbone.grid, optimizer=optimizer,
-                                    scheduler=scheduler, warmup_ratio=cfg.warmup_ratio, **cfg.loss)
+    module: L.LightningModule = instantiate(cfg.heads, "heads", backbone=backbone, optimizer=optimizer,
+                                            scheduler=scheduler, warmup_ratio=cfg.warmup_ratio)
+    datamodule = instantiate(cfg.data, "data", identity=backbone.identity(),
+                             topk=bool(getattr(module, "needs_topk", False)))
     del backbone  # the module carries the frozen LM head rows; the transformer is not needed to train it
     out_dir = Path(cfg.paths.output_dir)
     ckpt_dir = out_dir / "checkpoints"

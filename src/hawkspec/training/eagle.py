@@ -85,6 +85,11 @@ class EagleTrainingModule(HeadTrainingModule):
                    **loss)
 
     @property
+    def needs_topk(self) -> bool:
+        """EAGLE's soft token loss reads the target's distribution from the cached features, not the top-k."""
+        return False
+
+    @property
     def drafter(self) -> EagleDrafter:
         return self.heads
 

@@ -18,7 +18,8 @@ Validation logs per-head top-1 / top-5 accuracy against the cached codes as ``va
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Callable, Mapping
 
 import lightning as L
 import torch
@@ -27,11 +28,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from hawkspec.backbones.base import ImageGrid
-from hawkspec.heads.draft import DraftHeads
+from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.heads.offsets import head_targets
 from hawkspec.io import NonFiniteError, check_finite_state
 
 TOPK_METRICS = (1, 5)
+log = logging.getLogger("hawkspec")
 
 
 def head_loss_weights(num_horizontal: int, vsd: int, decay: float, vertical_weight: float) -> list[float]:
@@ -113,6 +115,24 @@ class HeadTrainingModule(L.LightningModule):
             f"{name}_top{k}": MulticlassAccuracy(num_classes=K, top_k=k, average="micro", ignore_index=-100)
             for name in self.names for k in TOPK_METRICS if k <= K
         })
+
+    @classmethod
+    def for_backbone(cls, backbone, optimizer: Callable, scheduler: Callable | None = None, warmup_ratio: float = 0.05,
+                     num_horizontal: int = 4, vertical: bool = True, vsd: int = 2, num_layers: int = 1,
+                     loss: Mapping | None = None) -> "HeadTrainingModule":
+        """The module ``hawkspec-train heads=medusa|hawk`` builds (the ``_target_`` of ``conf/heads/{medusa,hawk}.yaml``):
+        the heads' shape from the ``heads`` group, their loss settings from the shared ``loss`` group
+        (``heads.loss: ${loss}``)."""
+        config = HeadsConfig(num_horizontal=num_horizontal, vertical=vertical, vsd=vsd,
+                             num_layers=num_layers).validate(backbone.grid.rows)
+        log.info("Building %s draft heads %s for backbone %s", "Hawk" if vertical else "Medusa", config, backbone.name)
+        return cls(DraftHeads.for_backbone(config, backbone), backbone.grid, optimizer=optimizer, scheduler=scheduler,
+                   warmup_ratio=warmup_ratio, **(loss or {}))
+
+    @property
+    def needs_topk(self) -> bool:
+        """Whether the training data must carry the cached top-k target (the KL distillation term)."""
+        return self.distill_weight > 0
 
     # ----------------------------------------------------------------------------------------- the loss
     def head_logits(self, h: int, x: torch.Tensor) -> torch.Tensor:
