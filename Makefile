@@ -44,12 +44,13 @@ bench: $(STAMP)
 pretrain: $(STAMP)
 	$(BIN)/hawkspec-pretrain export_dir=src/hawkspec/assets/tiny
 
-# The shipped draft heads (src/hawkspec/assets/heads, what hawkspec-eval uses by default): 6,144 self-distilled
-# samples + 256 validation, 5 epochs each; ~17 min caching + ~6 min per head set on the 2-core CPU.
+# The shipped draft models (src/hawkspec/assets/heads, what hawkspec-eval uses by default): Medusa and Hawk heads
+# and the EAGLE / spatial EAGLE drafters, all from the same 6,144 self-distilled samples + 256 validation, 5 epochs
+# each; ~18 min caching + ~6 min per head set and ~3.5 min per EAGLE drafter on the 2-core CPU.
 HEADS_OUT ?= outputs/heads
 heads: $(STAMP)
 	$(BIN)/hawkspec-cache hydra.run.dir=$(HEADS_OUT)/cache cache.num_samples=6144 cache.val_samples=256 cache.topk=16
-	for h in medusa hawk; do \
+	for h in medusa hawk eagle eagle_spatial; do \
 	  $(BIN)/hawkspec-train hydra.run.dir=$(HEADS_OUT)/train_$$h shards_dir=$(HEADS_OUT)/cache/shards heads=$$h \
 	    trainer.max_epochs=5 export_dir=src/hawkspec/assets/heads/$$h || exit 1; \
 	done
