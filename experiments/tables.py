@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from hawkspec.metrics.sweep import Job, commands, load_jobs, split_overrides, sweep_rows
+from hawkspec.metrics.sweep import Job, commands, load_jobs, seed_summary, split_overrides, sweep_rows
 
 # The papers' numbers (shared/BRIEF.md §3; Hawk: arXiv 2510.25739, Lumina-mGPT 7B at 768 px, COCO, 500 prompts;
 # GSD: arXiv 2508.07747, Lumina-mGPT, COCO, 5k prompts). None: the brief does not give it.
@@ -60,7 +60,7 @@ GSD_PAPER_GROUP = range(5, 8)  # the paper's G ≈ 10–14 is ±5..±7 ranks
 def fmt(v, digits: int = 3, suffix: str = "") -> str:
     if v is None:
         return "—"
-    if isinstance(v, (str, bool)):
+    if isinstance(v, (str, bool, int)):
         return str(v)
     if isinstance(v, tuple):  # (mean, sd, n)
         mean, sd, n = v
@@ -270,7 +270,13 @@ def sweep_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
     """Any sweep: one row per job and decoder, the overrides that vary as columns."""
     cols, rows = sweep_rows(jobs)
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    md = ["# Sweep", "", markdown_table(cols, cells), noise_floor_line(jobs), "", *provenance(jobs, table_cmd)]
+    md = ["# Sweep", "", markdown_table(cols, cells), noise_floor_line(jobs), ""]
+    summary = seed_summary(jobs)
+    if summary:  # a seed sweep: each figure's mean ± standard deviation over the seeds
+        scols, srows = summary
+        md += ["Mean ± standard deviation over seeds:", "",
+               markdown_table(scols, [[fmt(r.get(c)) for c in scols] for r in srows]), ""]
+    md += provenance(jobs, table_cmd)
     tex = latex_table(cols, cells, "Sweep over " + ", ".join(c for c in cols[1:] if c not in ("decoder",)), "tab:sweep")
     return "\n".join(md) + "\n", tex
 

@@ -139,8 +139,10 @@ def test_cache_cli_bad_settings_name_the_key(tmp_path, random_backbone_dir):
 
 
 @pytest.mark.slow
-def test_ddp_cache_and_one_exact_epoch_see_every_sample_once(tmp_path, random_backbone_dir):
-    """2 CPU processes: the cache splits its shards without duplicates, an exact training epoch reads each once."""
+@pytest.mark.parametrize("heads", ["medusa", "eagle"])
+def test_ddp_cache_and_one_exact_epoch_see_every_sample_once(tmp_path, random_backbone_dir, heads):
+    """2 CPU processes: the cache splits its shards without duplicates, an exact training epoch reads each once --
+    for the draft heads and for the EAGLE draft model alike."""
     run_cli("hawkspec-cache", f"backbone.path={random_backbone_dir}", f"hydra.run.dir={tmp_path / 'cache'}",
             "trainer=ddp", "cache.num_samples=30", "cache.val_samples=4", "cache.shard_size=8", "cache.batch_size=8")
     shards = tmp_path / "cache" / "shards"
@@ -151,7 +153,7 @@ def test_ddp_cache_and_one_exact_epoch_see_every_sample_once(tmp_path, random_ba
     run = tmp_path / "train"
     run_cli("hawkspec-train", f"backbone.path={random_backbone_dir}", f"shards_dir={shards}", f"hydra.run.dir={run}",
             "trainer=ddp", "trainer.max_epochs=1", "data.resampled=false", "data.batch_size=4", "record_keys=true",
-            "logger=csv", "heads=medusa")
+            "logger=csv", f"heads={heads}")
     per_rank = [(run / "seen_keys" / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])
     seen = per_rank[0] + per_rank[1]

@@ -260,7 +260,7 @@ def run(cfg: DictConfig) -> dict:
 
     seconds, outputs = interleaved_passes(
         decoders, batches, lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi),
-        repeats=e.repeats, warmup_batches=e.warmup_batches,
+        repeats=e.repeats, warmup_batches=warmup_batches(e, compile_mode),
     )
 
     accounting = None
@@ -322,6 +322,16 @@ def run(cfg: DictConfig) -> dict:
                              + speed_mode(compile_mode, bool(e.get("cuda_graphs", False))))
     results["resources"] = resources(cfg.device)
     return write_results(cfg, out_dir, results)
+
+
+def warmup_batches(e: DictConfig, compile_mode: str) -> int:
+    """Untimed batches per decoder: ``eval.warmup_batches``, at least 2 when whole steps are compiled or recorded
+    (a batch's first step is its own variant, compiled or recorded on the second batch), so no timed pass
+    compiles."""
+    n = int(e.warmup_batches)
+    if compile_mode == "step" or e.get("cuda_graphs", False):
+        n = max(n, 2)
+    return n
 
 
 def speed_mode(compile_mode: str, cuda_graphs: bool) -> str:

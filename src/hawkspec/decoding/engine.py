@@ -262,7 +262,8 @@ class SpeculativeDecoder:
         first = self.acceptance.bonus(p0, generator)
         run.codes[:, 0], run.tokens[:, 0] = first, bb.code_token_ids[first]
         run.n = torch.ones(B, dtype=torch.long, device=dev)
-        run.src_hidden = hidden[:B].clone()  # conditional stream after the image-start sequence
+        # conditional stream after the image-start sequence; contiguous, so every batch has the same strides
+        run.src_hidden = hidden[:B].clone(memory_format=torch.contiguous_format)
         run.ent_sum = torch.zeros((), device=dev)
         run.ent_n = torch.zeros((), dtype=torch.long, device=dev)
         self.proposer.start(B, dev)

@@ -31,6 +31,10 @@ from hawkspec.decoding.sampling import Uniforms
 log = logging.getLogger("hawkspec")
 
 COMPILE_MODES = ("none", "forward", "step")
+RECOMPILE_LIMIT = 64
+"""Compiled steps share code objects (every decoder's ``step``, AR's step), and each decoder, batch shape and
+first-step variant is one guarded entry: torch's default limit of 8 per code object is too low for a run with
+several decoders, so a runner raises it to this."""
 ROUND_CAPACITY = 64
 """KV capacities are rounded up to a multiple of this under a static runner, so batches whose prompts differ a
 little reuse one compiled graph / one CUDA graph."""
@@ -146,6 +150,8 @@ class StepRunner:
 
         if not self.compile_step:
             return body
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
         if key not in self._compiled:
             self._compiled[key] = torch.compile(body, fullgraph=True, dynamic=False)
         return self._compiled[key]
