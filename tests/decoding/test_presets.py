@@ -13,7 +13,7 @@ from hawkspec.heads.draft import DraftHeads, HeadsConfig
 LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True, "sjd": True,
             "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False,
             "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False,
-            "eagle": True, "eagle_spatial": True, "hawk_eagle": True, "hawk_eagle_gsd": False}
+            "eagle": True, "eagle_spatial": True, "hawk_eagle": True, "hawk_eagle_gsd": False, "eagle_gsd": False}
 
 
 @pytest.fixture(scope="module")

@@ -254,7 +254,7 @@ def test_eval_all_skips_the_presets_whose_checkpoint_is_missing(bb, checkpoints,
         except FileNotFoundError as err:
             skipped.append(name)
             assert "eagle" in str(err)
-    assert skipped == ["eagle", "eagle_spatial", "hawk_eagle", "hawk_eagle_gsd"]
+    assert skipped == ["eagle", "eagle_gsd", "eagle_spatial", "hawk_eagle", "hawk_eagle_gsd"]
 
 
 # --------------------------------------------------------------------------------------------- lossless
