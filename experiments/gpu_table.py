@@ -16,17 +16,12 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verify_cost import curve_table, interpolate  # noqa: E402  (the same curve, rendered and read the same way)
+
 
 def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _interp(curve: dict, T: int) -> float:
-    sizes = sorted(int(k) for k in curve)
-    lo = max((s for s in sizes if s <= T), default=sizes[0])
-    hi = min((s for s in sizes if s >= T), default=sizes[-1])
-    c = {int(k): v for k, v in curve.items()}
-    return c[lo] if hi == lo else c[lo] + (c[hi] - c[lo]) * (T - lo) / (hi - lo)
 
 
 def main(argv: list[str]) -> str:
@@ -43,7 +38,7 @@ def main(argv: list[str]) -> str:
     ev = {r["decoder"]: r for r in eager["rows"]} if eager else {}
     g0 = graphs[0]
     lines = [
-        f"# The tiny default and a 7B-shaped Lumina-mGPT on one GPU: eager vs CUDA graphs",
+        "# The tiny default and a 7B-shaped Lumina-mGPT on one GPU: eager vs CUDA graphs",
         "",
         f"Machine: {device}. Rendered by `python experiments/gpu_table.py {' '.join(argv)}` from the files of "
         f"`experiments/gpu_bench.sh` in `{folder}`. Tiny model: {g0['num_prompts']} prompts, batch "
@@ -83,7 +78,7 @@ def main(argv: list[str]) -> str:
             r = by[0][n]
             nodes = (r.get("config") or {}).get("tree_nodes") or 1
             step = r["seconds_per_image"] / r["forwards_per_image"]
-            t_tree = t_ar if n == "ar" else _interp(tiny["graphs"]["verify"], nodes)
+            t_tree = t_ar if n == "ar" else interpolate(tiny["graphs"]["verify"], nodes)
             eff = r["speedup"] / (r["step_compression"] * t_ar / t_tree)
             lines.append(f"| {n} | {nodes} | {step * 1e3:.2f} | {step / ar_step:.2f} | {t_tree * 1e3:.3f} | {eff:.2f} |")
     for name, f in (("AR vs transformers `generate`, eager (static caches)", "ar_vs_generate.json"),
@@ -98,17 +93,8 @@ def main(argv: list[str]) -> str:
     for cost in (big, tiny):
         if not cost:
             continue
-        modes = [m for m in ("eager", "graphs") if m in cost]
         lines += ["", f"## Verify cost: {cost['backbone']}, {cost['dtype']}, context {cost['context']} body tokens, "
-                  f"batch {cost['batch_size']} × {cost['streams']} CFG streams", "",
-                  "| tree tokens | " + " | ".join(f"{m} ms | {m} × AR step" for m in modes) + " |",
-                  "|---|" + "---|---|" * len(modes)]
-        for T in ["ar"] + list(cost["eager"]["verify"]):
-            cells = []
-            for m in modes:
-                sec = cost[m]["ar_step"] if T == "ar" else cost[m]["verify"][T]
-                cells.append(f"{sec * 1e3:.3f} | {sec / cost[m]['ar_step']:.2f}")
-            lines.append(f"| {'AR step (1)' if T == 'ar' else T} | " + " | ".join(cells) + " |")
+                  f"batch {cost['batch_size']} × {cost['streams']} CFG streams", "", *curve_table(cost)]
         if cost.get("projection"):
             lines += ["", f"Projected with the tiny model's step compressions (seed 0), {cost['mode']} forwards: "
                       "step compression × t_AR-step ÷ t_verify(tree nodes), the bound if everything outside the "

@@ -143,9 +143,24 @@ def measure(bb: Backbone, cfg) -> dict:
     return out
 
 
+def curve_table(cost: dict) -> list[str]:
+    """The verify-cost curve as markdown rows: per tree size, seconds per forward and x the AR step, per mode."""
+    modes = [m for m in ("eager", "graphs") if m in cost]
+    lines = ["| tree tokens | " + " | ".join(f"{m}: ms per forward | {m}: x AR step" for m in modes) + " |",
+             "|---|" + "---|---|" * len(modes)]
+    for T in ["ar"] + list(cost["eager"]["verify"]):
+        cells = []
+        for m in modes:
+            sec = cost[m]["ar_step"] if T == "ar" else cost[m]["verify"][T]
+            cells.append(f"{sec * 1e3:.3f} | {sec / cost[m]['ar_step']:.2f}")
+        lines.append(f"| {'AR step (1)' if T == 'ar' else T} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def interpolate(curve: dict, T: int) -> float:
     """Seconds of a T-token forward, linear between the measured sizes (clamped at the ends)."""
-    sizes = sorted(int(k) for k in curve)
+    curve = {int(k): v for k, v in curve.items()}  # sizes are strings once read back from JSON
+    sizes = sorted(curve)
     lo = max((s for s in sizes if s <= T), default=sizes[0])
     hi = min((s for s in sizes if s >= T), default=sizes[-1])
     if hi == lo:
@@ -156,7 +171,6 @@ def interpolate(curve: dict, T: int) -> float:
 def project(cost: dict, results_path: str) -> list[dict]:
     """Each decoder's projected speedup from its measured step compression and tree size."""
     rows = json.loads(Path(results_path).read_text())["rows"]
-    sizes = sorted(cost["verify"])
     out = []
     for r in rows:
         nodes = (r.get("config") or {}).get("tree_nodes") or 1
@@ -178,15 +192,7 @@ def main() -> dict:
                         "projected speedup = step_compression x t_AR-step / t_verify(tree nodes), t_verify linear between measured sizes"}
     lines = [f"# Verify cost: {bb.name} on {device}, {cfg.dtype}, context {cost['context']} body tokens, "
              f"batch {cost['batch_size']} x {cost['streams']} streams", ""]
-    modes = [m for m in ("eager", "graphs") if m in cost]
-    head = " | ".join(f"{m}: seconds per forward | {m}: x AR step" for m in modes)
-    lines += [f"| tree tokens | {head} |", "|---|" + "---|---|" * len(modes)]
-    for T in ["ar"] + list(cost["eager"]["verify"]):
-        cells = []
-        for m in modes:
-            sec = cost[m]["ar_step"] if T == "ar" else cost[m]["verify"][T]
-            cells.append(f"{sec * 1e3:.3f} ms | {sec / cost[m]['ar_step']:.2f}")
-        lines.append(f"| {'AR step (1)' if T == 'ar' else T} | " + " | ".join(cells) + " |")
+    lines += curve_table(cost)
     lines += ["", "graphs: each forward (+ its compaction) recorded once as a CUDA graph and replayed; eager: launched "
               "op by op. The projection below uses the " + cost["mode"] + " times."]
     if cfg.results:

@@ -6,6 +6,7 @@ import torch
 
 from hawkspec.backbones.base import Backbone
 from hawkspec.backbones.tiny import TinyBackbone
+from hawkspec.decoding.acceptance import ExactAcceptance
 from hawkspec.data.procedural import VOCAB_WORDS
 from hawkspec.vq.patch_vq import PatchVQ
 
@@ -174,3 +175,21 @@ def wandb_offline_summary(run_file) -> dict:
             for item in rec.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = item.value_json
     return summary
+
+
+
+class ExactByTries(ExactAcceptance):
+    """The exact rule without the point-mass shortcut: every child is tried with ``try_candidate`` (the lossless
+    tests' second reading of the exact rule)."""
+
+    def draw(self, p, generator):
+        return None
+
+
+class ForgetfulResidual(ExactByTries):
+    """The classic bug the lossless tests must catch: after a rejection, siblings are still verified against the
+    unreduced target."""
+
+    def try_candidate(self, r, x, q, u):
+        accepted, _ = super().try_candidate(r, x, q, u)
+        return accepted, r

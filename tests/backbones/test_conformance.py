@@ -206,15 +206,12 @@ def test_heads_for_another_grid_are_refused(adapter, heads_dir):
 @pytest.mark.parametrize("name", [pytest.param(a, marks=() if a == "tiny" else pytest.mark.slow) for a in ADAPTERS])
 def test_exact_rule_is_lossless_through_the_adapter(name):
     """Hawk (sampled drafts, each with its own q, tried in turn) with the exact rule vs the enumerated target: 2x3 grid, 4 codes."""
-    from hawkspec.decoding.acceptance import ExactAcceptance
     from hawkspec.decoding.engine import SpeculativeDecoder
     from hawkspec.decoding.proposers import HawkProposer
     from hawkspec.decoding.tree import paths_from_budget
     from hawkspec.metrics.lossless import chi_square, image_distribution
 
-    class ExactByTries(ExactAcceptance):  # every child through try_candidate, no point-mass shortcut
-        def draw(self, p, generator):
-            return None
+    from hawkspec.testing import ExactByTries  # every child through try_candidate, no point-mass shortcut
 
     bb = peaky(random_backbone(name, rows=2, cols=3, num_codes=4, seed=1), seed=0)
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)

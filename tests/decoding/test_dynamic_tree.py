@@ -13,6 +13,7 @@ from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import ancestor_mask, paths_from_budget, select_subtree
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.testing import peaky, random_backbone
+from hawkspec.testing import ExactByTries
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left"]
 
@@ -63,13 +64,6 @@ def test_dynamic_tree_needs_scored_drafts_and_a_sane_size():
     with pytest.raises(ValueError, match="decoder.tree.dynamic"):
         SpeculativeDecoder(bb, MedusaProposer(_medusa(bb)), ExactAcceptance(), s, paths_from_budget(4, 2, 2),
                            dynamic_nodes=100)
-
-
-class ExactByTries(ExactAcceptance):
-    """Every child through try_candidate (the renumbered children lists), no point-mass shortcut."""
-
-    def draw(self, p, generator):
-        return None
 
 
 @pytest.mark.parametrize("rule", [ExactAcceptance, ExactByTries])

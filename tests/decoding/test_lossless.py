@@ -12,26 +12,12 @@ from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.metrics.lossless import chi_square, image_distribution
+from hawkspec.testing import ExactByTries, ForgetfulResidual
 
 PROMPT = "a red circle"
 SAMPLING = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
 N_SAMPLES = 3000
 ALPHA = 1e-3
-
-
-class ExactByTries(ExactAcceptance):
-    """The exact rule without the point-mass shortcut: every child is tried with ``try_candidate``."""
-
-    def draw(self, p, generator):
-        return None
-
-
-class ForgetfulResidual(ExactByTries):
-    """The classic bug: after a rejection, keep verifying siblings against the unreduced target."""
-
-    def try_candidate(self, r, x, q, u):
-        accepted, _ = super().try_candidate(r, x, q, u)
-        return accepted, r
 
 
 @pytest.fixture(scope="module")

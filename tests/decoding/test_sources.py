@@ -20,6 +20,7 @@ from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.heads.eagle import EagleConfig, EagleDrafter
+from hawkspec.testing import ExactByTries, ForgetfulResidual
 
 PROMPTS = ["a red circle", "a blue square on the left"]
 
@@ -258,21 +259,6 @@ def test_eval_all_skips_the_presets_whose_checkpoint_is_missing(bb, checkpoints,
 
 
 # --------------------------------------------------------------------------------------------- lossless
-class ExactByTries(ExactAcceptance):
-    """The exact rule without the point-mass shortcut: every child is tried with ``try_candidate``."""
-
-    def draw(self, p, generator):
-        return None
-
-
-class ForgetfulResidual(ExactByTries):
-    """The classic bug: after a rejection, keep verifying siblings against the unreduced target."""
-
-    def try_candidate(self, r, x, q, u):
-        accepted, _ = super().try_candidate(r, x, q, u)
-        return accepted, r
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from hawkspec.metrics.lossless import image_distribution

@@ -26,6 +26,8 @@ Randomness: sampled drafts draw through :func:`hawkspec.decoding.sampling.sample
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from hawkspec.backbones.base import check_identity
@@ -36,7 +38,7 @@ from hawkspec.decoding.sampling import sample, target_probs
 from hawkspec.heads.draft import DraftHeads
 
 
-class DraftSource:
+class DraftSource(abc.ABC):
     """Base class of a draft source (see the module docstring).
 
     Attributes:
@@ -71,9 +73,9 @@ class DraftSource:
     def observe_tree(self, probs, node_pos, codes, generator, chain: bool = False) -> None:
         """See :meth:`hawkspec.decoding.proposers.base.Proposer.observe_tree`."""
 
+    @abc.abstractmethod
     def candidates(self, src_hidden, root_pos, code_pos, pool_size: int, generator) -> Pools:
         """This step's candidates (arguments as :meth:`~hawkspec.decoding.proposers.base.Proposer.propose`)."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         return {"kind": self.kind}
