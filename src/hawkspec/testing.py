@@ -74,6 +74,20 @@ def peaky(backbone: Backbone, scale: float = 0.3, seed: int = 0) -> Backbone:
     return backbone
 
 
+def random_heads(backbone: Backbone, scale: float = 0.05, seed: int = 0, num_horizontal: int = 3,
+                 vertical: bool = True, vsd: int = 1):
+    """Draft heads for ``backbone`` whose ResBlock weights are N(0, scale^2) noise (the code head stays the
+    backbone's): drafts that are sometimes right, sometimes wrong. Default: Hawk's 3 horizontal + 1 vertical."""
+    from hawkspec.heads.draft import DraftHeads, HeadsConfig
+
+    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=num_horizontal, vertical=vertical, vsd=vsd), backbone)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.blocks.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return heads
+
+
 def build_tiny_clip(path, seed: int = 0):
     """Save a randomly initialised, tiny CLIP model and processor (transformers classes) to folder ``path``.
 

@@ -211,15 +211,11 @@ def test_exact_rule_is_lossless_through_the_adapter(name):
     from hawkspec.decoding.tree import paths_from_budget
     from hawkspec.metrics.lossless import chi_square, image_distribution
 
-    from hawkspec.testing import ExactByTries  # every child through try_candidate, no point-mass shortcut
+    from hawkspec.testing import ExactByTries, random_heads  # ExactByTries: no point-mass shortcut
 
     bb = peaky(random_backbone(name, rows=2, cols=3, num_codes=4, seed=1), seed=0)
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
-    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in heads.blocks.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    heads = random_heads(bb, scale=0.3)
     grids, probs = image_distribution(bb, PROMPTS[0], s)
     dec = SpeculativeDecoder(bb, HawkProposer(heads, draft="sample", vsd=1), ExactByTries(), s, paths_from_budget(6, 3, 3))
     samples = dec.generate([PROMPTS[0]] * 3000, torch.Generator().manual_seed(123)).codes.flatten(1)

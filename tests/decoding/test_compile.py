@@ -12,26 +12,16 @@ from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.proposers import HawkProposer, JacobiProposer
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
-from hawkspec.heads.draft import DraftHeads, HeadsConfig
-from hawkspec.testing import peaky, random_backbone
+from hawkspec.testing import peaky, random_backbone, random_heads
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["a large red circle in the center", "a small blue square on the left"]
 
 
-def _heads(bb, seed=0):
-    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.blocks.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return heads
-
-
 def test_compiled_decoding_equals_eager():
     bb = random_backbone("tiny", rows=3, cols=3, num_codes=32)
     s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
-    heads = _heads(bb)
+    heads = random_heads(bb)
     eager = ar_generate(bb, PROMPTS, s).tokens
     decoders = [SpeculativeDecoder(bb, HawkProposer(heads, vsd=1), GreedyAcceptance(), s, paths_from_budget(6, 3, 2)),
                 SpeculativeDecoder(bb, JacobiProposer(), GreedyAcceptance(), s, paths_from_budget(6, 6, 1))]
@@ -48,11 +38,7 @@ def test_exact_rule_is_lossless_compiled():
 
     bb = peaky(random_backbone("tiny", rows=2, cols=3, num_codes=4, seed=1), seed=0)
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
-    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in heads.blocks.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    heads = random_heads(bb, scale=0.3)
     grids, probs = image_distribution(bb, PROMPTS[0], s)
     bb.compile_steps("forward")
     dec = SpeculativeDecoder(bb, HawkProposer(heads, draft="sample", vsd=1), ExactAcceptance(), s,

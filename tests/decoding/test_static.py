@@ -12,20 +12,10 @@ from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProp
 from hawkspec.decoding.sampling import SamplingConfig, Uniforms, sample
 from hawkspec.decoding.static import Persistent, StepRunner, make_runner
 from hawkspec.decoding.tree import paths_from_budget
-from hawkspec.heads.draft import DraftHeads, HeadsConfig
-from hawkspec.testing import peaky, random_backbone
+from hawkspec.testing import peaky, random_backbone, random_heads
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left"]
 GREEDY = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
-
-
-def _heads(bb, seed=0, scale=0.05):
-    heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=1), bb)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.blocks.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return heads
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +61,7 @@ def test_replay_memory_decodes_like_eager_and_never_moves(bb):
     """``persist_every_step`` does after every step what a CUDA-graph recording does (state into the persistent
     memory): greedy Hawk still equals AR, across two batches, and no tensor a step touches changes address."""
     eager = ar_generate(bb, PROMPTS, GREEDY).tokens
-    dec = SpeculativeDecoder(bb, HawkProposer(_heads(bb), vsd=1), GreedyAcceptance(), GREEDY,
+    dec = SpeculativeDecoder(bb, HawkProposer(random_heads(bb), vsd=1), GreedyAcceptance(), GREEDY,
                              paths_from_budget(6, 3, 2))
     dec.runner = StepRunner(persist_every_step=True)
     for _ in range(2):
@@ -89,7 +79,7 @@ def test_replay_memory_decodes_like_eager_and_never_moves(bb):
 def test_sampled_steps_with_uniform_buffers_are_reproducible(bb):
     s = SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
     # sampled drafts on a branching tree: siblings tried in order against the residual (the bounded tries walk)
-    dec = SpeculativeDecoder(bb, HawkProposer(_heads(bb), draft="sample", vsd=1), ExactAcceptance(), s,
+    dec = SpeculativeDecoder(bb, HawkProposer(random_heads(bb), draft="sample", vsd=1), ExactAcceptance(), s,
                              paths_from_budget(6, 3, 2))
     runs = []
     for _ in range(2):
@@ -112,7 +102,7 @@ def test_compiled_steps_decide_like_eager(bb):
     eager = ar_generate(bb, PROMPTS, GREEDY).tokens
     runner = make_runner("step")
     assert torch.equal(ar_generate(bb, PROMPTS, GREEDY, runner=runner).tokens, eager)
-    dec = SpeculativeDecoder(bb, MedusaProposer(_heads(bb)), GreedyAcceptance(), GREEDY, paths_from_budget(6, 3, 2))
+    dec = SpeculativeDecoder(bb, MedusaProposer(random_heads(bb)), GreedyAcceptance(), GREEDY, paths_from_budget(6, 3, 2))
     dec.runner = make_runner("step")
     for _ in range(2):
         assert torch.equal(dec.generate(PROMPTS, torch.Generator().manual_seed(0)).tokens, eager)
@@ -128,7 +118,7 @@ def test_compiled_steps_are_lossless(method):
     from hawkspec.metrics.lossless import chi_square, image_distribution
 
     small = peaky(random_backbone("tiny", rows=2, cols=3, num_codes=4, seed=1), seed=0)
-    heads = _heads(small, scale=0.3)
+    heads = random_heads(small, scale=0.3)
 
     def decoder(rule, s):
         if method.startswith("hawk"):
