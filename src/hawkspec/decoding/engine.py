@@ -202,10 +202,7 @@ class SpeculativeDecoder:
         if self.runner is not None:
             self._static_loop(run, generator, bar)
         else:
-            while True:
-                run.active = run.n < run.L
-                if not run.active.any():  # the one host sync of a step
-                    break
+            while run.active.any():  # the one host sync of a step
                 committed = self.step(run, generator)
                 if progress:  # reading the count waits for the device; skip it when nobody watches
                     bar.update(int(committed.sum()))
@@ -214,8 +211,8 @@ class SpeculativeDecoder:
 
     def step(self, run: "_Run", generator) -> torch.Tensor:
         """One step over every row (rows already done take part without committing anything): the five stages.
-        Returns (B,) the body tokens committed per row."""
-        run.active = run.n < run.L
+        Returns (B,) the body tokens committed per row; ``run.active`` (set by :meth:`start` and :meth:`commit`)
+        says which rows still decode."""
         pools = self.propose(run, generator)
         tree = self.build_tree(run, pools)
         h, p = self.forward_tree(run, tree)
@@ -262,6 +259,7 @@ class SpeculativeDecoder:
         first = self.acceptance.bonus(p0, generator)
         run.codes[:, 0], run.tokens[:, 0] = first, bb.code_token_ids[first]
         run.n = torch.ones(B, dtype=torch.long, device=dev)
+        run.active = run.n < L
         # conditional stream after the image-start sequence; contiguous, so every batch has the same strides
         run.src_hidden = hidden[:B].clone(memory_format=torch.contiguous_format)
         run.ent_sum = torch.zeros((), device=dev)
@@ -396,6 +394,7 @@ class SpeculativeDecoder:
         run.stats.committed += committed
         run.stats.accepted += (commit & ~path_forced).sum(1)
         run.n = n_new
+        run.active = n_new < L  # the next step's rows (the commit's own writes above used this step's)
 
         if self.proposer.wants_tree_outputs:
             node_pos = torch.where(t.node_ok & active[:, None], run.root_pos[:, None] + t.depth, -1)
