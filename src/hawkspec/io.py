@@ -152,6 +152,12 @@ def publish_dir(staged: str | Path, dest: str | Path, key: str, overwrite: bool 
     return dest
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_dir(dest: str | Path, key: str, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dest`` to fill; on success it is published there atomically.
@@ -162,6 +168,7 @@ def staged_dir(dest: str | Path, key: str, overwrite: bool = False) -> Iterator[
     dest = check_destination(dest, key, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the published folder gets a plain mkdir's mode
     try:
         yield tmp
         publish_dir(tmp, dest, key, overwrite)

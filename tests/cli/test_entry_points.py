@@ -51,10 +51,15 @@ def test_pretrain_end_to_end_tiny_settings(tmp_path):
         "hawkspec-pretrain", f"hydra.run.dir={tmp_path}", "data.train_size=64", "data.val_size=16",
         "data.image_size=16", "data.batch_size=8", "vq.num_codes=32", "vq.fit_images=32", "vq.iters=2",
         "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-        "trainer.max_steps=3", "report.num_prompts=2", "sampling.top_k=8", f"export_dir={tmp_path}/export",
+        "trainer.max_steps=3", "report.num_prompts=2", "report.alignment_prompts=3", "sampling.top_k=8",
+        f"export_dir={tmp_path}/export",
     )
     report = json.loads((tmp_path / "export" / "pretrain_report.json").read_text())
     assert report["val_loss"] > 0 and report["mean_entropy_nats"] > 0
+    align = report["alignment"]  # 3 held-out captions scored by the shipped evaluator
+    assert align["alignment_images"] == 3 and 0.0 <= align["alignment_shape"] <= 1.0
+    assert align["alignment"] == pytest.approx(
+        (align["alignment_color"] + align["alignment_shape"] + align["alignment_position"]) / 3)
     from hawkspec.backbones.tiny import TinyBackbone
 
     bb = TinyBackbone.from_pretrained(tmp_path / "export")

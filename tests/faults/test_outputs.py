@@ -95,3 +95,12 @@ def test_train_cli_refuses_a_foreign_export_dir_before_loading_anything(tmp_path
                    f"hydra.run.dir={tmp_path / 'run'}", f"export_dir={dest}", "logger=none", ok=False)
     assert "export_dir" in proc.stderr and "Instantiating backbone" not in proc.stdout + proc.stderr
     assert (dest / "thesis.tex").read_text() == "thesis.tex"
+
+
+def test_a_published_folder_gets_a_plain_folders_mode(tmp_path):
+    """The staging folder is private while it is filled (mkdtemp: 0700); the published one is not."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+    copy_dir(tmp_path / "src", tmp_path / "out", "export_dir")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777

@@ -11,16 +11,20 @@ import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from hawkspec.backbones.tiny import TinyBackbone
 from hawkspec.cli.common import CONF_PATH, instantiate, instantiate_loggers, task
 from hawkspec.cli.validate import validate_pretrain
 from hawkspec.io import copy_dir
-from hawkspec.data.procedural import VOCAB_WORDS
+from hawkspec.data.procedural import VOCAB_WORDS, ProceduralDataset, caption
 from hawkspec.data.render import save_grid
 from hawkspec.data.tokens import PretrainDataModule, render_images
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.metrics.captions import parse_caption
+from hawkspec.metrics.evaluator import TinyEvaluator
+from hawkspec.metrics.quality import caption_alignment
 from hawkspec.training.pretrain import TinyPretrainModule
 from hawkspec.vq.patch_vq import PatchVQ
 
@@ -70,6 +74,7 @@ def run(cfg: DictConfig) -> dict:
     prompts = datamodule.val_captions[: cfg.report.num_prompts]
     gen = ar_generate(backbone, prompts, sampling, torch.Generator().manual_seed(cfg.seed), track_entropy=True)
     save_grid(out_dir / "samples.png", list(backbone.decode_codes(gen.codes)), prompts)
+    alignment = _alignment_report(backbone, sampling, cfg)
     report = {
         "val_loss": float(val[0]["val/loss"]) if val else None,
         "mean_entropy_nats": gen.mean_entropy,
@@ -78,6 +83,7 @@ def run(cfg: DictConfig) -> dict:
         "parameters": sum(p.numel() for p in backbone.lm_parameters()),
         "revision": backbone.revision,
         "seconds": round(train_seconds, 1),
+        "alignment": alignment,
     }
     (model_dir / "pretrain_report.json").write_text(json.dumps(report, indent=1))
     log.info("Pretraining report: %s", json.dumps(report))
@@ -85,6 +91,28 @@ def run(cfg: DictConfig) -> dict:
         copy_dir(model_dir, cfg.export_dir, "export_dir", bool(cfg.get("overwrite", False)))
         log.info("Exported the model to %s", cfg.export_dir)
     return report
+
+
+def _alignment_report(backbone: TinyBackbone, sampling: SamplingConfig, cfg: DictConfig) -> dict | None:
+    """AR samples of ``report.alignment_prompts`` held-out captions (data seed + 1, the validation split's) scored by
+    the evaluator (``report.evaluator``; null: the shipped one): what the caption asked for, read back per attribute."""
+    n = int(cfg.report.get("alignment_prompts", 0) or 0)
+    if n <= 0:
+        return None
+    evaluator = TinyEvaluator.load(cfg.report.get("evaluator"), key="report.evaluator")
+    split = ProceduralDataset(n, seed=cfg.seed + 1, image_size=cfg.data.image_size)
+    prompts = [caption(split.scene(i)) for i in range(n)]
+    codes = []
+    for start in tqdm(range(0, n, 32), desc="alignment samples", leave=False):
+        gen = ar_generate(backbone, prompts[start : start + 32], sampling,
+                          torch.Generator().manual_seed(cfg.seed + start))
+        codes.append(gen.codes)
+    images = backbone.decode_codes(torch.cat(codes))
+    out = caption_alignment(evaluator, images, [parse_caption(p) for p in prompts])
+    out["evaluator"] = {"revision": evaluator.revision(), "val_accuracy": evaluator.meta.get("val_accuracy")}
+    log.info("Alignment over %d held-out captions: %.3f (shape %.3f, color %.3f, position %.3f)", n,
+             out["alignment"], out["alignment_shape"], out["alignment_color"], out["alignment_position"])
+    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="pretrain")

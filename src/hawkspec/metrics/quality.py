@@ -76,6 +76,27 @@ QUALITY_KEYS = ("fid", "diversity", "alignment", *CLIP_CONVENTIONS.values())
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def caption_alignment(evaluator: TinyEvaluator, images: torch.Tensor, wanted: Sequence[dict[str, str]],
+                      batch: int = 256) -> dict:
+    """How often the evaluator reads back what each caption asked for.
+
+    Args:
+        evaluator: The attribute classifier (:class:`TinyEvaluator`).
+        images: uint8 (N, 3, H, W).
+        wanted: Per image, the caption's attributes (:func:`~hawkspec.metrics.captions.parse_caption`).
+        batch: Images per classifier batch.
+
+    Returns:
+        ``alignment_<attribute>`` for every attribute the evaluator predicts (fraction matching), ``alignment`` =
+        their mean over :data:`ALIGNMENT_ATTRIBUTES`, and ``alignment_images`` = N.
+    """
+    pred = evaluator.predict(images, batch)
+    out = {f"alignment_{k}": float(np.mean([pred[k][i] == w[k] for i, w in enumerate(wanted)]))
+           for k in evaluator.attributes}
+    return {"alignment": float(np.mean([out[f"alignment_{k}"] for k in ALIGNMENT_ATTRIBUTES])), **out,
+            "alignment_images": len(wanted)}
+
+
 @dataclass
 class QualitySettings:
     """``eval.quality`` (see ``conf/eval.yaml``)."""
@@ -341,12 +362,7 @@ class QualityMeter:
             log.warning("alignment: %d of %d captions do not follow the procedural grammar and are skipped",
                         len(prompts) - len(keep), len(prompts))
             self._warned_captions = True
-        pred = self.evaluator.predict(images[keep].to(self.device), self.batch)
-        out = {}
-        for k in self.evaluator.attributes:
-            out[f"alignment_{k}"] = float(np.mean([pred[k][j] == wanted[i][k] for j, i in enumerate(keep)]))
-        out["alignment"] = float(np.mean([out[f"alignment_{k}"] for k in ALIGNMENT_ATTRIBUTES]))
-        return {"alignment": out.pop("alignment"), **out, "alignment_images": len(keep)}
+        return caption_alignment(self.evaluator, images[keep].to(self.device), [wanted[i] for i in keep], self.batch)
 
     @torch.no_grad()
     def fid_between(self, a: torch.Tensor, b: torch.Tensor) -> float:
