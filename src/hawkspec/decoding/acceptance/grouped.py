@@ -35,6 +35,8 @@ just above and just below ``x``), not from a sort of the vocabulary per token.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from hawkspec.decoding.acceptance.base import AcceptanceRule, gather1
@@ -75,10 +77,28 @@ class GroupedAcceptance(AcceptanceRule):
         self.group, self.prob_threshold, self.embed_threshold = int(group), prob_threshold, embed_threshold
         self.floor, self.window, self.embed_metric = floor, window, embed_metric
         self.emb = None
+        self.embed_keep_fraction: float | None = None  # set by bind(): pairs the embedding filter keeps
 
     def bind(self, backbone) -> None:
         if self.embed_threshold is not None:
             self.emb = backbone.code_embeddings().float()
+            self.embed_keep_fraction = self.pair_keep_fraction(self.emb)
+            if self.embed_keep_fraction < 0.01:
+                warnings.warn(
+                    f"decoder.acceptance.embed_threshold={self.embed_threshold} ({self.embed_metric}) keeps "
+                    f"{self.embed_keep_fraction:.2%} of the backbone's code pairs, so GSD's grouping almost never "
+                    "applies and it decides like the exact rule; the threshold is on the backbone's own "
+                    "input-embedding scale: retune it (conf/decoder/gsd.yaml says how)", stacklevel=2)
+
+    def pair_keep_fraction(self, emb: torch.Tensor, max_codes: int = 2048) -> float:
+        """The fraction of distinct code pairs whose embedding distance passes the filter (a subsample of
+        ``max_codes`` codes on big codebooks): how much room the threshold leaves on this backbone's scale."""
+        if emb.shape[0] > max_codes:
+            emb = emb[torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0))[:max_codes]]
+        d = torch.cdist(emb, emb).square()
+        d = d if self.embed_metric == "squared" else d.sqrt()
+        off = ~torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
+        return (d[off] < self.embed_threshold).float().mean().item()
 
     def members(self, r: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The group of each draft: members (M, G_up + G_down) (x itself excluded) and whether each one is kept.
@@ -128,4 +148,5 @@ class GroupedAcceptance(AcceptanceRule):
     def describe(self) -> dict:
         return {"name": self.name, "lossless": False, "group": self.group,
                 "prob_threshold": self.prob_threshold, "embed_threshold": self.embed_threshold, "floor": self.floor,
-                "window": self.window, "embed_metric": self.embed_metric}
+                "window": self.window, "embed_metric": self.embed_metric,
+                "embed_keep_fraction": self.embed_keep_fraction}
