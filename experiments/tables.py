@@ -134,7 +134,8 @@ def semantics(jobs: list[Job]) -> list[str]:
             acc, prop = cfg.get("acceptance"), cfg.get("proposer") or {}
             if not isinstance(acc, dict):
                 continue
-            parts = [f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless")]
+            parts = [f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in acc.items()
+                     if k not in ("name", "lossless")]
             parts += [f"proposer.{k}={v}" for k, v in prop.items() if k in ("draft", "init_q", "init")]
             text = f"`{row['decoder']}`: {acc.get('name')}" + (f" ({', '.join(parts)})" if parts else "")
             seen.setdefault(text, text)  # every distinct setting once (a sweep's jobs differ in one option)
@@ -184,8 +185,12 @@ def hawk_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
 
 
 def gsd_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
-    """(method, decoder, rows) of the GSD table: AR and SJD from the first job, then GSD per group size."""
-    base = rows_by_decoder(jobs[:1])  # every job runs AR and SJD alike
+    """(method, decoder, rows) of the GSD table: AR and SJD from the first job of each seed (every job of a seed
+    decodes them alike), then GSD per group size."""
+    first: dict[object, Job] = {}
+    for j in jobs:
+        first.setdefault(j.results.get("seed", j.overrides.get("seed")), j)
+    base = rows_by_decoder(list(first.values()))
     gsd: dict[int, list[dict]] = {}
     for j in jobs:
         for r in j.results["rows"]:
@@ -259,8 +264,8 @@ def gsd_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
                      fmt(g("acceptance_length"), 2), fmt(g("fid"), 2), fmt(paper.get("fid")), fmt(g("alignment")),
                      fmt(g("diversity")), fmt(paper.get("clip"))])
     md = ["# GSD table analogue", "",
-          "Ours: the embedded tiny model on procedural captions, CPU; AR and SJD from the first job, each GSD row "
-          "against AR in its own job. Paper: Lumina-mGPT on COCO (5k prompts), G ≈ 10–14 (shared/BRIEF.md §3); its "
+          "Ours: the embedded tiny model on procedural captions, CPU; AR and SJD from the first job of each seed, each "
+          "GSD row against AR in its own job. Paper: Lumina-mGPT on COCO (5k prompts), G ≈ 10–14 (shared/BRIEF.md §3); its "
           "GSD numbers sit beside our ±5..±7-rank rows. Compare ratios, not absolute values; our FID is in the "
           f"`{label}` feature space. — : not run / not reported.", "",
           markdown_table(cols, rows), noise_floor_line(jobs), ""]

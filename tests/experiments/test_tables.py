@@ -89,6 +89,24 @@ def test_gsd_table_has_a_row_per_group_size(tmp_path):
     assert "decoder.acceptance.group=7" in md and (tmp_path / "out" / "gsd_table.tex").is_file()
 
 
+def test_gsd_table_takes_ar_and_sjd_once_per_seed(tmp_path):
+    """A seed x group sweep: AR and SJD are the mean of one job per seed (the jobs of a seed decode them alike),
+    so their rows carry the seeds' spread like the GSD rows."""
+    n = 0
+    for seed, sjd_speed in ((0, 1.2), (1, 1.6)):
+        for g in (1, 7):
+            d = run_dir(tmp_path / "sweep" / str(n), ["decoder=gsd", f"decoder.acceptance.group={g}", f"seed={seed}"],
+                        [row("ar", 1.0, 10.0, acc=1.0), row("sjd", sjd_speed + g / 100, 10.1, acc=1.3),
+                         row("gsd", 2.0, 11.0, lossless=False, acceptance={"name": "gsd", "group": g})])
+            res = json.loads((d / "results.json").read_text())
+            res["seed"] = seed
+            (d / "results.json").write_text(json.dumps(res))
+            n += 1
+    md, _ = tables.gsd_table(tables.load_jobs([tmp_path / "sweep" / str(i) for i in range(n)]), "cmd")
+    sjd = next(l for l in md.splitlines() if l.startswith("| SJD"))
+    assert "1.41× ± 0.28" in sjd  # the g = 1 job of seed 0 (1.21) and of seed 1 (1.61)
+
+
 def test_tables_refuse_mixed_feature_spaces(tmp_path):
     a = run_dir(tmp_path / "0", [], [row("ar", 1.0, 10.0)], feats="inception")
     b = run_dir(tmp_path / "1", [], [row("ar", 1.0, 10.0)])

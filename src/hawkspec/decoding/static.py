@@ -20,7 +20,9 @@ Both apply to AR and to every decoder alike (compiled vs compiled, graphs vs gra
 
 from __future__ import annotations
 
+import itertools
 import logging
+import types
 from typing import Callable, Iterator
 
 import torch
@@ -32,9 +34,9 @@ log = logging.getLogger("hawkspec")
 
 COMPILE_MODES = ("none", "forward", "step")
 RECOMPILE_LIMIT = 64
-"""Compiled steps share code objects (every decoder's ``step``, AR's step), and each decoder, batch shape and
-first-step variant is one guarded entry: torch's default limit of 8 per code object is too low for a run with
-several decoders, so a runner raises it to this."""
+"""Each runner and step kind compiles a code object of its own (:func:`_own_code`), but the functions a step
+inlines (every decoder's ``step``, AR's step) are shared, and each batch shape and first-step variant is one more
+guarded entry: a runner raises torch's default limit of 8 to this so a long run never falls back to eager."""
 ROUND_CAPACITY = 64
 """KV capacities are rounded up to a multiple of this under a static runner, so batches whose prompts differ a
 little reuse one compiled graph / one CUDA graph."""
@@ -63,6 +65,24 @@ def _tensor_attrs(obj, path: str, seen: set, depth: int = 0) -> Iterator[tuple[s
             yield f"{path}.{name}", obj, name, value
         elif isinstance(value, (list, tuple, dict)) or hasattr(value, "__dict__"):
             yield from _tensor_attrs(value, f"{path}.{name}", seen, depth + 1)
+
+
+_CODE_IDS = itertools.count()
+
+
+def _own_code(fn: Callable, key) -> Callable:
+    """``fn`` with a code object of its own (same bytecode, globals and closure).
+
+    Dynamo keeps its compiled entries on the code object and, at every call, checks their guards one after the
+    other, newest first. Every runner's ``body`` shares one code object, so without this a run with several
+    decoders piles all their entries (decoder x step kind x batch shape) on it, and every step of the decoder
+    compiled first -- AR, in ``make bench`` -- pays the failing guards of all the others before its own match:
+    per-step overhead that grows with the number of decoders in the run. One code object per runner and key keeps
+    one entry each."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_CODE_IDS)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    own.__qualname__ = f"{fn.__qualname__}[{key!r}]"
+    return own
 
 
 class Persistent:
@@ -153,7 +173,7 @@ class StepRunner:
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(body, fullgraph=True, dynamic=False)
+            self._compiled[key] = torch.compile(_own_code(body, key), fullgraph=True, dynamic=False)
         return self._compiled[key]
 
     @staticmethod

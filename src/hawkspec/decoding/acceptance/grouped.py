@@ -149,4 +149,4 @@ class GroupedAcceptance(AcceptanceRule):
         return {"name": self.name, "lossless": False, "group": self.group,
                 "prob_threshold": self.prob_threshold, "embed_threshold": self.embed_threshold, "floor": self.floor,
                 "window": self.window, "embed_metric": self.embed_metric,
-                "embed_keep_fraction": self.embed_keep_fraction}
+                "embed_keep_fraction": None if self.embed_keep_fraction is None else round(self.embed_keep_fraction, 3)}
