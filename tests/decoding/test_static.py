@@ -136,3 +136,20 @@ def test_compiled_steps_are_lossless(method):
     g = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
     assert torch.equal(decoder(GreedyAcceptance(), g).generate(PROMPTS, torch.Generator().manual_seed(0)).tokens,
                        ar_generate(small, PROMPTS, g).tokens)
+
+
+def test_each_runner_and_step_kind_compiles_a_code_object_of_its_own():
+    """Dynamo checks every entry on a code object at each call; runners sharing one code object made AR (compiled
+    first in a bench) pay every other decoder's guards per step. Each runner and key gets its own copy, which
+    still runs the same step."""
+    from hawkspec.decoding.static import _own_code
+
+    def step(x, rng):
+        x.add_(1)
+
+    a, b = StepRunner(compile_step=True), StepRunner(compile_step=True)
+    codes = [r._body(k, step)._torchdynamo_orig_callable.__code__ for r in (a, b) for k in ("ar", "eol")]
+    assert len({id(c) for c in codes}) == 4
+    assert a._body("ar", step) is a._body("ar", step)  # compiled once per runner and key
+    own = _own_code(lambda x, y=2: x * y, "k")
+    assert own(3) == 6 and "[" in own.__qualname__
