@@ -19,12 +19,18 @@ def shipped():
     return TinyBackbone.from_pretrained(path=None)
 
 
-@pytest.mark.parametrize("name", TINY_GSD_PRESETS)
-def test_tiny_presets_embedding_filter_keeps_about_half_the_pairs(shipped, name):
+def preset_rule(name: str, backbone) -> GroupedAcceptance:
+    """The acceptance rule of ``conf/decoder/<name>.yaml``, bound to ``backbone``."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"decoder={name}"])
     rule = hydra.utils.instantiate(cfg.decoder.acceptance)
-    rule.bind(shipped)
+    rule.bind(backbone)
+    return rule
+
+
+@pytest.mark.parametrize("name", TINY_GSD_PRESETS)
+def test_tiny_presets_embedding_filter_keeps_about_half_the_pairs(shipped, name):
+    rule = preset_rule(name, shipped)
     assert 0.3 < rule.embed_keep_fraction < 0.7, (
         f"conf/decoder/{name}.yaml: embed_threshold {rule.embed_threshold} keeps {rule.embed_keep_fraction:.2f} of "
         "the shipped model's code pairs; retune it to the squared median pair distance")
@@ -33,10 +39,7 @@ def test_tiny_presets_embedding_filter_keeps_about_half_the_pairs(shipped, name)
 
 def test_grouping_changes_decisions_on_the_shipped_model(shipped):
     """With the preset's filters, a draft gets more mass than r(x) from its group for most target rows."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=["decoder=gsd"])
-    rule = hydra.utils.instantiate(cfg.decoder.acceptance)
-    rule.bind(shipped)
+    rule = preset_rule("gsd", shipped)
     g = torch.Generator().manual_seed(0)
     r = torch.softmax(torch.randn(64, shipped.num_codes, generator=g), -1)
     x = torch.multinomial(r, 1, generator=g).squeeze(-1)

@@ -95,8 +95,8 @@ class GroupedAcceptance(AcceptanceRule):
         ``max_codes`` codes on big codebooks): how much room the threshold leaves on this backbone's scale."""
         if emb.shape[0] > max_codes:
             emb = emb[torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0))[:max_codes]]
-        d = torch.cdist(emb, emb).square()
-        d = d if self.embed_metric == "squared" else d.sqrt()
+        d = torch.cdist(emb, emb)
+        d = d.square() if self.embed_metric == "squared" else d
         off = ~torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
         return (d[off] < self.embed_threshold).float().mean().item()
 
