@@ -19,7 +19,7 @@ R=${REGEN_DIR:-outputs/regen}
 RES=${RESULTS_DIR:-experiments/results}
 HEADS_OUT=${HEADS_OUT:-outputs/heads}
 SEEDS=${SEEDS:-0,1,2}
-ALL="grid bench eagle hawk_table gsd_table gsd_window hawk_vs_medusa fig4 vsd_sweep cpu_sweep figures"
+ALL="grid bench eagle hawk_table lantern_sweep gsd_table gsd_window hawk_vs_medusa fig4 vsd_sweep cpu_sweep figures"
 STEPS=${STEPS:-$ALL}
 export PATH="$BIN:$PATH"
 
@@ -29,6 +29,7 @@ grid            tiny_ar_grid.png (hawkspec-generate, default prompts and samplin
 bench           bench_cpu{,_compiled,_step}.{md,json}, ar_vs_generate.md + {,_compiled}.json, projection.{md,json} (make bench N=8)
 eagle           eagle_comparison.{md,json,tex} (experiment=eagle_tiny, seeds $SEEDS)
 hawk_table      hawk_table1.{md,json,tex} (100 prompts, 1 thread, seeds $SEEDS)
+lantern_sweep   lantern_sweep.{md,json,tex} (LANTERN++ lambda 1.25-3 in Medusa, 100 prompts, 2 threads, seeds $SEEDS)
 gsd_table       gsd_table.{md,json,tex} (64 prompts, 1 thread, G = 1, 3, 7, seeds $SEEDS)
 gsd_window      gsd_window.{md,json,tex} (64 prompts, batch 8, seeds $SEEDS)
 hawk_vs_medusa  hawk_vs_medusa_32.{md,json} (acceptance_sweep, untimed)
@@ -88,6 +89,13 @@ step_hawk_table() {
     eval.quality.fid_features=tiny eval.num_prompts=100 eval.batch_size=1 eval.repeats=1 eval.threads=1 \
     seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
   python experiments/tables.py hawk "$1/sweep" --out "$RES"
+}
+
+step_lantern_sweep() {  # LANTERN++'s trade-off: acceptance bought by lambda against alignment and FID lost
+  hawkspec-eval -m decoder=medusa_lanternpp 'eval.decoders=[ar,medusa_lanternpp]' \
+    decoder.acceptance.lam=1.25,1.5,2.0,3.0 eval.quality.fid_features=tiny eval.num_prompts=100 eval.batch_size=1 \
+    eval.repeats=1 eval.threads=2 seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
+  python experiments/tables.py sweep "$1/sweep" --name lantern_sweep --out "$RES"
 }
 
 step_gsd_table() {

@@ -104,3 +104,28 @@ def test_a_published_folder_gets_a_plain_folders_mode(tmp_path):
     (tmp_path / "plain").mkdir()
     copy_dir(tmp_path / "src", tmp_path / "out", "export_dir")
     assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("where", ["run", "run/evaluator", "run/evaluator/sub", "."])
+def test_an_export_dir_that_collides_with_the_run_folder_is_refused_at_start_up(tmp_path, where):
+    """`hawkspec-quality hydra.run.dir=X export_dir=X/evaluator` used to train, then refuse its own folder as "a
+    folder hawkspec did not write". Expect: a ValueError naming `export_dir` and the collision, before any work;
+    an export elsewhere inside the run folder stays allowed."""
+    from omegaconf import OmegaConf
+
+    from hawkspec.cli.validate import validate_pretrain
+
+    run = tmp_path / "run"
+    cfg = OmegaConf.create({"export_dir": str(tmp_path / where), "paths": {"output_dir": str(run)}})
+    with pytest.raises(ValueError, match="export_dir=.*(its own copy|this run's folder)"):
+        validate_pretrain(cfg, "evaluator")
+    assert not run.exists()
+    validate_pretrain(OmegaConf.create({"export_dir": str(run / "export"), "paths": {"output_dir": str(run)}}),
+                      "evaluator")
+
+
+def test_quality_cli_refuses_its_own_evaluator_folder_as_export_dir(tmp_path):
+    proc = run_cli("hawkspec-quality", f"hydra.run.dir={tmp_path}", f"export_dir={tmp_path}/evaluator",
+                   "logger=none", ok=False)
+    assert "export_dir" in proc.stderr and "own copy" in proc.stderr
+    assert not (tmp_path / "evaluator").exists()

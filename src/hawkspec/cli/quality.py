@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
     for key in ("train_size", "val_size", "batch_size"):
         if d[key] < 1:
             raise ValueError(f"data.{key} must be >= 1, got {d[key]}")
-    validate_pretrain(cfg)  # the export folder and the run folder
+    validate_pretrain(cfg, "evaluator")  # the export folder and the run folder
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)

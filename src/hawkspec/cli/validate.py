@@ -77,6 +77,24 @@ def check_output_dir(cfg: DictConfig) -> None:
         check_writable(out, "hydra.run.dir (paths.output_dir)")
 
 
+def check_export_dir(cfg: DictConfig, own: str) -> None:
+    """``export_dir`` (when set) must be a folder hawkspec may replace, and must not collide with the run folder:
+    neither the run folder, nor a folder holding it, nor the run's own copy ``<run folder>/<own>`` (or inside it)."""
+    export = get(cfg, "export_dir")
+    if export is None:
+        return
+    run = get(cfg, "paths.output_dir")
+    if run is not None:
+        e, r = Path(export).expanduser().absolute(), Path(run).expanduser().absolute()
+        if e == r or e in r.parents:
+            raise ValueError(f"export_dir={export} is or holds this run's folder (hydra.run.dir={run}): publishing "
+                             f"there would replace the run's own files; choose an `export_dir` outside the run folder")
+        if e == r / own or r / own in e.parents:
+            raise ValueError(f"export_dir={export} is where this run keeps its own copy ({r / own}): the run writes "
+                             f"it itself; choose another `export_dir`, or leave it unset and use {r / own}")
+    check_destination(export, "export_dir", bool(get(cfg, "overwrite", False)))
+
+
 # ----------------------------------------------------------------------------------------------- shared groups
 def check_backbone(cfg: DictConfig) -> None:
     """A configured tiny-backbone folder must hold its files (other backbones check themselves on load)."""
@@ -199,8 +217,7 @@ def validate_train(cfg: DictConfig) -> None:
     ckpt = get(cfg, "ckpt_path")
     if ckpt is not None and ckpt != "last":
         check_file(cfg, "ckpt_path", "a Lightning checkpoint (`last`: the run folder's own; null: start afresh)")
-    if get(cfg, "export_dir") is not None:
-        check_destination(cfg.export_dir, "export_dir", bool(get(cfg, "overwrite", False)))
+    check_export_dir(cfg, "heads")
     check_backbone(cfg)
     check_output_dir(cfg)
 
@@ -272,8 +289,8 @@ def check_quality(cfg: DictConfig) -> None:
         check_writable(cache_dir, f"{q}.reference.cache_dir")
 
 
-def validate_pretrain(cfg: DictConfig) -> None:
-    """``hawkspec-pretrain`` and ``hawkspec-quality``: the export folder and the run folder."""
-    if get(cfg, "export_dir") is not None:
-        check_destination(cfg.export_dir, "export_dir", bool(get(cfg, "overwrite", False)))
+def validate_pretrain(cfg: DictConfig, own: str = "tiny") -> None:
+    """``hawkspec-pretrain`` and ``hawkspec-quality``: the export folder and the run folder (``own``: the run's own
+    copy of what it exports, ``tiny/`` or ``evaluator/``)."""
+    check_export_dir(cfg, own)
     check_output_dir(cfg)

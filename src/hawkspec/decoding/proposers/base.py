@@ -31,9 +31,19 @@ class Pools:
     logp: torch.Tensor | None = None
 
 
-@functools.lru_cache(maxsize=32)
 def _earlier(C: int, device: torch.device) -> torch.Tensor:
+    """The (C, C) mask [i, j]: j < i. Cached in eager mode; a compiled step builds it as a constant instead of
+    tracing through the cache (which dynamo warns about)."""
+    if torch.compiler.is_compiling():
+        return _lower_mask(C, device)
+    return _cached_lower_mask(C, device)
+
+
+def _lower_mask(C: int, device: torch.device) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
+
+
+_cached_lower_mask = functools.lru_cache(maxsize=32)(_lower_mask)
 
 
 def dedupe_first(tokens: torch.Tensor, size: int) -> torch.Tensor:
