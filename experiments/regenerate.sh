@@ -29,7 +29,7 @@ grid            tiny_ar_grid.png (hawkspec-generate, default prompts and samplin
 bench           bench_cpu{,_compiled,_step}.{md,json}, ar_vs_generate.md + {,_compiled}.json, projection.{md,json} (make bench N=8)
 eagle           eagle_comparison.{md,json,tex} (experiment=eagle_tiny, seeds $SEEDS)
 hawk_table      hawk_table1.{md,json,tex} (100 prompts, 1 thread, seeds $SEEDS)
-lantern_sweep   lantern_sweep.{md,json,tex} (LANTERN++ lambda 1.25-3 in Medusa, 100 prompts, 2 threads, seeds $SEEDS)
+lantern_sweep   lantern_sweep.{md,json,tex} (LANTERN++ lambda 1.25-3 in Medusa, official and exact residual, 100 prompts, 2 threads, seeds $SEEDS)
 gsd_table       gsd_table.{md,json,tex} (64 prompts, 1 thread, G = 1, 3, 7, seeds $SEEDS)
 gsd_window      gsd_window.{md,json,tex} (64 prompts, batch 8, seeds $SEEDS)
 hawk_vs_medusa  hawk_vs_medusa_32.{md,json} (acceptance_sweep, untimed)
@@ -91,11 +91,15 @@ step_hawk_table() {
   python experiments/tables.py hawk "$1/sweep" --out "$RES"
 }
 
-step_lantern_sweep() {  # LANTERN++'s trade-off: acceptance bought by lambda against alignment and FID lost
+step_lantern_sweep() {  # LANTERN++'s trade-off: acceptance bought by lambda against alignment and FID lost,
+  # with the official residual (zero the draft's k + 1 nearest codes after a rejection with added mass), then ours
+  local common=(eval.quality.fid_features=tiny eval.num_prompts=100 eval.batch_size=1 eval.repeats=1 eval.threads=2
+                seed="$SEEDS" logger=none)
   hawkspec-eval -m decoder=medusa_lanternpp 'eval.decoders=[ar,medusa_lanternpp]' \
-    decoder.acceptance.lam=1.25,1.5,2.0,3.0 eval.quality.fid_features=tiny eval.num_prompts=100 eval.batch_size=1 \
-    eval.repeats=1 eval.threads=2 seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
-  python experiments/tables.py sweep "$1/sweep" --name lantern_sweep --out "$RES"
+    decoder.acceptance.lam=1.25,1.5,2.0,3.0 "${common[@]}" hydra.sweep.dir="$1/sweep"
+  hawkspec-eval -m decoder=medusa_lanternpp 'eval.decoders=[ar,medusa_lanternpp]' decoder.acceptance.residual=exact \
+    decoder.acceptance.lam=1.25,2.0,3.0 eval.quality.noise_floor=false "${common[@]}" hydra.sweep.dir="$1/sweep_exact"
+  python experiments/tables.py sweep "$1/sweep" "$1/sweep_exact" --name lantern_sweep --out "$RES"
 }
 
 step_gsd_table() {
