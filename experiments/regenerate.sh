@@ -81,7 +81,8 @@ PY
 
 step_eagle() {
   hawkspec-eval -m experiment=eagle_tiny seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
-  python experiments/tables.py sweep "$1/sweep" --name eagle_comparison --out "$RES"
+  python experiments/tables.py sweep "$1/sweep" --name eagle_comparison --out "$RES" \
+    --title "EAGLE vs Medusa vs Hawk heads on the tiny model"
 }
 
 step_hawk_table() {
@@ -99,7 +100,8 @@ step_lantern_sweep() {  # LANTERN++'s trade-off: acceptance bought by lambda aga
     decoder.acceptance.lam=1.25,1.5,2.0,3.0 "${common[@]}" hydra.sweep.dir="$1/sweep"
   hawkspec-eval -m decoder=medusa_lanternpp 'eval.decoders=[ar,medusa_lanternpp]' decoder.acceptance.residual=exact \
     decoder.acceptance.lam=1.25,2.0,3.0 eval.quality.noise_floor=false "${common[@]}" hydra.sweep.dir="$1/sweep_exact"
-  python experiments/tables.py sweep "$1/sweep" "$1/sweep_exact" --name lantern_sweep --out "$RES"
+  python experiments/tables.py sweep "$1/sweep" "$1/sweep_exact" --name lantern_sweep --out "$RES" \
+    --title "LANTERN++ in Medusa: lambda and the residual after a rejection"
 }
 
 step_gsd_table() {
@@ -112,7 +114,8 @@ step_gsd_table() {
 step_gsd_window() {
   hawkspec-eval -m 'eval.decoders=[ar,sjd,gsd,gsd_window]' eval.quality.fid_features=tiny eval.num_prompts=64 \
     eval.batch_size=8 eval.repeats=1 seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
-  python experiments/tables.py sweep "$1/sweep" --name gsd_window --out "$RES"
+  python experiments/tables.py sweep "$1/sweep" --name gsd_window --out "$RES" \
+    --title "GSD with the fixed window, beside SJD and filtered GSD"
 }
 
 step_hawk_vs_medusa() {

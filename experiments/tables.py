@@ -276,11 +276,11 @@ def gsd_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
     return "\n".join(md) + "\n", tex
 
 
-def sweep_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
-    """Any sweep: one row per job and decoder, the overrides that vary as columns."""
+def sweep_table(jobs: list[Job], table_cmd: str, title: str | None = None) -> tuple[str, str]:
+    """Any sweep: one row per job and decoder, the overrides that vary as columns; ``title`` heads the file."""
     cols, rows = sweep_rows(jobs)
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    md = ["# Sweep", "", markdown_table(cols, cells), noise_floor_line(jobs), ""]
+    md = [f"# {title or 'Sweep'}", "", markdown_table(cols, cells), noise_floor_line(jobs), ""]
     summary = seed_summary(jobs)
     if summary:  # a seed sweep: each figure's mean ± standard deviation over the seeds
         scols, srows = summary
@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(for check: the committed <table>.json first)")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"), help="output folder")
     ap.add_argument("--name", default=None, help="file name stem (default: per table)")
+    ap.add_argument("--title", default=None, help="the file's heading (sweep tables only; default: Sweep)")
     args = ap.parse_args(argv)
     if args.table == "check":
         committed_path, *runs = args.results
@@ -359,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     fn, _, stem = TABLES[args.table]
     jobs = load_jobs(args.results)
     cmd = "python experiments/tables.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    md, tex = fn(jobs, cmd)
+    if args.title and args.table != "sweep":
+        ap.error("--title is for sweep tables; the papers' tables have their own headings")
+    md, tex = fn(jobs, cmd, title=args.title) if args.table == "sweep" else fn(jobs, cmd)
     out = Path(args.out)
     write(out, args.name or stem, md, tex)
     (out / f"{args.name or stem}.json").write_text(json.dumps(table_data(args.table, jobs, commands(jobs)), indent=1))

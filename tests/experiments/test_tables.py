@@ -127,3 +127,16 @@ def test_sweep_table_and_plots(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
     with pytest.raises(ValueError, match="vertical speculation depth"):
         plots.main(["acceptance-vsd", str(tmp_path / "vsd"), "--decoder", "medusa", "--out", str(tmp_path / "x")])
+
+
+def test_sweep_title_heads_the_file_and_other_tables_refuse_it(tmp_path):
+    src = run_dir(tmp_path / "run", ["decoder.acceptance.lam=2.0"], [row("ar", 1.0, 10.0, acc=1.0),
+                                                                     row("medusa_lanternpp", 1.1, 11.0, False)])
+    tables.main(["sweep", str(src), "--out", str(tmp_path / "out"), "--name", "t", "--title", "LANTERN++ sweep"])
+    md = (tmp_path / "out" / "t.md").read_text()
+    assert md.startswith("# LANTERN++ sweep\n") and "--title 'LANTERN++ sweep'" in md
+    tables.main(["sweep", str(src), "--out", str(tmp_path / "out"), "--name", "u"])
+    assert (tmp_path / "out" / "u.md").read_text().startswith("# Sweep\n")
+    with pytest.raises(SystemExit):
+        tables.main(["hawk", str(src), "--out", str(tmp_path / "out"), "--title", "x"])
+    assert not (tmp_path / "out" / "hawk_table1.md").exists()
