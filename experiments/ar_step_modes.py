@@ -42,24 +42,21 @@ def main():
             dec.generate([p], torch.Generator().manual_seed(seed * 1000 + i))
         return time.perf_counter() - t0
 
+    def compiled_steps(own_code):  # AR and the other bench decoders, every step compiled, each warmed up twice
+        static._own_code = own_code
+        decoders = [build(n) for n in ["ar"] + OTHERS]
+        for d in decoders:
+            d.runner = static.make_runner("step")
+        for d in decoders:  # warm-up: compile (the 2 first batches are eager / first variant)
+            for _ in range(2):
+                run_all(d)
+        return decoders
+
     variants = {"eager": build("ar")}
     own = static._own_code
-    static._own_code = lambda fn, key: fn  # shared: every runner's body on one code object (before the fix)
-    shared = [build(n) for n in ["ar"] + OTHERS]
-    for d in shared:
-        d.runner = static.make_runner("step")
-    for d in shared:  # warm-up: compile (the 2 first batches are eager / first variant)
-        for _ in range(2):
-            run_all(d)
-    variants["step, shared code"] = shared[0]
-    static._own_code = own
-    mine = [build(n) for n in ["ar"] + OTHERS]
-    for d in mine:
-        d.runner = static.make_runner("step")
-    for d in mine:
-        for _ in range(2):
-            run_all(d)
-    variants["step, own code"] = mine[0]
+    shared = compiled_steps(lambda fn, key: fn)  # every runner's body on one code object (before the fix)
+    mine = compiled_steps(own)
+    variants["step, shared code"], variants["step, own code"] = shared[0], mine[0]
     run_all(variants["eager"])
     times = {k: [] for k in variants}
     for _ in range(PASSES):

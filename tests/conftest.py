@@ -20,7 +20,6 @@ def _seeded_global_rng():
     seed = int(os.environ.get("HAWKSPEC_TEST_SEED", "0"))
     random.seed(seed)
     torch.manual_seed(seed)
-    yield
 
 
 @pytest.fixture(autouse=True)

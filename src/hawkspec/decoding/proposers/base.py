@@ -31,19 +31,15 @@ class Pools:
     logp: torch.Tensor | None = None
 
 
-def _earlier(C: int, device: torch.device) -> torch.Tensor:
-    """The (C, C) mask [i, j]: j < i. Cached in eager mode; a compiled step builds it as a constant instead of
-    tracing through the cache (which dynamo warns about)."""
-    if torch.compiler.is_compiling():
-        return _lower_mask(C, device)
-    return _cached_lower_mask(C, device)
-
-
+@functools.lru_cache(maxsize=32)
 def _lower_mask(C: int, device: torch.device) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
 
 
-_cached_lower_mask = functools.lru_cache(maxsize=32)(_lower_mask)
+def _earlier(C: int, device: torch.device) -> torch.Tensor:
+    """The (C, C) mask [i, j]: j < i. Cached in eager mode; a compiled step builds it as a constant instead of
+    tracing through the cache (which dynamo warns about)."""
+    return (_lower_mask.__wrapped__ if torch.compiler.is_compiling() else _lower_mask)(C, device)
 
 
 def dedupe_first(tokens: torch.Tensor, size: int) -> torch.Tensor:
