@@ -12,12 +12,11 @@ import statistics
 import sys
 import time
 
-import hydra.utils
 import torch
 from hydra import compose, initialize_config_dir
 
 import hawkspec.decoding.static as static
-from hawkspec.cli.common import CONF_DIR
+from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.cli.eval import decoder_config, eval_prompt_set
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig
@@ -30,7 +29,7 @@ OTHERS = ["medusa", "hawk", "sjd", "hawk_jacobi"]
 def main():
     initialize_config_dir(CONF_DIR, version_base="1.3")
     cfg = compose("eval", overrides=[f"eval.num_prompts={N}"])
-    backbone = hydra.utils.instantiate(cfg.backbone).eval()
+    backbone = instantiate(cfg.backbone, "backbone").eval()
     backbone.compile_steps("none")
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
     prompts = [p.text for p in eval_prompt_set(cfg)][:N]

@@ -139,8 +139,18 @@ def semantics(jobs: list[Job]) -> list[str]:
             parts += [f"proposer.{k}={v}" for k, v in prop.items() if k in ("draft", "init_q", "init")]
             text = f"`{row['decoder']}`: {acc.get('name')}" + (f" ({', '.join(parts)})" if parts else "")
             seen.setdefault(text, text)  # every distinct setting once (a sweep's jobs differ in one option)
+    if not seen:
+        return []
+    fixed = {json.dumps(j.results.get("decision_semantics"), sort_keys=True) for j in jobs}
+    if len(fixed) > 1:
+        raise ValueError("the runs decide with different semantics (results.json decision_semantics): "
+                         f"{sorted(fixed)}; regenerate the older ones")
+    common = jobs[0].results.get("decision_semantics")
+    base = (f"CFG mixed in {common.get('cfg_precision')}, GSD ties by {common.get('gsd_tie_order')}, LANTERN zeroes "
+            f"after a rejection when a neighbour {common.get('lantern_zeroing')} fits the bound (all official)"
+            if common else "CFG mixed in the model's dtype (runs before 2026-12-07, which did not record it)")
     return ["Decision semantics (official defaults unless an option says otherwise; README \"Decoding, precisely\"): "
-            + "; ".join(seen.values()) + ".", ""] if seen else []
+            + base + "; " + "; ".join(seen.values()) + ".", ""]
 
 
 def provenance(jobs: list[Job], table_cmd: str) -> list[str]:

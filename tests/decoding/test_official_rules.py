@@ -3,8 +3,9 @@ decisions are worked out in each test.
 
 * GSD (junhyukso/GSD): window = slice [i-7, i+7) of the ascending sort (7 below, the draft, 6 above), exact
   ratio when fewer than 7 rank below, squared embedding distance, no floor.
-* LANTERN (jadohu/LANTERN): after a rejection with added mass, the target is zeroed at the draft's k+1 nearest
-  codes before the residual.
+* GSD ties: the slice is of a stable ascending sort ordered by token id among equal values.
+* LANTERN (jadohu/LANTERN): after a rejection where a neighbour prefix within the bound exists (even one adding
+  zero mass), the target is zeroed at the draft's k+1 nearest codes before the residual; all-zero -> uniform.
 * Medusa typical (FasterDecoding/Medusa): each candidate judged on its own, the longest accepted path wins
   (ties: the most likely), bonus = argmax of the target at the last accepted node.
 * SJD (tyshiwo1/Accelerating-T2I-AR-with-SJD): fresh random drafts carry a one-hot q.
@@ -88,6 +89,35 @@ def test_gsd_without_floor_can_accept_less_than_exact():
     assert (floored.accept_mass(p, x, q) / q[0, 19]).item() >= 1.0
 
 
+def test_gsd_official_window_under_ties_follows_the_ascending_stable_sort():
+    """The official window is a slice of ``logits.sort()`` (ascending). Over Lumina-mGPT's 65,536 logits CUDA's
+    sort is a stable radix sort (and the CPU sort is stable), so tied codes stand in increasing token-id order:
+    among equal probabilities the higher id ranks higher. Worked by hand on 10 codes with group 2 (window: 2
+    below, the draft, 1 above):
+
+        p      = [.05, .10, .10, .10, .10, .10, .10, .15, .05, .15]     (code = token id)
+        sorted : 0(.05) 8(.05) 1 2 3 4 5 6 (.10 each) 7(.15) 9(.15)
+
+    Draft 4: 2 below = {2, 3}, 1 above = {5} (not 1, 2 or 6 as an index-descending order would give)."""
+    p = torch.tensor([[0.05, 0.10, 0.10, 0.10, 0.10, 0.10, 0.10, 0.15, 0.05, 0.15]])
+    rule = GroupedAcceptance(group=2, prob_threshold=None, embed_threshold=None, floor=False, window="official")
+    members, keep = rule.members(p, torch.tensor([4]))
+    assert sorted(members[keep].tolist()) == [2, 3, 5]
+    # draft 1 (rank 2: codes 0 and 8 below it) -> below {0, 8}, above {2}
+    members, keep = rule.members(p, torch.tensor([1]))
+    assert sorted(members[keep].tolist()) == [0, 2, 8]
+    # draft 8 (rank 1): one code below, fewer than group -> the official slice is empty: exact ratio
+    assert rule.accept_mass(p, torch.tensor([8]), None).item() == pytest.approx(0.05)
+    # draft 7: below {5, 6}, above {9} (7 and 9 tie at .15; id 9 ranks higher)
+    members, keep = rule.members(p, torch.tensor([7]))
+    assert sorted(members[keep].tolist()) == [5, 6, 9]
+    # the tie order is by token id, which need not be the code index: with code_token_ids reversed, the
+    # highest code index has the lowest id, so among the .10 codes 6 ranks lowest and 1 highest
+    rule.token_order = torch.arange(9, -1, -1)
+    members, keep = rule.members(p, torch.tensor([4]))  # ascending: 8 0 | 6 5 4 3 2 1 | 9 7
+    assert sorted(members[keep].tolist()) == [3, 5, 6]
+
+
 # ------------------------------------------------------------------------------------------------------ LANTERN
 def lantern_setup(residual: str, delta: float = 0.1):
     # codes on a line at 0, 1, 2, ...: code 0's neighbours are 1, 2, 3, ... in that order
@@ -122,6 +152,29 @@ def test_lantern_official_residual_with_a_sampled_draft_and_without_added_mass()
     p2 = torch.tensor([[0.1, 0.3, 0.05, 0.2, 0.25, 0.1]])
     acc, r = lantern_setup("neighbours").try_candidate(p2, x, None, u)
     assert not acc.item() and torch.allclose(r, exact_try(p2, x, None, u)[1])
+
+
+def test_lantern_official_zeroes_after_a_prefix_that_adds_zero_mass():
+    """The official condition is ``indices != -1`` (a neighbour prefix within the bound exists), not "mass was
+    added": a nearest neighbour with p = 0 fits any bound, so the k + 1 nearest codes are zeroed."""
+    p = torch.tensor([[0.1, 0.0, 0.3, 0.2, 0.25, 0.15]])
+    x, u = torch.tensor([0]), torch.tensor([0.5])
+    rule = lantern_setup("neighbours")
+    assert rule.accept_mass(p, x).item() == pytest.approx(0.1)  # the prefix {1} adds p(1) = 0
+    acc, r = rule.try_candidate(p, x, None, u)  # accepted with 0.1 < u: rejected
+    # official: zero codes 1, 2 (k + 1 = 2 nearest) and the draft: [0, 0, 0, 0.2, 0.25, 0.15] / 0.6
+    assert not acc.item() and torch.allclose(r, torch.tensor([[0, 0, 0, 0.2, 0.25, 0.15]]) / 0.6)
+    # the previous condition (extra > 0) would have kept code 2: the exact residual [0, 0, .3, .2, .25, .15] / .9
+    assert not torch.allclose(r, exact_try(p, x, None, u)[1])
+
+
+def test_lantern_official_all_zero_residual_falls_back_to_uniform():
+    """All the target's mass on the draft and its k + 1 nearest codes: after zeroing nothing is left, and the
+    official code's ``ones_like`` fallback makes the residual uniform over the codes."""
+    p = torch.tensor([[0.5, 0.02, 0.48, 0.0, 0.0, 0.0]])
+    x, u = torch.tensor([0]), torch.tensor([0.9])
+    acc, r = lantern_setup("neighbours").try_candidate(p, x, None, u)  # 0.5 + 0.02 < 0.9: rejected
+    assert not acc.item() and torch.allclose(r, torch.full((1, 6), 1 / 6))
 
 
 # ------------------------------------------------------------------------------------------------------ Medusa

@@ -125,7 +125,11 @@ def test_lantern_mass_respects_its_bounds():
     assert torch.equal(lantern.neighbours[:, 0], d.argmin(-1))
 
 
-@pytest.mark.parametrize("rule", [GroupedAcceptance(group=0), LanternAcceptance(delta=0.0), LanternAcceptance(lam=1.0)])
+# LANTERN at delta 0 / lam 1 accepts exactly as the exact rule; its residual is the exact one with
+# residual=exact (the official residual still zeroes the k + 1 nearest codes after a rejection whose nearest
+# neighbour has zero mass: test_official_rules.py)
+@pytest.mark.parametrize("rule", [GroupedAcceptance(group=0), LanternAcceptance(delta=0.0, residual="exact"),
+                                  LanternAcceptance(lam=1.0, residual="exact")])
 def test_degenerate_relaxed_rules_are_exactly_exact(rule):
     bb = FakeBackbone()
     rule.bind(bb)
@@ -139,7 +143,8 @@ def test_degenerate_relaxed_rules_are_exactly_exact(rule):
 
 
 def test_degenerate_rules_decode_exactly_like_exact():
-    """Whole decoders: SJD with GSD group 0 / LANTERN delta 0 give the same images as SJD, seed for seed."""
+    """Whole decoders: SJD with GSD group 0 / LANTERN delta 0 (exact residual) give the same images as SJD, seed
+    for seed."""
     from hawkspec.testing import build_random_backbone
 
     bb = build_random_backbone(rows=4, cols=4, num_codes=32, seed=2)
@@ -153,7 +158,7 @@ def test_degenerate_rules_decode_exactly_like_exact():
 
     ref = run(ExactAcceptance(), JacobiProposer())
     assert torch.equal(run(GroupedAcceptance(group=0), JacobiProposer()), ref)
-    assert torch.equal(run(LanternAcceptance(delta=0.0), JacobiProposer()), ref)
+    assert torch.equal(run(LanternAcceptance(delta=0.0, residual="exact"), JacobiProposer()), ref)
     heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=3), bb)
 
     class ByTries(ExactAcceptance):
@@ -162,7 +167,9 @@ def test_degenerate_rules_decode_exactly_like_exact():
 
     ref_m = run(ByTries(), MedusaProposer(heads))
     assert torch.equal(run(GroupedAcceptance(group=0), MedusaProposer(heads)), ref_m)
-    assert torch.equal(run(LanternAcceptance(delta=0.0), MedusaProposer(heads)), ref_m)
+    assert torch.equal(run(LanternAcceptance(delta=0.0, residual="exact"), MedusaProposer(heads)), ref_m)
+    # the official residual zeroes the nearest codes after rejections beside zero-mass neighbours (top-k 8 of 32)
+    assert not torch.equal(run(LanternAcceptance(delta=0.0), MedusaProposer(heads)), ref_m)
 
 
 def test_relaxed_rules_are_labelled_lossy_and_validate():

@@ -42,10 +42,10 @@ def compose(overrides: Sequence[str] = (), config_name: str = "eval") -> DictCon
 def load_backbone(name: str = "tiny", overrides: Sequence[str] = (), device: str | torch.device = "cpu") -> Backbone:
     """The backbone ``conf/backbone/<name>.yaml`` (with ``overrides`` such as ``backbone.path=DIR``), frozen,
     in eval mode, on ``device``."""
-    import hydra
+    from hawkspec.cli.common import instantiate
 
     cfg = compose([f"backbone={name}", *overrides])
-    backbone = hydra.utils.instantiate(cfg.backbone)
+    backbone = instantiate(cfg.backbone, "backbone")
     return backbone.to(device).eval().requires_grad_(False)
 
 

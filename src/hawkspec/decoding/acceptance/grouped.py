@@ -29,8 +29,11 @@ neighbour with ``q(c) >> p(c)`` can pull a draft below its own exact ratio: on p
 measured acceptance probabilities up to 0.018 below the exact rule's. With the floor the theorem holds for
 every draft; ``floor: false`` is the raw ratio. ``tests/decoding/test_relaxed.py`` checks both.
 
-Vectorised: the window comes from two ``topk`` calls over the vocabulary for all rows at once (the tokens
-just above and just below ``x``), not from a sort of the vocabulary per token.
+Ties (real bf16 logits tie heavily: a few hundred distinct values in a top-2000 set): the official window is a
+slice of ``sort()`` over the logits, a stable ascending sort, so tied codes stand in increasing token-id order
+and the higher id ranks higher. The window here is the same slice of a stable ascending sort of the target with
+ties in token-id order (``code_token_ids``; tests/decoding/test_official_rules.py works a tied case by hand).
+Vectorised: one sort per row for all rows at once.
 """
 
 from __future__ import annotations
@@ -78,8 +81,11 @@ class GroupedAcceptance(AcceptanceRule):
         self.floor, self.window, self.embed_metric = floor, window, embed_metric
         self.emb = None
         self.embed_keep_fraction: float | None = None  # set by bind(): pairs the embedding filter keeps
+        self.token_order: torch.Tensor | None = None  # (K,) the token id of each code (ties); None: the index
 
     def bind(self, backbone) -> None:
+        ids = getattr(backbone, "code_token_ids", None)
+        self.token_order = None if ids is None else ids.detach().long()
         if self.embed_threshold is not None:
             self.emb = backbone.code_embeddings().float()
             self.embed_keep_fraction = self.pair_keep_fraction(self.emb)
@@ -101,25 +107,24 @@ class GroupedAcceptance(AcceptanceRule):
         return (d[off] < self.embed_threshold).float().mean().item()
 
     def members(self, r: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The group of each draft: members (M, G_up + G_down) (x itself excluded) and whether each one is kept.
+        """The group of each draft: members (M, G + G_up) (x itself excluded) and whether each one is kept.
 
-        ``window: official``: rows with fewer than ``group`` lower-ranked tokens keep no member (exact ratio).
+        The ranking is the official one: a stable ascending sort of the target, so that tied codes stand in
+        increasing token-id order (:attr:`token_order`; the higher id ranks higher). ``window: official``: rows
+        with fewer than ``group`` lower-ranked tokens keep no member (exact ratio).
         """
         M, K = r.shape
         G = min(self.group, K - 1)
         G_up = max(G - 1, 0) if self.window == "official" else G
-        rx = gather1(r, x).unsqueeze(-1)
-        idx = torch.arange(K, device=r.device)
-        # a strict order with ties broken by index, so "above" and "below" split the vocabulary
-        above = (r > rx) | ((r == rx) & (idx < x.unsqueeze(-1)))
-        below = ~above & (idx != x.unsqueeze(-1))
-        inf = float("inf")
-        up = torch.where(above, r, inf).topk(G_up, dim=-1, largest=False)  # the G_up just above x
-        down = torch.where(below, r, -inf).topk(G, dim=-1, largest=True)  # the G just below x
-        members = torch.cat([up.indices, down.indices], dim=-1)
-        keep = torch.cat([up.values < inf, down.values > -inf], dim=-1)
+        order = self.ascending(r)  # (M, K) codes, least likely first
+        rank = (order == x.unsqueeze(-1)).to(torch.int8).argmax(-1, keepdim=True)  # (M, 1) the draft's place
+        offsets = torch.cat([torch.arange(-G, 0, device=r.device), torch.arange(1, G_up + 1, device=r.device)])
+        at = rank + offsets  # (M, G + G_up) places of the window, the draft's own excluded
+        members = order.gather(-1, at.clamp(0, K - 1))
+        keep = (at >= 0) & (at < K)
         if self.window == "official":  # the official slice [i - G, i + G) is empty near the bottom
-            keep &= (below.sum(-1, keepdim=True) >= G)
+            keep &= rank >= G
+        rx = gather1(r, x).unsqueeze(-1)
         if self.prob_threshold is not None:
             keep &= (r.gather(-1, members) - rx).abs() < self.prob_threshold
         if self.emb is not None:
@@ -127,6 +132,20 @@ class GroupedAcceptance(AcceptanceRule):
             dist = dist if self.embed_metric == "squared" else dist.sqrt()
             keep &= dist < self.embed_threshold
         return members, keep
+
+    def ascending(self, r: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> the codes of each row by ascending target, ties in increasing token-id order.
+
+        The official window is a slice of ``logits.sort()``: over Lumina-mGPT's 65,536-entry vocabulary CUDA sorts
+        with a stable radix sort (and the CPU sort is stable), so equal logits keep their token-id order. Ranking
+        the target probabilities instead of the logits is the same order: softmax is monotone and maps equal
+        logits to equal probabilities. (The official sort also runs over the non-image ids, which tie with the
+        masked codes at -inf at the very bottom; ours ranks the image codes only.)
+        """
+        if self.token_order is None:
+            return torch.sort(r, dim=-1, stable=True).indices
+        by_id = torch.argsort(self.token_order.to(r.device))  # codes in increasing token-id order
+        return by_id[torch.sort(r[:, by_id], dim=-1, stable=True).indices]
 
     def accept_mass(self, r: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """What stands for r(x) in the exact test so that acceptance is min(1, [max(p(x)/q(x),] p(G)/q(G)))."""

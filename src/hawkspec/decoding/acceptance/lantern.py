@@ -8,16 +8,21 @@ bound is added to ``p(x)``:
 * LANTERN++: the bound is ``(lam − 1) · p(x)``, so ``p̃(x) <= lam · p(x)`` (set ``lam``; ``delta`` is ignored).
 
 The draft is accepted with ``min(1, p̃(x) / q(x))`` (point mass: ``min(1, p̃(x))``). ``delta = 0`` (or
-``lam = 1``) is exactly the exact rule. Lossy otherwise.
+``lam = 1``) accepts exactly as the exact rule; with ``residual: exact`` it is the exact rule, while the official
+residual still zeroes the nearest codes after a rejection whose nearest neighbour has zero mass (below). Lossy.
 
 The residual on rejection (``residual``):
 
 * ``neighbours`` (official, jadohu/LANTERN ``evaluate_posterior``; the default of
-  ``conf/decoder/acceptance/lantern.yaml``): when neighbour mass was added to the rejected draft, the target
-  is first zeroed at the draft's ``k + 1`` nearest codes (the official code zeroes ``nearest_latents[x, :k+1]``,
-  one more than the ``k`` it sums over; the draft itself is not among them), then the exact rule's residual is
-  taken (``max(r − q, 0)``, or ``r(x) ← 0`` for a point mass); an all-zero residual becomes uniform over the
-  codes, as the official code's ``ones_like``.
+  ``conf/decoder/acceptance/lantern.yaml``): when a neighbour prefix within the bound exists for the rejected
+  draft -- the official condition ``indices != -1``, true even when that prefix adds zero mass (a nearest
+  neighbour with ``r = 0``) -- the target is first zeroed at the draft's ``k + 1`` nearest codes (the official
+  code zeroes ``nearest_latents[x, :k+1]``, one more than the ``k`` it sums over; the draft itself is not among
+  them), then the exact rule's residual is taken (``max(r − q, 0)``, or ``r(x) ← 0`` for a point mass). When
+  no prefix fits the bound (the nearest neighbour alone exceeds it) the residual is the exact rule's.
+  Fallback: a residual that is zero everywhere after the zeroing (all the target's mass sat on the zeroed
+  neighbours and the draft) becomes uniform over the codes, as the official code's ``ones_like`` when its
+  residual sums to zero.
 * ``exact`` (ours before): the exact rule's residual, ``norm(max(r − q, 0))`` / ``r(x) ← 0``.
 """
 
@@ -71,18 +76,26 @@ class LanternAcceptance(AcceptanceRule):
         rx = gather1(r, x)
         return rx + self._extra(r, x, rx)
 
-    def _extra(self, r, x, rx):
+    def _prefix(self, r, x, rx):
+        """The neighbour mass added to r(x) (M,) and whether a neighbour prefix within the bound exists (M,)."""
         bound = self.delta if self.lam is None else (self.lam - 1.0) * rx.unsqueeze(-1)
         mass = r.gather(-1, self.neighbours[x]).cumsum(-1)  # (M, k) cumulative, nearest first
-        return torch.where(mass <= bound, mass, torch.zeros_like(mass)).amax(-1)  # longest prefix within bound
+        within = mass <= bound
+        # the cumulative mass never decreases, so a prefix within the bound exists iff the nearest one is
+        return torch.where(within, mass, torch.zeros_like(mass)).amax(-1), within[..., 0]
+
+    def _extra(self, r, x, rx):
+        return self._prefix(r, x, rx)[0]  # the longest prefix within the bound
 
     def try_candidate(self, r, x, q, u):
         rx = gather1(r, x)
-        extra = self._extra(r, x, rx)
+        extra, found = self._prefix(r, x, rx)
         if self.residual == "exact":
             return exact_try(r, x, q, u, rx + extra)
         accepted, plain = exact_try(r, x, q, u, rx + extra)
-        added = (extra > 0).unsqueeze(-1)  # no added mass: the exact residual, as in the official code
+        # official: zero whenever a neighbour prefix within the bound exists (its `indices != -1`), even one that
+        # adds no mass; with none, the exact residual
+        added = found.unsqueeze(-1)
         r_zeroed = r.scatter(-1, self.zeroed[x], 0.0)
         rest = r_zeroed.scatter(-1, x.unsqueeze(-1), 0.0) if q is None else (r_zeroed - q).clamp_min(0.0)
         total = rest.sum(-1, keepdim=True)

@@ -23,6 +23,13 @@ The draft distribution of a fresh random draft (``init_q``):
 * ``uniform`` (ours before): ``q = 1/K`` everywhere, accepted with ``min(1, K · p(x))`` and residual
   ``norm(max(p − 1/K, 0))``; also lossless, and it accepts more readily.
 
+Plain-AR edges (``ar_edges``): the official Lumina-mGPT demo (``test_lumina_mgpt.py``) runs Jacobi iteration only
+while the sequence is shorter than ``prompt + (H/16)^2 + H/16 - 10`` tokens, its window shrinking to end there:
+counting the three image-start tokens and the last committed token, no draft reaches the last 14 body positions,
+which are decoded one forward each. ``ar_edges: {head: 0, tail: 14}`` reproduces that (``backbone.tuning.sjd``
+of the Lumina-mGPT configs); drafts never change what is decoded, only how many forwards it takes. Not reproduced:
+the official loop sizes each window from the length before the last commit, one iteration late.
+
 Window length: SJD's ``L = 16`` (``max_num_new_tokens``) counts the tokens of one Jacobi forward: the last
 accepted token and ``L − 1 = 15`` drafts. Our chain length (``decoder.tree.budget = max_depth``) counts drafts
 only, so the official ``L = 16`` is ``budget: 15`` (``conf/decoder/sjd.yaml``, ``gsd.yaml``).
@@ -84,12 +91,19 @@ class JacobiProposer(Proposer):
             ``spatial`` (the committed code one row above, else uniform).
         init_q: The draft distribution a uniformly drawn fresh draft carries: ``onehot`` (official SJD) or
             ``uniform`` (see the module docstring).
+        ar_edges: ``{head: h, tail: t}``: no draft at the first ``h`` and the last ``t`` body positions, which
+            are therefore decoded as plain AR (official Lumina-mGPT demo: ``tail: 14``; see the module docstring).
     """
 
     name = "jacobi"
     wants_tree_outputs = True
 
-    def __init__(self, init: str = "uniform", init_q: str = "onehot"):
+    def __init__(self, init: str = "uniform", init_q: str = "onehot", ar_edges: dict | None = None):
+        edges = dict(ar_edges or {})
+        unknown = set(edges) - {"head", "tail"}
+        if unknown or any(int(edges.get(k, 0)) < 0 for k in ("head", "tail")):
+            raise ValueError(f"decoder.proposer.ar_edges must be {{head: N, tail: N}} with N >= 0, got {ar_edges!r}")
+        self.head, self.tail = int(edges.get("head", 0)), int(edges.get("tail", 0))
         if init not in INITS:
             raise ValueError(f"decoder.proposer.init must be one of {INITS}, got {init!r}")
         if init_q not in INIT_QS:
@@ -100,6 +114,10 @@ class JacobiProposer(Proposer):
         super().bind(backbone, sampling)
         self.W, self.K = backbone.grid.tokens_per_row, backbone.num_codes
         self.drafts = JacobiDrafts(backbone.grid, self.K, backbone.code_token_ids.device)
+        self.L = backbone.grid.length
+        if self.head + self.tail >= self.L:
+            raise ValueError(f"decoder.proposer.ar_edges={{head: {self.head}, tail: {self.tail}}} leaves no body "
+                             f"position of this backbone's {self.L} to draft")
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.drafts.start(batch_size, device)
@@ -124,7 +142,7 @@ class JacobiProposer(Proposer):
             init_q = torch.where(known.unsqueeze(-1), one_hot(code_above.clamp(min=0), self.K, init_q.dtype), init_q)
         tokens = torch.where(fresh, init_tok, tokens)
         q = torch.where(fresh.unsqueeze(-1), init_q, q)
-        ok = code_pos >= 0
+        ok = (code_pos >= self.head) & (code_pos < self.L - self.tail)  # -1: outside; the edges: plain AR
         tokens = torch.where(ok, tokens, -1)
         # one candidate per position (the chain); further ranks are empty
         pool_tok = torch.full((B, J, pool_size), -1, dtype=torch.long, device=dev)
@@ -137,4 +155,5 @@ class JacobiProposer(Proposer):
         self.drafts.observe(probs, node_pos, codes, generator, chain)
 
     def describe(self) -> dict:
-        return {"name": self.name, "init": self.init, "init_q": self.init_q}
+        out = {"name": self.name, "init": self.init, "init_q": self.init_q}
+        return {**out, "ar_edges": {"head": self.head, "tail": self.tail}} if self.head or self.tail else out
