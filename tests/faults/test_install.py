@@ -47,3 +47,23 @@ def test_the_wheel_runs_generate_and_eval_from_an_empty_directory(tmp_path):
        "eval.repeats=1", "eval.warmup_batches=0", "eval.quality.enabled=false", "logger=none", "hydra.run.dir=ev",
        cwd=work, env=env)
     assert (work / "ev" / "results.json").is_file()
+
+
+def test_the_setuptools_floor_builds_the_spdx_license():
+    """`license = "Apache-2.0"` is an SPDX expression (PEP 639), which setuptools reads from 77 on: older ones
+    (65-76, e.g. a build without isolation) fail on it. Expect: build-system.requires has a setuptools floor of
+    at least 77 whenever the license (or license-files) takes that form, and no `License ::` classifier beside it
+    (setuptools >= 77 refuses both)."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    floors = [m.group(1) for r in data["build-system"]["requires"]
+              if (m := re.fullmatch(r"\s*setuptools\s*>=\s*([0-9]+(?:\.[0-9]+)*)\s*(?:,.*)?", r))]
+    assert len(floors) == 1, f"build-system.requires names no `setuptools>=N` floor: {data['build-system']['requires']}"
+    floor = tuple(int(x) for x in floors[0].split("."))
+    project = data["project"]
+    if isinstance(project.get("license"), str) or "license-files" in project:
+        assert floor >= (77,), (f"pyproject.toml: license = {project.get('license')!r} (SPDX, PEP 639) needs "
+                                f"setuptools>=77 in build-system.requires, not >={floors[0]}")
+        assert not [c for c in project.get("classifiers", []) if c.startswith("License ::")]

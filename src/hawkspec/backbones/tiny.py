@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,53 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<unk>", "<image_start>", "<image_end>", "<eol>")
 PAD, BOS, UNK, IMAGE_START, IMAGE_END, EOL = range(len(SPECIAL_TOKENS))
 DEFAULT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
+# Letters that NFKD does not take apart into an ASCII letter plus accents.
+_ASCII_FOLD = {"ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l",
+               "Ł": "L", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH", "ı": "i"}
+
+
+def ascii_caption(text: str) -> tuple[str, list[str]]:
+    """A caption in ASCII, as the tiny vocabulary reads it, and the pieces that have no ASCII form.
+
+    ASCII text is returned unchanged (its tokenization never depends on this function). Otherwise the text is
+    decomposed (NFKD) and its accents dropped ("ünïcödé" -> "unicode", "ﬁ" -> "fi", full-width letters -> ASCII);
+    dashes become "-", other punctuation and spaces a space (all separators to the tokenizer, like their ASCII
+    forms). What is left (CJK, emoji, other symbols) is dropped, each run of it read as a word break, and
+    returned in order so that the caller can say so.
+    """
+    if text.isascii():
+        return text, []
+    out: list[str] = []
+    dropped: list[str] = []
+    piece: list[str] = []
+
+    def flush() -> None:
+        if piece:
+            dropped.append("".join(piece))
+            piece.clear()
+            out.append(" ")
+
+    for ch in unicodedata.normalize("NFKD", text):
+        if ch.isascii():
+            flush()
+            out.append(ch)
+        elif unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            if piece:  # a mark (or joiner) on a dropped character belongs to it; on a letter it is an accent
+                piece.append(ch)
+        elif ch in _ASCII_FOLD:
+            flush()
+            out.append(_ASCII_FOLD[ch])
+        elif unicodedata.category(ch) == "Pd":
+            flush()
+            out.append("-")
+        elif unicodedata.category(ch)[0] in "PZ" or ch.isspace():
+            flush()
+            out.append(" ")
+        else:
+            piece.append(ch)
+    flush()
+    return "".join(out), dropped
 
 
 @dataclass
@@ -70,9 +118,13 @@ class TinyLayout:
         return ImageGrid(self.rows, self.cols, eol=True)
 
     def encode_words(self, text: str) -> tuple[list[int], list[str]]:
-        """Word ids of a caption and the words not in the vocabulary (mapped to ``<unk>``)."""
+        """Word ids of a caption and the words not in the vocabulary (mapped to ``<unk>``).
+
+        Words are the runs of ``[a-z0-9]`` of the lower-cased caption; a non-ASCII caption is first made ASCII by
+        :func:`ascii_caption` (what has no ASCII form is dropped; :meth:`TinyBackbone.encode` warns about it).
+        """
         index = {w: i + self.word_offset for i, w in enumerate(self.words)}
-        toks = [t for t in re.split(r"[^a-z0-9]+", text.lower()) if t]
+        toks = [t for t in re.split(r"[^a-z0-9]+", ascii_caption(text)[0].lower()) if t]
         unknown = [t for t in toks if t not in index]
         return [index.get(t, UNK) for t in toks], unknown
 
@@ -120,6 +172,7 @@ class TinyBackbone(HFBackbone):
         )
         self.revision = revision or self._weights_hash()
         self._warned_unknown: set[str] = set()
+        self._warned_dropped: set[str] = set()
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
@@ -176,6 +229,12 @@ class TinyBackbone(HFBackbone):
                     f"tiny backbone checkpoint is missing {path / name}; set `backbone.path` to a folder written "
                     "by `hawkspec-pretrain` (or leave it null for the shipped weights)"
                 )
+        from hawkspec.io import check_safetensors
+
+        for name in ("model.safetensors", "vq.safetensors"):  # a cut-off file is named, not a bare SafetensorError
+            check_safetensors(path / name, "the tiny backbone's weights", "Remake it: `make pretrain` rewrites the "
+                              "shipped model (src/hawkspec/assets/tiny); for your own, rerun `hawkspec-pretrain "
+                              "export_dir=...`, or set `backbone.path` to an intact folder (null: the shipped one)")
         layout = TinyLayout(**json.loads((path / "hawkspec.json").read_text()))
         model = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
         vq = PatchVQ.from_file(path / "vq.safetensors")
@@ -209,6 +268,12 @@ class TinyBackbone(HFBackbone):
     def encode(self, prompts: list[str]) -> PromptBatch:
         cond = []
         for p in prompts:
+            dropped = ascii_caption(p)[1]
+            if dropped and p not in self._warned_dropped:
+                log.warning("prompt %r: dropped %s, which the tiny model's ASCII vocabulary cannot spell (accents "
+                            "are removed, punctuation is a word break; the rest is lost)",
+                            p, ", ".join(repr(d) for d in dropped))
+                self._warned_dropped.add(p)
             ids, unknown = self.layout.encode_words(p)
             for w in set(unknown) - self._warned_unknown:
                 log.warning("word %r is not in the tiny model's vocabulary; it is read as <unk>", w)

@@ -5,7 +5,13 @@ is better; without validation data, the heads of the last save). ``val_metrics.j
 ``best``: the monitor, its value, the epoch and the global step. ``export_dir`` gets a copy after every
 improvement, through :func:`hawkspec.io.publish_dir` (atomic; a foreign folder is refused), unless it already
 holds heads that scored better on the same monitor: those are kept unless ``overwrite=true``. The best score
-is part of the callback's state, so it survives a resume from a Lightning checkpoint.
+is part of the callback's state, so it survives a resume from a Lightning checkpoint. A run folder whose heads
+folder is empty always gets the heads of its first save, better or not (a run resumed from another run's checkpoint
+must not end without heads of its own).
+
+:class:`RunRecord` writes the settings that shape the drafter (``heads=`` and the ``heads`` group's keys) into
+every Lightning checkpoint, so that a resume with other settings can say which one differs
+(:func:`hawkspec.cli.train.check_resume`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ from hawkspec.io import check_finite_state, copy_dir, is_ours, staged_dir
 log = logging.getLogger(__name__)
 VAL_METRICS = "val_metrics.json"
 MONITOR = "val/loss"
+HEADS_FILE = "heads.safetensors"
+RUN_RECORD = "hawkspec"
+"""The key of :class:`RunRecord`'s entry in a Lightning checkpoint."""
+
+
+def has_heads(folder: str | Path | None) -> bool:
+    """Whether ``folder`` holds saved heads (``heads.safetensors``)."""
+    return folder is not None and (Path(folder) / HEADS_FILE).is_file()
 
 
 def head_table(heads: DraftHeads, metrics: dict[str, float]) -> list[dict]:
@@ -134,7 +148,8 @@ class HeadsCheckpoint(Callback):
         record = {"monitor": self.monitor if score is not None else None,
                   "score": float(score) if score is not None else None,
                   "epoch": trainer.current_epoch, "global_step": trainer.global_step}
-        if score is not None and self.best is not None and not is_better(record, self.best):
+        if score is not None and self.best is not None and not is_better(record, self.best) \
+                and has_heads(self.dirpath):
             log.info("heads of step %d: %s %.4f, not better than %.4f (epoch %s): kept the best", trainer.global_step,
                      self.monitor, record["score"], self.best["score"], self.best["epoch"])
             return
@@ -158,3 +173,14 @@ class HeadsCheckpoint(Callback):
             return
         copy_dir(self.dirpath, self.export_dir, "export_dir", self.overwrite)
         self.exported = True
+
+
+class RunRecord(Callback):
+    """Adds ``{"heads": <the heads= choice or None>, "heads_config": <the heads group, resolved>}`` to every
+    Lightning checkpoint under :data:`RUN_RECORD`: what a resume compares its own settings with."""
+
+    def __init__(self, heads: str | None, heads_config: dict):
+        self.record = {"heads": heads, "heads_config": heads_config}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_RECORD] = self.record
