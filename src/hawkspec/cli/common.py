@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -66,7 +69,12 @@ def load_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts_file={prompts_file} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompts_file={prompts_file} is not a UTF-8 text file ({e.reason} at byte {e.start}); "
+                             "one prompt per line expected") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"prompts_file={prompts_file} holds no prompt (one per line expected)")
     prompts = list(prompts or [])
@@ -101,3 +109,28 @@ def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             finish_wandb(code)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def on_sigterm(hint: Callable[[], str]) -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's kill, ``timeout``) ends the run as ``hawkspec-train``'s does: an
+    error line ``SIGTERM: <hint()>`` saying what is kept and how to resume, then exit status 143 (128 + SIGTERM),
+    never Python's silent -15. The previous handler comes back after the block (no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while we leave kills at once
+        try:
+            message = hint()
+        except Exception as e:  # the hint must never hide the exit
+            message = f"(no resume hint: {e})"
+        log.error("SIGTERM: %s", message)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: not set from Python

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.cli.common import CONF_DIR, CONF_PATH, instantiate, instantiate_loggers, task
+from hawkspec.cli.common import CONF_DIR, CONF_PATH, instantiate, instantiate_loggers, on_sigterm, task
 from hawkspec.cli import eval_shards
 from hawkspec.cli.validate import validate_eval
 from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
@@ -57,6 +57,20 @@ def eval_prompt_set(cfg: DictConfig) -> list[Prompt]:
     """The prompts of ``eval.prompts`` (:mod:`hawkspec.data.prompts`): procedural captions, or a seeded random
     subset of ``eval.num_prompts`` from a COCO / Flickr30K / PartiPrompts / txt / jsonl file."""
     return load_prompt_set(prompt_spec(cfg))
+
+
+def prompt_shortfall(cfg: DictConfig, prompt_set: list[Prompt]) -> dict | None:
+    """When the prompt file (after its split / category filter) holds fewer prompts than ``eval.num_prompts``:
+    how many were asked and evaluated, the file and its key, and a one-line note (None: all were found)."""
+    asked = int(cfg.eval.num_prompts)
+    if len(prompt_set) >= asked:
+        return None
+    spec = prompt_spec(cfg)
+    key = "eval.prompts_file" if cfg.eval.get("prompts_file") else "eval.prompts.path"
+    kept = "".join(f", {k} {v}" for k, v in (("split", spec.split), ("category", spec.category)) if v)
+    note = (f"{len(prompt_set)} prompts evaluated, not the {asked} asked: eval.num_prompts={asked} but {key}="
+            f"{spec.path} holds only {len(prompt_set)} ({spec.source}{kept})")
+    return {"requested": asked, "evaluated": len(prompt_set), "key": key, "path": spec.path, "note": note}
 
 
 def eval_prompts(cfg: DictConfig) -> list[str]:
@@ -200,6 +214,31 @@ def log_results(cfg: DictConfig, results: dict) -> None:
 @task
 def run(cfg: DictConfig) -> dict:
     validate_eval(cfg)  # every path and count, before any model is loaded or timed
+    with on_sigterm(lambda: resume_hint(cfg)):  # exit 143 with what is kept, as hawkspec-train
+        return evaluate(cfg)
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    """What a SIGTERM'd evaluation keeps and how to go on (``eval.store``: per batch; else nothing but the speed
+    results when they were already written)."""
+    e, out_dir = cfg.eval, Path(cfg.paths.output_dir)
+    if e.get("store"):
+        if e.get("merge") is True:
+            return (f"the merge stopped; eval.store={e.store} is untouched: rerun the same command to merge again")
+        return (f"every batch all decoders finished is kept in eval.store={e.store} (images and records); rerun the "
+                "same command (same eval.store, eval.shard.index/count and prompts) to resume: finished batches are "
+                "skipped, the unfinished one is decoded again")
+    kept = "nothing is kept"
+    results = out_dir / "results.json"
+    if results.is_file() and "quality_pending" in results.read_text():
+        kept = (f"{results} keeps the speed results of every decoder (timed); the quality figures were not scored "
+                "(quality_pending)")
+    return (f"{kept}; an unsharded evaluation times every decoder in one process and cannot resume: rerun the "
+            "command to start over, or set eval.store=FOLDER (sharded evaluation) to make it resumable per batch")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """The body of :func:`run`, once the config is validated."""
     e = cfg.eval
     names = decoder_presets(CONF_DIR) if e.decoders == "all" else list(e.decoders)
     if not names:
@@ -212,11 +251,14 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     prompt_set = eval_prompt_set(cfg)
     prompts = [p.text for p in prompt_set]
+    shortfall = prompt_shortfall(cfg, prompt_set)
+    if shortfall:  # said here, in results.json (prompt_shortfall) and at the head of results.md
+        log.warning("%s", shortfall["note"])
     quality = quality_settings(cfg, len(prompts))
     if e.get("store"):  # sharded: decode this shard's batches into the store, and/or merge the union
         merge = e.get("merge", "auto")
         if merge is True:
-            return merge_store(cfg, names, prompt_set, quality)
+            return merge_store(cfg, names, prompt_set, quality, shortfall)
     elif e.get("merge") is True or int((e.get("shard") or {}).get("count", 1)) > 1:
         raise ValueError("sharded evaluation needs eval.store: a folder every shard (and the merge) can reach")
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
@@ -245,7 +287,7 @@ def run(cfg: DictConfig) -> dict:
     if e.get("store"):
         decode_shard(cfg, backbone, decoders, prompt_set, quality)
         if e.get("merge", "auto") == "auto" and int(e.shard.count) == 1:
-            return merge_store(cfg, names, prompt_set, quality)
+            return merge_store(cfg, names, prompt_set, quality, shortfall)
         return {"shard": int(e.shard.index), "shards": int(e.shard.count), "store": str(e.store)}
     batches = [prompts[i : i + e.batch_size] for i in range(0, len(prompts), e.batch_size)]
 
@@ -309,8 +351,8 @@ def run(cfg: DictConfig) -> dict:
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
     if skipped:
         results["skipped_decoders"] = skipped
-    if quality is not None:
-        results["quality"] = score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts)
+    if shortfall:
+        results["prompt_shortfall"] = shortfall
     if not decodable:
         results["images_decoded"] = False
         results["quality_skipped"] = f"images were not decoded: {undecoded_why}"
@@ -320,8 +362,31 @@ def run(cfg: DictConfig) -> dict:
     results["speed_note"] = ("Speed measured within this one process on one device; decoders take turns per batch, "
                              f"seconds = median of {e.repeats} timed passes; backbone forwards "
                              + speed_mode(compile_mode, bool(e.get("cuda_graphs", False))))
+    if quality is not None:
+        results["quality"] = scored_after_speed(
+            cfg, out_dir, results,
+            lambda: score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts))
     results["resources"] = resources(cfg.device)
     return write_results(cfg, out_dir, results)
+
+
+def scored_after_speed(cfg: DictConfig, out_dir: Path, results: dict, score) -> dict:
+    """``score()`` (the quality figures) once the speed results are on disk: results.json / .md / .csv are written
+    first with ``quality_pending``, so a failure or a kill while scoring never throws away the timed work; a
+    failure is recorded as ``quality_error`` and raised."""
+    results["resources"] = resources(cfg.device)
+    results["quality_pending"] = "quality not scored yet: these are the speed results, written before scoring"
+    write_results(cfg, out_dir, results, final=False)
+    try:
+        quality = score()
+    except Exception as err:
+        del results["quality_pending"]
+        results["quality_error"] = f"scoring failed after every decoder was timed: {type(err).__name__}: {err}"
+        write_results(cfg, out_dir, results, final=False)
+        log.error("image quality failed; the speed results are in %s (quality_error)", out_dir / "results.json")
+        raise
+    del results["quality_pending"]
+    return quality
 
 
 def warmup_batches(e: DictConfig, compile_mode: str) -> int:
@@ -344,23 +409,30 @@ def speed_mode(compile_mode: str, cuda_graphs: bool) -> str:
 def prompt_description(cfg: DictConfig, prompt_set: list[Prompt]) -> dict:
     """What results.json records about the prompts: source, file, subset seed, and the chosen indices."""
     spec = prompt_spec(cfg)
-    return {"source": spec.source, "path": spec.path, "num": len(prompt_set), "seed": spec.seed,
+    return {"source": spec.source, "path": spec.path, "num": len(prompt_set), "requested": int(cfg.eval.num_prompts),
+            "seed": spec.seed,
             "caption": spec.caption if spec.source in ("coco", "flickr30k") else None, "split": spec.split,
             "category": spec.category, "indices": [p.index for p in prompt_set]}
 
 
-def write_results(cfg: DictConfig, out_dir: Path, results: dict) -> dict:
-    """results.json / .csv / .md and the loggers."""
+def write_results(cfg: DictConfig, out_dir: Path, results: dict, final: bool = True) -> dict:
+    """results.json / .csv / .md and (``final``) the printed table and the loggers."""
     rows = results["rows"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(out_dir / "results.csv", rows)
     table = markdown_table(rows, results.get("quality")) + f"\n{results['speed_note']}\n"
+    if results.get("prompt_shortfall"):  # at the head: the table is over fewer prompts than asked
+        table = f"**Prompts: {results['prompt_shortfall']['note']}.**\n\n" + table
+    for key in ("quality_pending", "quality_error"):
+        if results.get(key):
+            table += f"\n**{key}**: {results[key]}\n"
     if results.get("skipped_decoders"):
         table += f"\nSkipped (no trained drafter here): {', '.join(results['skipped_decoders'])}.\n"
     (out_dir / "results.md").write_text(table)
-    print(table)
-    log_results(cfg, results)
+    if final:
+        print(table)
+        log_results(cfg, results)
     return results
 
 
@@ -388,7 +460,8 @@ def noise_floor_seed(cfg: DictConfig) -> int:
     return cfg.seed + 1 if seed is None else int(seed)
 
 
-def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], quality: QualitySettings | None) -> dict:
+def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], quality: QualitySettings | None,
+                shortfall: dict | None = None) -> dict:
     """The table over the union of the shards in ``eval.store``: speed counters and quality over every image."""
     e = cfg.eval
     store, out_dir = Path(e.store), Path(cfg.paths.output_dir)
@@ -407,6 +480,8 @@ def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], qua
                "device": sorted({v["device"] for v in by_shard.values()}), "batch_size": e.batch_size, "repeats": 1,
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
                "sharding": {"store": str(store), "shards": sorted(by_shard), "speed_by_shard": by_shard}}
+    if shortfall:
+        results["prompt_shortfall"] = shortfall
     if quality is not None:
         side = int(images["ar"].shape[-1])
         meter = QualityMeter(quality, side, cfg.device)

@@ -87,10 +87,12 @@ def run_shard(store: Path, prompts: list[Prompt], decoders: dict, decode_images,
     mine = shard_batches(len(prompts), batch_size, index, count)
     everything = {**decoders, **(extra or {})}
     todo = [b for b in mine if not all(done(store, name, prompts[i].index) for name in everything for i in batches[b])]
+    finished = len(mine) - len(todo)
     if max_batches is not None:
         todo = todo[: int(max_batches)]
-    log.info("Shard %d/%d: %d of its %d batches to decode (%d already in %s)", index, count, len(todo), len(mine),
-             len(mine) - len(todo), store)
+    log.info("Shard %d/%d: %d of its %d batches to decode (%d already in %s%s)", index, count, len(todo), len(mine),
+             finished, store, f"; {len(mine) - finished - len(todo)} left for a later call (eval.shard.max_batches="
+             f"{max_batches})" if len(mine) - finished > len(todo) else "")
     names = list(decoders)
     if todo and warmup_batches:
         for name in names:

@@ -150,6 +150,112 @@ def check_tree(cfg: DictConfig, key: str, num_codes: int | None) -> None:
                                  f"{num_codes or 'codebook size'})")
 
 
+def check_device(cfg: DictConfig, key: str = "device") -> None:
+    """The torch device at ``key`` (null allowed) parses and exists on this machine: ``device=cuda`` on a CPU-only
+    torch is refused here, not by an ``AssertionError`` once the model is loaded."""
+    value = get(cfg, key)
+    if value is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(str(value))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"`{key}`={value} is not a torch device ({e}); e.g. {key}=cpu or {key}=cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"`{key}`={value}, but torch {torch.__version__} ({build}) sees no CUDA device here: "
+                             f"set {key}=cpu, or run on a machine with a GPU and a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`{key}`={value}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`{key}`={value}, but torch sees no MPS device here: set {key}=cpu")
+
+
+def check_accelerator(cfg: DictConfig, key: str = "trainer.accelerator") -> None:
+    """A Lightning ``gpu`` / ``cuda`` / ``mps`` accelerator must exist here (``auto`` and ``cpu`` always do)."""
+    value = get(cfg, key)
+    if value is None or not isinstance(value, str):
+        return
+    import torch
+
+    if value in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"`{key}`={value}, but torch {torch.__version__} sees no CUDA device here: use "
+                         f"trainer=cpu ({key}=cpu), or run on a machine with a GPU and a CUDA build of torch")
+    if value == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`{key}`={value}, but torch sees no MPS device here: use trainer=cpu ({key}=cpu)")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """``device``, the backbone's own ``backbone.device`` and ``trainer.accelerator``, where the config has them."""
+    check_device(cfg, "device")
+    check_device(cfg, "backbone.device")
+    check_accelerator(cfg)
+
+
+def check_text_file(cfg: DictConfig, key: str, what: str = "a UTF-8 text file") -> None:
+    """The file at ``key`` (null allowed, or missing: :func:`check_file` says so) decodes as UTF-8: a binary or
+    otherwise encoded file is named with its key, not left to a bare ``UnicodeDecodeError``."""
+    value = get(cfg, key)
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            while f.read(1 << 20):
+                pass
+    except UnicodeDecodeError as e:
+        raise ValueError(f"`{key}`={value} is not {what}: {e.reason} at byte {e.start} "
+                         "(a binary file, or another encoding: save it as UTF-8)") from None
+
+
+def draft_fixes(cfg: DictConfig, key: str = "decoder") -> list[str]:
+    """What makes the proposer at ``<key>.proposer`` draft deterministic top-k candidates (what a dynamic tree
+    ranks), one entry per proposer or draft source that samples its drafts; [] when it drafts top-k (or the
+    proposer is not one of hawkspec's, which the decoder then checks itself)."""
+    p = f"{key}.proposer"
+    target = str(get(cfg, f"{p}._target_", "")).rsplit(".", 1)[-1]
+    fixes = []
+    if target == "JacobiProposer":
+        fixes.append(f"The {target} ({key}.name={get(cfg, f'{key}.name', '?')}) only drafts random codes, never "
+                     f"top-k ones: set {key}.tree.dynamic=null, or pick a decoder whose proposer drafts top-k "
+                     "(medusa, hawk, eagle, hawk_eagle)")
+    if target in ("MedusaProposer", "HawkProposer", "EagleProposer") and get(cfg, f"{p}.draft", "topk") == "sample":
+        fixes.append(f"{p}.draft=sample: set {p}.draft=topk")
+    if target == "HawkProposer" and get(cfg, f"{p}.jacobi", "none") != "none":
+        fixes.append(f"{p}.jacobi={get(cfg, f'{p}.jacobi')} pools sampled Jacobi drafts: set {p}.jacobi=none")
+    if target == "SpatialProposer":
+        for name, node in (get(cfg, f"{p}.sources") or {}).items():
+            s = f"{p}.sources.{name}"
+            if str(get(cfg, f"{s}._target_", "")).endswith("JacobiSource"):
+                fixes.append(f"source `{name}` ({s}) drafts random Jacobi codes: leave it out of {p}.sources "
+                             f"and {p}.order")
+            elif get(cfg, f"{s}.draft", "topk") == "sample":
+                fixes.append(f"{s}.draft=sample: set {s}.draft=topk")
+    return fixes
+
+
+def check_dynamic_tree(cfg: DictConfig, key: str = "decoder") -> None:
+    """``<key>.tree.dynamic`` (EAGLE-2's dynamic tree) is an integer >= 2 and the configured proposer drafts
+    top-k candidates with scores: a dynamic tree choosing among sampled drafts by their own probability would
+    bias them (the decoder refuses that too, but only once the models are loaded)."""
+    if OmegaConf.select(cfg, f"{key}.tree.dynamic") is None:
+        return
+    check_int(cfg, f"{key}.tree.dynamic", 2)
+    if get(cfg, f"{key}.proposer") is None:
+        raise ValueError(f"`{key}.tree.dynamic` is set, but decoder {get(cfg, f'{key}.name', '?')!r} has no "
+                         f"proposer (no draft tree): set {key}.tree.dynamic=null")
+    fixes = draft_fixes(cfg, key)
+    if fixes:
+        raise ValueError(f"`{key}.tree.dynamic`={get(cfg, f'{key}.tree.dynamic')} ranks deterministic (top-k) drafts "
+                         "by their draft probability; choosing among sampled drafts that way would bias them and the "
+                         "exact rule would stop being lossless. " + "; ".join(fixes))
+
+
 # ----------------------------------------------------------------------------------------------- entry points
 def validate_generate(cfg: DictConfig) -> None:
     """``hawkspec-generate``: batch size, grid, prompts file, backbone folder, run folder."""
@@ -157,6 +263,8 @@ def validate_generate(cfg: DictConfig) -> None:
     check_int(cfg, "grid.ncols", 1)
     check_int(cfg, "grid.scale", 1)
     check_file(cfg, "prompts_file", "one prompt per line")
+    check_text_file(cfg, "prompts_file", "a UTF-8 text file (one prompt per line)")
+    check_devices(cfg)
     check_backbone(cfg)
     check_sampling(cfg, backbone_num_codes(cfg))
     check_output_dir(cfg)
@@ -176,6 +284,7 @@ def validate_cache(cfg: DictConfig) -> None:
     check_int(cfg, "cache.batch_size", 1)
     check_int(cfg, "cache.topk", 0)
     check_cache_out_dir(cfg)
+    check_devices(cfg)
     check_backbone(cfg)
     num_codes = backbone_num_codes(cfg)
     check_sampling(cfg, num_codes)
@@ -218,6 +327,7 @@ def validate_train(cfg: DictConfig) -> None:
     if ckpt is not None and ckpt != "last":
         check_file(cfg, "ckpt_path", "a Lightning checkpoint (`last`: the run folder's own; null: start afresh)")
     check_export_dir(cfg, "heads")
+    check_devices(cfg)
     check_backbone(cfg)
     check_output_dir(cfg)
 
@@ -238,10 +348,16 @@ def validate_eval(cfg: DictConfig) -> None:
         raise ValueError(f"{e}.cuda_graphs=true records CUDA graphs: it needs device=cuda "
                          f"(got device={get(cfg, 'device', 'cpu')}); set {e}.cuda_graphs=false")
     check_file(cfg, f"{e}.prompts_file", "one prompt per line")
+    check_text_file(cfg, f"{e}.prompts_file", "a UTF-8 text file (one prompt per line)")
+    source = get(cfg, f"{e}.prompts.source", "procedural")
+    if source != "procedural":
+        check_text_file(cfg, f"{e}.prompts.path", f"a UTF-8 {source} prompts file")
+    check_devices(cfg)
     check_backbone(cfg)
     num_codes = backbone_num_codes(cfg)
     check_sampling(cfg, num_codes)
     check_tree(cfg, "decoder", num_codes)
+    check_dynamic_tree(cfg, "decoder")
     check_decoder_heads(cfg)
     if get(cfg, f"{e}.quality.enabled", False):
         check_quality(cfg)
@@ -274,14 +390,21 @@ def check_quality(cfg: DictConfig) -> None:
     check_file(cfg, f"{q}.inception_weights", "torch-fidelity's Inception weights (null: the torch hub cache)")
     ref_dir = check_folder(cfg, f"{q}.reference.image_dir")
     if ref_dir is not None:
-        from hawkspec.metrics.quality import IMAGE_SUFFIXES
+        from hawkspec.metrics.quality import IMAGE_SUFFIXES, reference_files, unreadable_image
 
-        images = [p for p in ref_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         limit = get(cfg, f"{q}.reference.num_images", 0)
-        images = images[:limit] if isinstance(limit, int) and limit > 0 else images
+        images = reference_files(ref_dir, limit if isinstance(limit, int) else 0)
         if len(images) < 2:
             raise FileNotFoundError(f"`{q}.reference.image_dir`={ref_dir} holds {len(images)} images "
                                     f"({', '.join(IMAGE_SUFFIXES)}, with num_images={limit}); FID needs at least 2")
+        # every file FID will read opens as an image now, not after every decoder has been decoded and timed
+        bad = [(p, why) for p in images if (why := unreadable_image(p)) is not None]
+        if bad:
+            (first, why), more = bad[0], len(bad) - 1
+            raise ValueError(f"`{q}.reference.image_dir`={ref_dir}: {first.name} is not a readable image ({why})"
+                             + (f"; and {more} more file(s), e.g. {', '.join(p.name for p, _ in bad[1:4])}"
+                                if more else "") + f"; remove or replace {'them' if more else 'it'} (the first "
+                             f"{len(images)} image files by name are read)")
     else:
         check_int(cfg, f"{q}.reference.num_images", 2)
     cache_dir = get(cfg, f"{q}.reference.cache_dir")

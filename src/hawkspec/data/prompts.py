@@ -15,7 +15,7 @@ Sources (``eval.prompts.source``):
 Each prompt keeps its position in the full set (``index``), the id of its image or line (``id``) and, for
 Parti, its ``category``. A set larger than ``num`` is cut to a *seeded random* subset of ``num`` prompts (in
 their original order), never to the first ``num``. A missing or malformed file raises an error naming the
-file and, where there is one, the line.
+file and, where there is one, the line; so does a file that is not UTF-8 text (a binary file).
 """
 
 from __future__ import annotations
@@ -93,7 +93,11 @@ def load_prompt_set(spec: PromptSpec | dict) -> list[Prompt]:
     path = Path(spec.path).expanduser()
     rng = np.random.default_rng(spec.seed)
     reader = {"coco": _coco, "flickr30k": _flickr, "parti": _parti, "txt": _txt, "jsonl": _jsonl}[spec.source]
-    items = reader(path, spec, rng)  # [(id, text, category)]
+    try:
+        items = reader(path, spec, rng)  # [(id, text, category)]
+    except UnicodeDecodeError as e:  # a binary file, or another encoding: name the file, not just the codec
+        raise ValueError(f"{path}: not a UTF-8 {spec.source} prompts file ({e.reason} at byte {e.start}); "
+                         "eval.prompts.path (or eval.prompts_file) must name a text file saved as UTF-8") from None
     if not items:
         raise ValueError(f"{path}: no prompts found ({spec.source}"
                          + (f", split {spec.split}" if spec.split else "")

@@ -300,9 +300,11 @@ class SpeculativeDecoder:
         renumbered in order; parents, children and ancestor masks follow. (B, T) -> (B, n)."""
         logp = t.pools.logp
         if t.pools.q is not None:  # choosing among i.i.d. sampled siblings by their value would bias them
-            raise ValueError("decoder.tree.dynamic ranks deterministic (top-k) drafts; sampled drafts "
-                             "(decoder.proposer.draft=sample) chosen by their own probability would no longer be "
-                             "draws from q, and the exact rule would stop being lossless: use draft=topk")
+            raise ValueError(f"decoder.tree.dynamic ranks deterministic (top-k) drafts, but the {self.proposer.name!r} "
+                             "proposer's are sampled; sampled drafts chosen by their own probability would no longer "
+                             "be draws from q, and the exact rule would stop being lossless: draft top-k "
+                             "(decoder.proposer.draft=topk where the proposer has that key; Jacobi drafts are always "
+                             "sampled) or set decoder.tree.dynamic=null")
         if logp is None:
             raise ValueError(f"decoder.tree.dynamic needs drafts with scores (Pools.logp); the "
                              f"{self.proposer.name!r} proposer gives none: set decoder.tree.dynamic=null")

@@ -163,6 +163,25 @@ def torch_fidelity_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- reference images
+def reference_files(folder: str | Path, num_images: int = 0) -> list[Path]:
+    """The reference images of ``eval.quality.reference.image_dir``: its files with an image suffix
+    (:data:`IMAGE_SUFFIXES`), sorted by name, the first ``num_images`` (all when ``num_images <= 0``)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return files[:num_images] if num_images > 0 else files
+
+
+def unreadable_image(path: Path) -> str | None:
+    """Why PIL cannot open ``path`` as an image (its header, and for PNG its chunks' checksums); None: it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError (bad PNG chunk), struct.error, ...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def reference_images(ref: dict, side: int, batch: int, fid_side: int | None = None,
                      fid_filter: str = "lanczos") -> tuple[dict, Iterator[torch.Tensor]]:
     """The real images FID compares with: a description (the cache key) and a generator of uint8 batches.
@@ -176,8 +195,7 @@ def reference_images(ref: dict, side: int, batch: int, fid_side: int | None = No
     n = int(ref.get("num_images", 0))
     if ref.get("image_dir"):
         folder = Path(ref["image_dir"])
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        files = files[:n] if n > 0 else files
+        files = reference_files(folder, n)
         if len(files) < 2:
             raise ValueError(f"eval.quality.reference.image_dir={folder} holds {len(files)} images; FID needs >= 2")
         desc = {"source": "image_dir", "path": str(folder.resolve()), "num_images": len(files), "side": side,
@@ -187,9 +205,15 @@ def reference_images(ref: dict, side: int, batch: int, fid_side: int | None = No
         def batches():
             from PIL import Image
 
+            def load(p: Path):
+                try:
+                    return Image.open(p).convert("RGB")
+                except Exception as e:  # e.g. a truncated file that passed the start-up check of its header
+                    raise ValueError(f"eval.quality.reference.image_dir={folder}: cannot read {p.name} "
+                                     f"({type(e).__name__}: {e}); remove or replace it") from e
+
             for s in range(0, len(files), batch):
-                imgs = [np.asarray(center_crop_resize_pil(Image.open(p).convert("RGB"), fid_side, fid_filter))
-                        for p in files[s : s + batch]]
+                imgs = [np.asarray(center_crop_resize_pil(load(p), fid_side, fid_filter)) for p in files[s : s + batch]]
                 yield torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     else:
         seed = int(ref.get("seed", 0))
