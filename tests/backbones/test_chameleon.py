@@ -271,7 +271,8 @@ def test_backbone_configs_carry_the_paper_sampling(res):
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         for primary in ("generate", "eval", "cache"):
             cfg = compose(primary, overrides=[f"backbone=lumina_mgpt_{res}"])
-            assert dict(cfg.sampling) == {"temperature": 1.0, "top_k": 2000, "cfg_scale": 3.0}
+            assert dict(cfg.sampling) == {"temperature": 1.0, "top_k": 2000, "cfg_scale": 3.0, "top_p": None,
+                                          "cfg_off_below_one": False}
             assert cfg.backbone.resolution == res and cfg.backbone.path is None
             assert cfg.backbone._target_ == "hawkspec.backbones.chameleon.ChameleonBackbone.from_pretrained"
         assert compose("eval", overrides=[f"backbone=lumina_mgpt_{res}", "sampling.top_k=7"]).sampling.top_k == 7

@@ -173,10 +173,10 @@ def test_captions_t5_features_and_unconditional_slots():
     assert all(len(c) == len(u) == CAPTION_TOKENS for c, u in zip(enc.cond, enc.uncond))
     assert enc.uncond[0].count(bb.NULL_SLOT) == n0  # the prompt's own mask on the unconditional row
     assert bb.image_start_ids == [] and bb.eol_token_id is None and bb.max_length == CAPTION_TOKENS + 16
-    with pytest.raises(ValueError, match="truncate_captions"):
+    assert bb.encode(["red " * 130]).cond[0].count(bb.CAPTION_SLOT) == CAPTION_TOKENS  # cut, as the official code
+    bb.strict_length = True
+    with pytest.raises(ValueError, match="strict_length"):
         bb.encode(["red " * 130])
-    bb.truncate_captions = True
-    assert bb.encode(["red " * 130]).cond[0].count(bb.CAPTION_SLOT) == CAPTION_TOKENS
 
 
 # ----------------------------------------------------------------------------------------------- YAML and pipeline
@@ -201,6 +201,9 @@ def test_yamls_hold_the_official_defaults():
         cfg = _compose(name, "sampling=llamagen")
         assert cfg.backbone.image_size == size and cfg.backbone.gpt_model == "GPT-XL"
         assert cfg.sampling.cfg_scale == 7.5 and cfg.sampling.top_k == 1000 and cfg.sampling.temperature == 1.0
+        assert cfg.sampling.top_p is None and cfg.sampling.cfg_off_below_one is True
+        assert cfg.backbone.clean_caption is True and cfg.backbone.strict_length is False
+        assert _compose(name).sampling == cfg.sampling  # the backbone brings its sampling without sampling=llamagen
 
 
 def test_yaml_target_loads_official_files_and_hawk_decodes(saved, tmp_path):

@@ -12,15 +12,28 @@ Sequence of one image, token by token (ids looked up by name in the model's ``vo
   the end-of-turn separator ``<reserved08706>`` (id 8710 in the real vocabulary), encoded as one string.
 * The image start is ``<racm3:break>`` (what Chameleon calls "begin image"; id 8197) followed by the two size
   tokens, height then width, each counting 32-pixel grids (= 2 latents): ``<reserved08824>`` at 768 px (id 8828).
-  The official code lets the model sample these three tokens (text top-k 10); we force them, as every
-  speculative decoder on Lumina-mGPT does.
+  ``backbone.image_start`` says where they come from. ``forced`` (default, what every speculative decoder on
+  Lumina-mGPT does): written after the prompt, never sampled. ``sampled`` (the official ``inference_solver.py``):
+  the model samples them from the conditional stream alone -- its CFG processor starts guiding at the first image
+  code, its image-only mask too -- over the whole vocabulary, the image logits unmasked (the released checkpoints
+  were tuned with ``--unmask_image_logits``), at the run's temperature: ``<racm3:break>`` under the *text* top-k
+  (``InterleavedTopKLogitsWarper``'s ``text_top_k=10``: no image is open yet), each size token under the *image*
+  top-k (``image_top_k``, the run's ``--top_k``: 2000). The official code then reads the image size from the
+  sampled size tokens; here the grid is fixed by ``backbone.resolution``, so a prompt whose draw is not
+  ``<racm3:break>`` (the official code would answer in text) or names another size (it would draw an image of
+  that size) is refused with an error naming both. Otherwise the tokens equal the forced ones and so does every
+  later distribution: ``sampled`` only spends three draws per prompt (from the generator :meth:`prefill` is given)
+  and refuses what the official code would not have drawn at this size.
 * Every row of ``W/16`` codes ends in the forced end-of-line ``<reserved08799>`` (id 8803); the image ends with
   ``<eoss>`` (id 8196).
 * CFG: the unconditional stream is the image start alone -- the official processor feeds ``input_ids`` from the
   image start on, with no BOS and no text -- so ``PromptBatch.uncond`` is ``[]`` for every prompt; it sees the
   same body tokens (end-of-line included) as the conditional stream.
-* Sampling: guidance on the raw logits (``uncond + s * (cond - uncond)``), then only image codes are allowed, then
-  image top-k (2000), then temperature -- the order of :func:`hawkspec.decoding.sampling.target_probs`.
+* Sampling: guidance on the raw logits (``uncond + s * (cond - uncond)``, ``s = sampling.cfg_scale``: 3 in
+  ``conf/backbone/sampling/lumina_mgpt_*.yaml``; the official processor skips guidance only at exactly 1.0, so a
+  scale below 1 still mixes and ``sampling.cfg_off_below_one`` stays false), then only image codes are allowed,
+  then image top-k (``sampling.top_k``: 2000), then temperature -- the order of
+  :func:`hawkspec.decoding.sampling.target_probs`.
 * Image codes are the ``IMGIMG...Z`` entries of the vocabulary map (``ChameleonImageVocabularyMapping``: the
   letters A-J spell the VQ index); ``code_token_ids[k]`` is the BPE id of VQ code ``k``.
 * HF's ``ChameleonForConditionalGeneration.forward`` masks every image token's logit (it is a chat model), so the
@@ -40,6 +53,7 @@ import hashlib
 import json
 import logging
 import random as _random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +83,15 @@ IMAGE_END_TOKEN = "<eoss>"  # id 8196
 EOL_TOKEN = "<reserved08799>"  # id 8803
 #: Pixels per size-token grid in Lumina-mGPT (its ``patch_size``): 2 latents of the 16x VQGAN.
 SIZE_TOKEN_LATENTS = 2
+#: ``backbone.image_start``: the image-start tokens written after the prompt (``forced``) or drawn by the model
+#: as the official ``inference_solver.py`` does (``sampled``).
+IMAGE_START_MODES = ("forced", "sampled")
+#: The official ``create_logits_processor(text_top_k=10)``: the top-k of every token outside an image, so of
+#: ``<racm3:break>``.
+TEXT_TOP_K = 10
+#: The official ``image_top_k`` default (``create_logits_processor(image_top_k=2000)``; ``generate.py`` passes
+#: ``--top_k``): the top-k of the two size tokens, which come after ``<racm3:break>``.
+IMAGE_TOP_K = 2000
 #: transformers' names of the per-head query/key LayerNorm parameters.
 QK_NORM_SUFFIXES = ("self_attn.q_norm.weight", "self_attn.q_norm.bias", "self_attn.k_norm.weight",
                     "self_attn.k_norm.bias")
@@ -316,13 +339,30 @@ class ChameleonBackbone(HFBackbone):
         name: Backbone name recorded with heads and shards; default ``lumina-mgpt-{H}x{W}``.
         revision: Identifies the weights.
         prompt_template: The text around the caption (``{width}``, ``{height}``, ``{caption}``).
+        image_start: ``forced`` or ``sampled`` (``backbone.image_start``; the module docstring).
+        image_start_top_k: With ``sampled``, the top-k of the size tokens (the official image top-k; 0 or None:
+            off); ``<racm3:break>`` always uses the text top-k 10.
+        image_start_temperature: With ``sampled``, the temperature of the three draws (the official code uses
+            the run's; 0: greedy).
     """
 
     def __init__(self, model: ChameleonForConditionalGeneration, tokenizer, resolution,
                  vqgan: ChameleonVQGANDecoder | None = None, vq_encoder: bool = True,
                  size_token_latents: int = SIZE_TOKEN_LATENTS, name: str | None = None,
-                 revision: str | None = None, prompt_template: str = PROMPT_TEMPLATE, vqgan_reason: str = ""):
+                 revision: str | None = None, prompt_template: str = PROMPT_TEMPLATE, vqgan_reason: str = "",
+                 image_start: str = "forced", image_start_top_k: int | None = IMAGE_TOP_K,
+                 image_start_temperature: float = 1.0):
         super().__init__()
+        if image_start not in IMAGE_START_MODES:
+            raise ValueError(f"backbone.image_start must be one of {list(IMAGE_START_MODES)}, got {image_start!r}")
+        if image_start_top_k is not None and (isinstance(image_start_top_k, bool) or int(image_start_top_k) < 0):
+            raise ValueError(f"backbone.image_start_top_k must be >= 0 (0 or null: off), got {image_start_top_k!r}")
+        if float(image_start_temperature) < 0:
+            raise ValueError(f"backbone.image_start_temperature must be >= 0 (0: greedy), got "
+                             f"{image_start_temperature}")
+        self.image_start = image_start
+        self.image_start_top_k = int(image_start_top_k or 0)
+        self.image_start_temperature = float(image_start_temperature)
         self.model = model
         self.tokenizer = tokenizer
         self.vqgan = vqgan
@@ -332,6 +372,7 @@ class ChameleonBackbone(HFBackbone):
         vq = model.config.vq_config
         downsample = 2 ** (len(vq.channel_multiplier) - 1)
         self.layout = lumina_layout(model.config.vocabulary_map, resolution, downsample, size_token_latents)
+        self._grid_px = downsample * size_token_latents
         lay = self.layout
         if vqgan is not None and (vqgan.config.downsample != downsample or vqgan.config.n_embed != len(lay.code_token_ids)):
             raise ValueError(f"backbone.vqgan_path: the VQGAN ({vqgan.config.n_embed} codes, {vqgan.config.downsample}x) "
@@ -352,7 +393,9 @@ class ChameleonBackbone(HFBackbone):
                         vqgan_config: str | None = None, tokenizer_path: str | None = None,
                         dtype: str = "bfloat16", device: str | None = None, attn_implementation: str = "sdpa",
                         size_token_latents: int = SIZE_TOKEN_LATENTS, name: str | None = None,
-                        prompt_template: str = PROMPT_TEMPLATE) -> "ChameleonBackbone":
+                        prompt_template: str = PROMPT_TEMPLATE, image_start: str = "forced",
+                        image_start_top_k: int | None = IMAGE_TOP_K,
+                        image_start_temperature: float = 1.0) -> "ChameleonBackbone":
         """Load Lumina-mGPT (``conf/backbone/lumina_mgpt_*.yaml``).
 
         Args:
@@ -366,6 +409,9 @@ class ChameleonBackbone(HFBackbone):
                 (the CLIs move the backbone; under DDP Lightning does).
             attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (trees need an additive mask:
                 ``sdpa`` or ``eager``).
+            image_start, image_start_top_k, image_start_temperature: ``backbone.image_start`` (``forced`` or
+                ``sampled``) and, for ``sampled``, the size tokens' top-k and the draws' temperature (the YAMLs
+                take both from ``sampling``, as the official code does).
         """
         if not path:
             raise ValueError("backbone.path is not set: a Lumina-mGPT checkpoint folder or hub id, e.g. "
@@ -397,18 +443,19 @@ class ChameleonBackbone(HFBackbone):
                       "vqgan.ckpt, is not part of the transformers checkpoint)")
         return cls(model, tokenizer, resolution, vqgan=vqgan, vq_encoder=info["vq_loaded"],
                    size_token_latents=size_token_latents, name=name, revision=info["revision"],
-                   prompt_template=prompt_template, vqgan_reason=reason)
+                   prompt_template=prompt_template, vqgan_reason=reason, image_start=image_start,
+                   image_start_top_k=image_start_top_k, image_start_temperature=image_start_temperature)
 
     @classmethod
     def random(cls, rows: int = 4, cols: int = 4, num_codes: int = 512, seed: int = 0,
-               with_vqgan: bool = True) -> "ChameleonBackbone":
+               with_vqgan: bool = True, **kwargs) -> "ChameleonBackbone":
         """A tiny random ``ChameleonForConditionalGeneration`` for tests (no downloads; eval, CPU, float32).
 
         Its vocabulary is built like the real one -- ``<s>``, ``<pad>``, image tokens named ``IMGIMG...Z``, the
         special and ``<reserved...>`` tokens, a few words -- but shuffled, so code ids are neither contiguous nor
         in code order. Grids of even size use Lumina's 2 latents per size token, others 1. VQ: a 4x VQGAN with
         32/64 channels (transformers' encoder, :mod:`hawkspec.vq.chameleon_vqgan` decoder) unless ``with_vqgan``
-        is False.
+        is False. ``kwargs`` go to the constructor (``image_start=...``).
         """
         unit = SIZE_TOKEN_LATENTS if rows % 2 == 0 and cols % 2 == 0 else 1
         vocab, tokenizer = tiny_vocabulary(num_codes)
@@ -437,7 +484,7 @@ class ChameleonBackbone(HFBackbone):
         model.requires_grad_(False)
         return cls(model, tokenizer, (4 * rows, 4 * cols), vqgan=vqgan.requires_grad_(False) if vqgan else None,
                    size_token_latents=unit, name="chameleon-random",
-                   vqgan_reason="" if vqgan else "this random Chameleon was built without a VQGAN decoder")
+                   vqgan_reason="" if vqgan else "this random Chameleon was built without a VQGAN decoder", **kwargs)
 
     def save_pretrained(self, path: str | Path, vqgan_dir: str | Path | None = None) -> None:
         """Write the model and tokenizer like a transformers checkpoint (``config.json``, ``*.safetensors``,
@@ -484,6 +531,93 @@ class ChameleonBackbone(HFBackbone):
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.lm_head.weight
+
+    # ------------------------------------------------------------------------------- image start
+    @torch.no_grad()
+    def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None, round_to: int = 1,
+                generator: torch.Generator | None = None):
+        """:meth:`HFBackbone.prefill`; with ``backbone.image_start=sampled`` the model first draws the image start
+        of every prompt (:meth:`sample_image_start`, from ``generator``: the decoder's own, or torch's global one
+        when None), which must equal the forced tokens the prefill then runs."""
+        if self.image_start == "sampled" and len(prompts):
+            self.sample_image_start(prompts, generator)
+        return super().prefill(prompts, cfg, reserve, round_to)
+
+    @torch.no_grad()
+    def teacher_forced(self, prompts: PromptBatch, body: torch.Tensor, cfg: bool = False) -> torch.Tensor:
+        """:meth:`Backbone.teacher_forced`. A known body was drawn at this size, so its image start is given: never
+        sampled here (the states are those decoding sees after a draw that passed)."""
+        mode, self.image_start = self.image_start, "forced"
+        try:
+            return super().teacher_forced(prompts, body, cfg)
+        finally:
+            self.image_start = mode
+
+    def _size_px(self, name: str) -> str:
+        """Pixels a size token stands for (``<reserved{8800+n}>``: n grids of ``size_token_latents`` latents)."""
+        m = re.fullmatch(r"<reserved(\d{5})>", name)
+        n = int(m.group(1)) - 8800 if m else -1
+        return str(n * self._grid_px) if n > 0 else "?"
+
+    def _full_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        """(N, vocab) float32 next-token logits of the whole vocabulary after each sequence (no cache, no mask on
+        image tokens)."""
+        ids, mask = self._left_padded(seqs)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self._run(self.embed(ids), mask, pos).last_hidden_state[:, -1]
+        return self.model.lm_head(hidden).float()
+
+    def image_start_probs(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The official distribution of image-start token ``step`` (0: ``<racm3:break>``, 1: height, 2: width) from
+        (..., vocab) logits: top-k (10 for step 0, the text top-k; ``image_start_top_k`` after it), then
+        temperature. (..., vocab) float32; one-hot of the argmax at temperature 0."""
+        from hawkspec.decoding.sampling import SamplingConfig, target_probs
+
+        k = TEXT_TOP_K if step == 0 else self.image_start_top_k
+        return target_probs(logits, SamplingConfig(temperature=self.image_start_temperature, top_k=k, cfg_scale=1.0))
+
+    @torch.no_grad()
+    def sample_image_start(self, prompts: PromptBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``<racm3:break>`` and the two size tokens of every prompt as the official ``inference_solver.py``
+        does (module docstring): conditional stream only, no CFG, the whole vocabulary, temperature
+        ``image_start_temperature``, top-k 10 for the first token and ``image_start_top_k`` for the size tokens.
+        One uniform per prompt and token, in token order. Returns (B, 3) ids, which equal :attr:`image_start_ids`.
+
+        Raises:
+            ValueError naming the prompt when a draw differs from the forced tokens: no image start (the official
+            code would continue in text), or size tokens of another size than ``backbone.resolution`` (it would
+            draw an image of that size, which this run's grid cannot hold).
+        """
+        from hawkspec.decoding.sampling import sample
+
+        lay, names = self.layout, {int(i): n for n, i in self.model.config.vocabulary_map.items()}
+        seqs = [list(p) for p in prompts.cond]
+        drawn = []
+        for step in range(len(lay.image_start_ids)):
+            probs = self.image_start_probs(self._full_logits(seqs), step)
+            tok = probs.argmax(-1) if self.image_start_temperature == 0 else sample(probs, generator)
+            drawn.append(tok)
+            seqs = [s + [int(t)] for s, t in zip(seqs, tok.tolist())]
+            if step == 0 and bool((tok != lay.image_start_ids[0]).any()):
+                i = int((tok != lay.image_start_ids[0]).nonzero()[0, 0])
+                got = names.get(int(tok[i]), int(tok[i]))
+                raise ValueError(
+                    f"backbone.image_start=sampled: for prompt {i} Lumina-mGPT drew {got!r} instead of "
+                    f"{IMAGE_START_TOKEN}, so the official code would answer in text, not draw an image; this prompt "
+                    "cannot be decoded as sampled (backbone.image_start=forced writes the image start)")
+        drawn = torch.stack(drawn, dim=1)
+        bad = (drawn != torch.tensor(lay.image_start_ids, device=drawn.device)).any(1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            got = [names.get(int(t), str(int(t))) for t in drawn[i, 1:]]
+            want = [names[int(t)] for t in lay.image_start_ids[1:]]
+            raise ValueError(
+                f"backbone.image_start=sampled: for prompt {i} Lumina-mGPT drew the size tokens {got[0]} {got[1]} "
+                f"(height x width: {self._size_px(got[0])} x {self._size_px(got[1])} px) where backbone.resolution "
+                f"asks for {lay.height} x {lay.width} ({want[0]} {want[1]}). The official code would go on drawing an "
+                "image of the drawn size; this run's grid is fixed by backbone.resolution, so the prompt is refused "
+                "(backbone.image_start=forced writes the configured size)")
+        return drawn
 
     # ------------------------------------------------------------------------------- image side
     def can_decode(self) -> tuple[bool, str]:

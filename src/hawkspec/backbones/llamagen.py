@@ -17,17 +17,27 @@ decoder with three differences, each reproduced here:
   row is the learned ``uncond_embedding`` (120 x 2048) with the prompt's own mask (official ``generate``:
   ``cat([emb_masks, emb_masks])``).
 
-Text features come from a local FLAN-T5 encoder (``t5_path``), tokenised to 120 tokens with ``padding="max_length"``
-as the official ``T5Embedder``; captions are lower-cased and stripped (the official ``clean_caption`` needs bs4 and
-ftfy and only normalises URLs, HTML and odd punctuation: a caption it would change is read as written here). The VQ
-is LlamaGen's VQ-16, whose architecture transformers ships as Janus' VQ-VAE (Janus reuses it): the official
-``vq_ds16_t2i.pt`` keys are mapped onto ``JanusVQVAE``. Official sampling: CFG 7.5, top-k 1000, T 1.
+Text features come from a local FLAN-T5 encoder (``t5_path``), as the official ``T5Embedder`` makes them:
+
+* every caption is cleaned first (:func:`clean_caption`: the official ``text_preprocessing``, the DeepFloyd/PixArt
+  ``clean_caption`` with ftfy and BeautifulSoup, applied twice; ``backbone.clean_caption=false`` only lower-cases
+  and strips, the official ``use_text_preprocessing=False``). 25 of the 1,632 PartiPrompts read differently
+  cleaned ("U.S. 101" -> "u. s. 101", "2x2 emoji" -> "emoji", curly quotes -> ASCII, a final quote dropped);
+* then tokenised to 120 tokens with ``padding="max_length", truncation=True``: a longer caption keeps its first
+  119 tokens and ``</s>``, as the official code does silently (a warning here; ``backbone.strict_length=true``
+  makes it an error naming the prompt).
+
+The VQ is LlamaGen's VQ-16, whose architecture transformers ships as Janus' VQ-VAE (Janus reuses it): the official
+``vq_ds16_t2i.pt`` keys are mapped onto ``JanusVQVAE``; decoded pixels are rounded to uint8 as the official
+evaluation script writes them (:func:`to_uint8_rounded`). Official sampling (``conf/sampling/llamagen.yaml``):
+CFG 7.5 (guidance only when ``cfg_scale > 1``: ``sampling.cfg_off_below_one``), top-k 1000, T 1, top-p 1 (off).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +46,7 @@ from torch import nn
 
 from hawkspec.backbones.base import ImageGrid, PromptBatch
 from hawkspec.backbones.hf import HFBackbone
-from hawkspec.backbones.janus import require_dir, resolve_dtype, to_uint8, weights_hash, word_tokenizer
+from hawkspec.backbones.janus import require_dir, resolve_dtype, weights_hash, word_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,99 @@ GPT_CONFIGS = {
 }
 #: Official t2i resolutions: image size -> latent grid side (VQ-16 downsamples by 16).
 RESOLUTIONS = {256: 16, 512: 32}
+
+
+# --------------------------------------------------------------------------------------------- captions
+# LlamaGen's T5Embedder cleans every caption before tokenising it (``text_preprocessing``: the DeepFloyd-IF /
+# PixArt ``clean_caption``, run twice, "the exact text cleaning as was in the training stage"). The steps below
+# reproduce its decisions in its order; each is (pattern, replacement) applied with ``re.sub`` to the whole caption.
+_DASHES = ("\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40"  # the hyphen first: literal
+           "\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d")
+_URL_TAIL = r"[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)"
+_MEDIA = r"(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)"
+_BEFORE_HTML = [  # after unquoting and lower-casing
+    (r"<person>", "person"),
+    (r"\b((?:https?:(?:\/{1,3}|[a-zA-Z0-9%])|" + _URL_TAIL + r"))", ""),  # URLs
+    (r"\b((?:www:(?:\/{1,3}|[a-zA-Z0-9%])|" + _URL_TAIL + r"))", ""),
+]
+_BEFORE_FIX = [  # after BeautifulSoup has dropped the markup
+    (r"@[\w\d]+\b", ""),  # @nickname
+    (r"[\u31c0-\u9fff]+", ""),  # CJK strokes .. unified ideographs (U+31C0-U+9FFF, one contiguous block)
+    ("[" + _DASHES + "]+", "-"),  # every kind of dash, runs included -> one hyphen
+    (r"[`´«»“”¨]", '"'),  # quotes -> one standard
+    (r"[‘’]", "'"),
+    (r"&quot;?", ""),
+    (r"&amp", ""),
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IP addresses
+    (r"\d:\d\d\s+$", ""),  # article ids
+    (r"\\n", " "),  # a literal backslash-n
+    (r"#\d{1,3}\b", ""),
+    (r"#\d{5,}\b", ""),
+    (r"\b\d{6,}\b", ""),
+    (r"[\S]+\." + _MEDIA, ""),  # file names
+    (r"[\"']{2,}", '"'),
+    (r"[\.]{2,}", " "),
+    (r"[#®•©™&@·º½¾¿¡§~)(\]\[}{|\\/*]+", " "),  # runs of odd punctuation
+    (r"\s+\.\s+", " "),
+]
+_AFTER_FIX = [  # after ftfy and HTML unescaping
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),  # jc6640
+    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),  # jc6640vc
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),  # 6640vc231
+    (r"(worldwide\s+)?(free\s+)?shipping", ""),
+    (r"(free\s)?download(\sfree)?", ""),
+    (r"\bclick\b\s(?:for|on)\s\w+", ""),
+    (r"\b" + _MEDIA + r"(\simage[s]?)?", ""),
+    (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),  # j2d1a2a...
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),  # sizes such as 1920x1080 (Latin x, Cyrillic х, ×)
+    (r"\b\s+\:\s+", ": "),
+    (r"(\D[,\./])\b", r"\1 "),
+    (r"\s+", " "),
+    (r"^[\"']([\w\W]+)[\"']$", r"\1"),  # one pair of surrounding quotes
+    (r"^['_,\-:;]", ""),
+    (r"['_,\-:+]$", ""),
+    (r"^\.\S+$", ""),
+]
+_CLEANING = tuple([(re.compile(a), b) for a, b in steps] for steps in (_BEFORE_HTML, _BEFORE_FIX, _AFTER_FIX))
+_JOINERS = re.compile(r"[-_]")
+
+
+def clean_caption_once(caption: str) -> str:
+    """One pass of the official caption cleaning (LlamaGen ``language/t5.py``, ``T5Embedder.clean_caption``):
+    URL-unquote (``+`` reads as a space) and lower-case; drop URLs, HTML markup (BeautifulSoup), @names, CJK,
+    IPs, ids, file names, shop boilerplate ("free shipping", "click for ...") and sizes ("1920x1080"); unify dashes
+    and quotes; turn runs of odd punctuation into spaces; ``a-b-c-d-e`` / ``a_b_c`` (more than three ``-``/``_``)
+    into words; ftfy and double HTML unescaping; one space between words."""
+    import html
+    import urllib.parse
+
+    try:
+        import ftfy
+        from bs4 import BeautifulSoup
+    except ImportError as e:  # both are dependencies of hawkspec; a trimmed environment says what to do
+        raise ImportError(f"LlamaGen's caption cleaning needs ftfy and beautifulsoup4 ({e}); install them or set "
+                          "backbone.clean_caption=false (captions then only lower-cased and stripped)") from e
+    before_html, before_fix, after_fix = _CLEANING
+    text = urllib.parse.unquote_plus(str(caption)).strip().lower()
+    for pattern, repl in before_html:
+        text = pattern.sub(repl, text)
+    with warnings.catch_warnings():  # a caption that looks like a URL or a file name is still just text
+        warnings.simplefilter("ignore")
+        text = BeautifulSoup(text, features="html.parser").text
+    for pattern, repl in before_fix:
+        text = pattern.sub(repl, text)
+    if len(_JOINERS.findall(text)) > 3:  # this-is-my-cute-cat -> words
+        text = _JOINERS.sub(" ", text)
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    for pattern, repl in after_fix:
+        text = pattern.sub(repl, text)
+    return text.strip()
+
+
+def clean_caption(caption: str) -> str:
+    """The official LlamaGen caption preprocessing: :func:`clean_caption_once` twice (as ``text_preprocessing``)."""
+    return clean_caption_once(clean_caption_once(caption))
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -214,6 +317,15 @@ LlamaGenT2I.official_state_dict = _official_state_dict
 
 
 # --------------------------------------------------------------------------------------------- VQ-16
+def to_uint8_rounded(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> uint8 as LlamaGen's ``sample_t2i_ddp.py`` writes the evaluation images:
+    ``torch.clamp(127.5 * x + 128.0, 0, 255)`` cast to uint8 (in float32, the VQ decoder's dtype there). The cast
+    floors, so this rounds ``(x + 1) * 127.5`` half up; the generic ``(x + 1) / 2 * 255`` cast truncates, a pixel
+    one level darker about half the time. (``sample_t2i.py``'s ``save_image(normalize=True)`` adds 0.5 after
+    clamping to [-1, 1]: the same rounding.)"""
+    return (127.5 * pixels.float() + 128.0).clamp(0, 255).to(torch.uint8)
+
+
 def vq_config(num_codes: int = 16384, embed_dim: int = 8, base_channels: int = 128,
               channel_multiplier=(1, 1, 2, 2, 4), z_channels: int = 256, num_res_blocks: int = 2):
     """LlamaGen VQ-16 as a ``JanusVQVAEConfig`` (the same encoder/decoder; Janus ships LlamaGen's tokenizer)."""
@@ -301,17 +413,22 @@ class LlamaGenBackbone(HFBackbone):
         vq: A ``JanusVQVAE`` with the VQ-16 weights (or None: :meth:`decode_codes` then says why it cannot).
         t5: A ``T5EncoderModel`` (FLAN-T5-XL) and ``t5_tokenizer`` its tokenizer.
         rows, cols: The latent grid (16 x 16 at 256 px, 32 x 32 at 512 px).
-        truncate_captions: Cut captions to 120 T5 tokens as the official code does; False (default): an error.
+        clean_caption: Clean captions as the official ``T5Embedder`` (:func:`clean_caption`, twice); False: only
+            lower-case and strip them.
+        strict_length: Refuse a caption longer than 120 T5 tokens; False (default): cut it to 120 (119 tokens and
+            ``</s>``) as the official code does, with a warning.
     """
 
     def __init__(self, model: LlamaGenT2I, vq, t5, t5_tokenizer, rows: int, cols: int, name: str = "llamagen-t2i",
-                 revision: str | None = None, truncate_captions: bool = False, vq_downsample: int = 16):
+                 revision: str | None = None, clean_caption: bool = True, strict_length: bool = False,
+                 vq_downsample: int = 16):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.vq = vq.eval().requires_grad_(False) if vq is not None else None
         self.t5 = t5.eval().requires_grad_(False)
         self.t5_tokenizer = t5_tokenizer
-        self.truncate_captions = truncate_captions
+        self.clean_caption = bool(clean_caption)
+        self.strict_length = bool(strict_length)
         K = model.llama.config.vocab_size
         self.register_buffer("code_token_ids", torch.arange(K), persistent=False)
         self.PAD_SLOT, self.CAPTION_SLOT, self.NULL_SLOT = K, K + 1, K + 2
@@ -328,8 +445,8 @@ class LlamaGenBackbone(HFBackbone):
     @classmethod
     def from_pretrained(cls, gpt_path, t5_path, vq_path=None, image_size: int = 256, gpt_model: str = "GPT-XL",
                         dtype: str = "bfloat16", t5_dtype: str = "bfloat16", attn_implementation: str = "sdpa",
-                        name: str | None = None, revision: str | None = None, truncate_captions: bool = False,
-                        arch: dict | None = None, vq_arch: dict | None = None,
+                        name: str | None = None, revision: str | None = None, clean_caption: bool = True,
+                        strict_length: bool = False, arch: dict | None = None, vq_arch: dict | None = None,
                         latent_size: int | None = None) -> "LlamaGenBackbone":
         """Load the official checkpoints from disk (never downloaded).
 
@@ -340,6 +457,8 @@ class LlamaGenBackbone(HFBackbone):
             vq_path: ``vq_ds16_t2i.pt``; None: no image decoding (:meth:`can_decode` says so).
             image_size: 256 or 512 (16 x 16 / 32 x 32 codes); anything else is an error naming the key.
             gpt_model: The official GPT config name (GPT-XL for the released t2i checkpoints).
+            clean_caption, strict_length: ``backbone.clean_caption`` (official caption cleaning, default on) and
+                ``backbone.strict_length`` (refuse, rather than truncate, captions over 120 T5 tokens).
             arch, vq_arch, latent_size: Overrides for other sizes (``dim``/``n_layer``/``n_head``/
                 ``intermediate_size``; VQ ``base_channels``/``channel_multiplier``/``z_channels``/``num_res_blocks``/
                 ``embed_dim``; the grid side), e.g. a small test checkpoint.
@@ -373,7 +492,7 @@ class LlamaGenBackbone(HFBackbone):
             vq = load_vq(_torch_load(vq_file), vcfg, side, side)
             down = 2 ** (len(vcfg.channel_multiplier) - 1)
         bb = cls(model, vq, t5, tok, side, side, name=name or f"llamagen-t2i-xl-{image_size}", revision=revision,
-                 truncate_captions=truncate_captions, vq_downsample=down)
+                 clean_caption=clean_caption, strict_length=strict_length, vq_downsample=down)
         return bb
 
     def save_official(self, folder) -> dict:
@@ -424,18 +543,28 @@ class LlamaGenBackbone(HFBackbone):
         return cls(model, vq, t5, tok, rows, cols, name="llamagen-random", revision=f"random-{seed}", vq_downsample=2)
 
     # ------------------------------------------------------------------------------- prompts
+    def caption_text(self, prompt: str) -> str:
+        """What the T5 tokenizer reads for ``prompt``: the official cleaning (``backbone.clean_caption``) or the
+        lower-cased, stripped caption."""
+        return clean_caption(prompt) if self.clean_caption else str(prompt).lower().strip()
+
     @torch.no_grad()
     def caption_features(self, prompts: list[str]) -> tuple[list[torch.Tensor], list[int]]:
         """T5 features of the valid tokens of each caption, (n_i, caption_dim) float32 on the CPU, and n_i."""
-        texts = [p.lower().strip() for p in prompts]
-        full = self.t5_tokenizer(texts, add_special_tokens=True)["input_ids"]
+        texts = [self.caption_text(p) for p in prompts]
+        full = self.t5_tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]  # lengths only
         too_long = [(i, len(ids)) for i, ids in enumerate(full) if len(ids) > CAPTION_TOKENS]
-        if too_long and not self.truncate_captions:
+        if too_long:
             i, n = too_long[0]
-            raise ValueError(
-                f"prompt {i} has {n} T5 tokens; LlamaGen reads {CAPTION_TOKENS} caption positions before the image "
-                f"(its max_position_embeddings = {CAPTION_TOKENS} + {self.grid.num_codes}): shorten the prompt or set "
-                "backbone.truncate_captions=true (the official code truncates)")
+            if self.strict_length:
+                raise ValueError(
+                    f"prompt {i} has {n} T5 tokens; LlamaGen reads {CAPTION_TOKENS} caption positions before the "
+                    f"image (its max_position_embeddings = {CAPTION_TOKENS} + {self.grid.num_codes}): shorten the "
+                    f"prompt or set backbone.strict_length=false (the official code keeps the first "
+                    f"{CAPTION_TOKENS - 1} tokens and </s>)")
+            log.warning("%d caption(s) over %d T5 tokens cut to %d as the official code does (prompt %d has %d; "
+                        "backbone.strict_length=true refuses them)", len(too_long), CAPTION_TOKENS, CAPTION_TOKENS,
+                        i, n)
         enc = self.t5_tokenizer(texts, max_length=CAPTION_TOKENS, padding="max_length", truncation=True,
                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         dev = next(self.t5.parameters()).device
@@ -510,7 +639,7 @@ class LlamaGenBackbone(HFBackbone):
             raise FileNotFoundError(why)
         dev = next(self.vq.parameters()).device
         pixels = self.vq.decode(codes.reshape(codes.shape[0], -1).to(dev))  # official decode_code: l2-normed codebook
-        return to_uint8(pixels).cpu()
+        return to_uint8_rounded(pixels).cpu()
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

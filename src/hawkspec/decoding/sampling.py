@@ -2,7 +2,9 @@
 
 Every decoder — AR and all speculative ones — gets its target probabilities from :func:`target_probs`, so
 "lossless" has one meaning: the output distribution equals the one defined here. Order of operations
-(Lumina-mGPT's): CFG on logits, then top-k, then temperature, then softmax.
+(Lumina-mGPT's): CFG on logits, then top-k, then temperature, then (optional) top-p, then softmax. Top-k and a
+positive temperature commute, so this is also LlamaGen's ``sample()`` (temperature, top-k, top-p) and HF's
+warper order; top-p always reads the tempered, top-k-truncated distribution.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ class SamplingConfig:
         temperature: Softmax temperature; 0 means greedy (argmax).
         top_k: Keep the k most likely codes (ties at the k-th value kept); None or 0 keeps all.
         cfg_scale: Classifier-free guidance scale; 1.0 disables the unconditional stream.
+        top_p: Nucleus sampling after top-k and temperature (LlamaGen's ``top_k_top_p_filtering``): keep the most
+            likely codes up to and including the first whose cumulative probability exceeds ``top_p``. None or
+            1.0 keeps all (off: the target is bit-for-bit the one without the key).
+        cfg_off_below_one: LlamaGen's rule (``generate.py``: ``if cfg_scale > 1.0``): a scale below 1 runs the
+            conditional stream alone. False (Lumina-mGPT, Emu3, Janus): guidance unless the scale is exactly 1,
+            so a scale below 1 mixes the streams.
     """
 
     temperature: float = 1.0
     top_k: int | None = 128
     cfg_scale: float = 3.0
+    top_p: float | None = None
+    cfg_off_below_one: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -32,7 +42,11 @@ class SamplingConfig:
 
     @property
     def use_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
+        return self.cfg_scale > 1.0 if self.cfg_off_below_one else self.cfg_scale != 1.0
+
+    @property
+    def use_top_p(self) -> bool:
+        return self.top_p is not None and self.top_p < 1.0
 
     def validate(self, num_codes: int) -> "SamplingConfig":
         """Raise a ValueError naming the config key when a value is out of range."""
@@ -44,11 +58,20 @@ class SamplingConfig:
             raise ValueError(
                 f"sampling.top_k={self.top_k} must be between 0 (off) and the codebook size {num_codes}"
             )
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not 0 < self.top_p <= 1):
+            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1] (1.0 or null is off)")
         return self
 
 
 def combine_cfg(logits: torch.Tensor, streams: int, cfg_scale: float) -> torch.Tensor:
-    """Merge CFG streams. logits: (streams*B, ..., K), conditional rows first -> (B, ..., K)."""
+    """Merge CFG streams in float32. logits: (streams*B, ..., K), conditional rows first -> (B, ..., K) float32.
+
+    The official Lumina-mGPT, SJD and GSD code casts the logits to float32 before mixing the streams; mixing in
+    a bf16 model's own dtype moves the target by a mean total variation of 0.005-0.016 per token. Every decoder
+    and AR get their target here, so all mix in float32 (``results.json``: ``decision_semantics.cfg_precision``).
+    """
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if streams == 1:
         return logits
     cond, uncond = logits.chunk(2, dim=0)
@@ -68,7 +91,24 @@ def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits if cfg.temperature == 1 else logits / cfg.temperature, dim=-1)
+    if cfg.temperature != 1:
+        logits = logits / cfg.temperature
+    if cfg.use_top_p:
+        logits = top_p_filter(logits, cfg.top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering as LlamaGen's ``top_k_top_p_filtering`` (HF's v3 ``generation_utils``) decides it:
+    sort descending, drop a code when the probability mass of the codes *before* it already exceeds ``top_p``
+    (so the first code to cross the threshold is kept, and so is the most likely code). (..., K) -> (..., K),
+    dropped codes at -inf. Codes already at -inf (top-k) carry no mass and stay dropped. Ties are ordered by code
+    index (a stable sort), so equal logits are cut reproducibly."""
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    mass_before = torch.softmax(ordered, dim=-1).cumsum(-1)
+    drop = torch.zeros_like(mass_before, dtype=torch.bool)
+    drop[..., 1:] = mass_before[..., :-1] > top_p
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
 
 
 class Uniforms:
