@@ -9,6 +9,9 @@
 * :func:`check_destination`: the same check, to run at start-up before any work.
 * :func:`all_finite` / :func:`check_finite_state`: the finiteness checks for weights before they are saved or
   loaded (``DraftHeads.load`` should call :func:`check_finite_state` on the loaded state dict).
+* :func:`load_safetensors` / :func:`check_safetensors`: read (or only check) a ``.safetensors`` file; a truncated
+  or corrupt one raises :class:`CorruptWeightsError` naming the file, the tensor at fault where there is one, and
+  the command that remakes the file (not safetensors' bare "incomplete metadata").
 """
 
 from __future__ import annotations
@@ -213,3 +216,94 @@ def check_finite_state(state: Mapping, where: str) -> None:
     if bad:
         raise NonFiniteError(f"{where} hold non-finite values (NaN or Inf) in {bad[:5]}"
                              + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+
+
+# ----------------------------------------------------------------------------------------------- weights files
+class CorruptWeightsError(ValueError):
+    """A ``.safetensors`` file that cannot be read; the message names the file, the tensor at fault (where the
+    problem is one tensor's) and how to remake the file."""
+
+
+#: Bytes per element of the safetensors dtypes (other dtypes, e.g. sub-byte floats, are not size-checked).
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                         "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with the safetensors file ``path``, judged from its header and its size alone (cheap: the
+    tensors are not read), or None. Finds a truncated file (naming the first tensor cut off), a corrupt header,
+    a tensor whose byte range disagrees with its dtype and shape (naming it), and bytes after the last tensor."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"it has {size} bytes, fewer than a safetensors header: it is truncated or empty"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return f"its header claims {n} bytes but the whole file has {size}: it is truncated"
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError(f"a JSON {type(header).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"its header is not valid safetensors JSON ({e}): the file is corrupt"
+    data, spans = size - 8 - n, []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape, dtype = [int(d) for d in info["shape"]], str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            return f"tensor `{key}` has a malformed header entry ({info!r}): the file is corrupt"
+        want = math.prod(shape) * _SAFETENSORS_ITEMSIZE.get(dtype, 0)
+        if not 0 <= begin <= end or (dtype in _SAFETENSORS_ITEMSIZE and end - begin != want):
+            return (f"tensor `{key}` ({dtype}{shape}, {want} bytes) has the byte range [{begin}, {end}) in its "
+                    "header: the file is corrupt")
+        spans.append((begin, end, key))
+    spans.sort()
+    last = max((e for _, e, _ in spans), default=0)
+    if last > data:
+        cut = [k for _, e, k in spans if e > data]
+        more = f" (and the {len(cut) - 1} after it)" if len(cut) > 1 else ""
+        return (f"it is truncated: {size} bytes where its header describes {8 + n + last}; tensor `{cut[0]}` is cut "
+                f"off{more}")
+    if last < data:
+        return f"it has {data - last} bytes after its last tensor: it was overwritten or appended to"
+    return None
+
+
+def _weights_error(path: Path, what: str, remake: str, cause: Exception | None = None) -> CorruptWeightsError:
+    problem = safetensors_problem(path) if path.is_file() else "it does not exist"
+    detail = f"{problem} (safetensors: {cause})" if problem and cause else problem or f"safetensors: {cause}"
+    return CorruptWeightsError(f"cannot load {what} {path}: {detail}. {remake}")
+
+
+def check_safetensors(path: str | Path, what: str, remake: str) -> Path:
+    """Raise :class:`CorruptWeightsError` when ``path`` is not a complete safetensors file (header and size only,
+    :func:`safetensors_problem`); for files that another library loads (``from_pretrained``). Returns ``path``.
+
+    Args:
+        path: The file.
+        what: What it holds, for the message ("the tiny backbone's weights").
+        remake: How to remake it, appended to the message ("Run `make pretrain` ...").
+    """
+    path = Path(path)
+    problem = safetensors_problem(path)
+    if problem:
+        raise CorruptWeightsError(f"cannot load {what} {path}: {problem}. {remake}")
+    return path
+
+
+def load_safetensors(path: str | Path, what: str, remake: str, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file(path)``, but a file it cannot read raises :class:`CorruptWeightsError` naming
+    the file (and the tensor at fault), with ``remake`` (see :func:`check_safetensors`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise _weights_error(path, what, remake, e) from e

@@ -16,14 +16,13 @@ an error instead of a silent mix of two caches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hawkspec.data.manifest import HIDDEN_DTYPE, ShardManifest, shard_name, write_json_atomic
+from hawkspec.data.manifest import HIDDEN_DTYPE, ShardManifest, shard_name, stream_digest, write_json_atomic
 
 PLAN = "plan.json"
 SOURCES = ("self", "dataset", "images")
@@ -219,12 +218,8 @@ class CachePlan:
 
 def file_digest(path: Path) -> tuple[int, str]:
     """``(size in bytes, SHA-256 hex digest)`` of a file."""
-    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
+        return stream_digest(f)
 
 
 def check_file(path: Path, record: dict) -> str | None:

@@ -20,11 +20,14 @@ field               shape                   dtype    meaning
 position ``s`` (row 0 is the image-start token), exactly the convention of :mod:`hawkspec.heads.offsets`.
 
 ``manifest.json`` is written last, once every shard of the split exists; a reader takes the shard list from
-it and nothing else, and refuses a cache made by another backbone (:func:`check_compatible`).
+it and nothing else, and refuses a cache made by another backbone (:func:`check_compatible`). Every shard's entry
+carries the size and SHA-256 measured when it was written (copied from its record ``shard-XXXXXX.tar.json``); the
+reader checks both (:func:`stream_digest`) before it uses a shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -48,6 +51,15 @@ def sample_key(index: int) -> str:
 def key_index(key: str) -> int:
     """Inverse of :func:`sample_key`."""
     return int(key[1:])
+
+
+def stream_digest(stream, block: int = 1 << 20) -> tuple[int, str]:
+    """``(bytes read, SHA-256 hex digest)`` of a binary stream, read from where it stands to its end."""
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: stream.read(block), b""):
+        h.update(chunk)
+        size += len(chunk)
+    return size, h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -124,13 +136,16 @@ class ShardManifest:
         try:
             raw = json.loads(path.read_text())
             manifest = cls(**raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-            raise ValueError(f"{path} is not a hawkspec shard manifest: {e}") from e
+            total = sum(int(s["count"]) for s in manifest.shards)
+            if not all(isinstance(s.get("name"), str) for s in manifest.shards):
+                raise ValueError("a shard entry has no file name")
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a hawkspec shard manifest ({type(e).__name__}: {e}): it is corrupt or was "
+                             "edited; rerun the `hawkspec-cache` command that wrote it (it rewrites the manifest)") from e
         if manifest.version != MANIFEST_VERSION:
             raise ValueError(f"{path} has manifest version {manifest.version}; this hawkspec reads {MANIFEST_VERSION}")
         if manifest.dtype != HIDDEN_DTYPE:
             raise ValueError(f"{path}: dtype={manifest.dtype!r}, expected {HIDDEN_DTYPE!r}")
-        total = sum(int(s["count"]) for s in manifest.shards)
         if total != manifest.num_samples:
             raise ValueError(f"{path}: shard counts add up to {total} but num_samples={manifest.num_samples}")
         missing = [s["name"] for s in manifest.shards if not (folder / s["name"]).is_file()]

@@ -13,9 +13,20 @@ sample exactly once. That needs the same number of batches on every rank, which 
 Validation always streams once through its shards without resampling.
 
 Both manifests are read and checked against the backbone first (:func:`hawkspec.data.manifest.check_compatible`);
-a shard whose size differs from the manifest, or that fails to parse, is reported by file name. An exact pass
-also counts every shard's samples against the manifest (:class:`ShardCounter`), and a NaN / Inf in a sample is
-refused naming the sample and the shard.
+a shard whose size differs from the manifest, or that fails to parse, is reported by file name. Every time a
+worker opens a shard, :class:`ChecksummedOpen` hashes it and compares the SHA-256 with the one its manifest
+recorded at write time, *before* the first sample of it enters the pipeline (so a same-size, finite-valued
+corruption never reaches a training step). An exact pass also counts every shard's samples against the manifest
+(:class:`ShardCounter`), and a NaN / Inf in a sample is refused naming the sample and the shard.
+
+Why hash at open rather than over the bytes the tar reader consumes: the digest of a streamed read is only
+complete at the end of the shard, after its samples went downstream (into the shuffle buffer and possibly a
+step); and a resampled epoch (``with_epoch``) abandons the shard it is reading at every epoch boundary, so its
+tail is never read, the digest never completes, and an error raised while Python closes the abandoned generator
+is swallowed. Hashing the opened file first (the same file handle the tar reader then reads from offset 0)
+checks every shard that is ever used, whatever the node / worker split or resampling, at the cost of one extra
+sequential read that the page cache usually serves. A worker remembers the shards it verified by
+``(device, inode, size, mtime, ctime)``, so resampling does not hash a shard again unless the file changed.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import io
 import logging
 import math
 import multiprocessing as mp
+import os
 import random
 import re
 import warnings
@@ -34,7 +46,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from hawkspec.data.manifest import ShardManifest, check_compatible
+from hawkspec.data.manifest import MANIFEST, ShardManifest, check_compatible, stream_digest
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,80 @@ def raise_naming_shard(exn: Exception) -> bool:
     where = found[-1] if found else "an unknown shard"
     detail = exn.args[0] if exn.args else exn
     raise CorruptShardError(f"cannot read shard {where}: {type(exn).__name__}: {detail}") from exn
+
+
+def repair_hint(folder: Path) -> str:
+    """How to repair or check the cache that ``folder`` (a split) belongs to."""
+    return (f"rerun the `hawkspec-cache` command that wrote this cache (same settings: it rewrites exactly the damaged "
+            f"shards), or list every damaged shard with `hawkspec-cache mode=verify cache.out_dir={folder.parent}`")
+
+
+class ChecksummedOpen:
+    """Pipeline stage ``{"url"}`` -> ``{"url", "stream", "local_path"}`` (WebDataset's opener of local shards)
+    that first checks the shard's SHA-256 against the manifest (see the module docstring).
+
+    Raises :class:`CorruptShardError` naming the shard, the manifest and the shard's record when they differ; a
+    shard whose manifest entry records no checksum (a cache from an older hawkspec) is read unchecked
+    (:meth:`ShardDataModule._read` warns about it).
+
+    Args:
+        folder: The split folder (``manifest.json`` and the shards).
+        manifest: Its manifest.
+    """
+
+    def __init__(self, folder: Path, manifest: ShardManifest):
+        self.folder = Path(folder)
+        self.expected = {Path(s["name"]).name: s.get("sha256") for s in manifest.shards}
+        self.verified: dict[str, tuple] = {}  # path -> stat stamp of the file as it was verified (per process)
+
+    def check(self, url: str, stream) -> None:
+        """Hash ``stream`` (the opened shard) and rewind it; raise when the digest differs from the manifest's."""
+        st = os.fstat(stream.fileno())
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        want = self.expected.get(Path(url).name)
+        if want is None or self.verified.get(url) == stamp:
+            return
+        size, got = stream_digest(stream)
+        stream.seek(0)
+        if got != want:
+            record = Path(url).with_name(Path(url).name + ".json")
+            sidecar = f" and its record {record}" if record.is_file() else ""
+            raise CorruptShardError(
+                f"shard {url} is corrupted: its SHA-256 is {got}, but {self.folder / MANIFEST}{sidecar} recorded "
+                f"{want} when it was written ({size} bytes read); none of its samples was used. To repair: "
+                + repair_hint(self.folder)
+            )
+        self.verified[url] = stamp
+
+    def __call__(self, src):
+        for item in src:
+            url = item["url"] if isinstance(item, dict) else item
+            try:
+                stream = open(url, "rb")
+            except OSError as e:
+                raise CorruptShardError(f"cannot open shard {url} listed in {self.folder / MANIFEST}: {e}; "
+                                        + repair_hint(self.folder)) from e
+            try:
+                self.check(url, stream)
+                yield dict(url=url, stream=stream, local_path=url)
+            finally:  # the tar reader is done with it once the next shard is asked for (or the pipeline closes)
+                stream.close()
+
+
+class ShardStream(wds.DataPipeline, wds.FluidInterface):
+    """``wds.WebDataset(urls, resampled, nodesplitter, workersplitter=split_by_worker)`` with a checksummed opener:
+    shard list (resampled with replacement, or each once) -> split by node (optional) -> split by worker ->
+    :class:`ChecksummedOpen` -> tar members -> samples grouped by key. Read errors go to ``handler``."""
+
+    def __init__(self, urls: list[str], opener: ChecksummedOpen, resampled: bool, split_nodes: bool, handler):
+        super().__init__()
+        self.append(wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls))
+        if split_nodes:
+            self.append(wds.split_by_node)
+        self.append(wds.split_by_worker)
+        self.append(opener)
+        self.append(wds.pipelinefilter(wds.tariterators.tar_file_expander)(handler=handler))
+        self.append(wds.pipelinefilter(wds.tariterators.group_by_keys)(handler=handler))
 
 
 class SharedEpoch:
@@ -132,7 +218,7 @@ class SampleDecoder:
             if arr.dtype == np.float16 and not np.isfinite(arr).all():
                 raise CorruptShardError(
                     f"{name}.npy of sample {sample['__key__']} in shard {sample.get('__url__')} holds NaN or Inf: "
-                    "the shard is damaged (run `hawkspec-cache cache.verify_only=true` to check the cache)"
+                    "the shard is damaged (`hawkspec-cache mode=verify cache.out_dir=...` checks the cache)"
                 )
             out[name] = torch.from_numpy(arr)
         out["__url__"] = sample.get("__url__")
@@ -249,8 +335,13 @@ class ShardDataModule(L.LightningDataModule):
         for s in manifest.shards:  # a truncated or replaced shard is caught here, by name
             size = (folder / s["name"]).stat().st_size
             if "bytes" in s and size != s["bytes"]:
-                raise CorruptShardError(f"shard {folder / s['name']} has {size} bytes, the manifest says {s['bytes']}: "
-                                        "it is truncated or was overwritten; delete it and rerun `hawkspec-cache`")
+                raise CorruptShardError(f"shard {folder / s['name']} has {size} bytes, {folder / MANIFEST} says "
+                                        f"{s['bytes']}: it is truncated or was overwritten; " + repair_hint(folder))
+        unchecked = [s["name"] for s in manifest.shards if not s.get("sha256")]
+        if unchecked:
+            log.warning("%s records no SHA-256 for %d shard(s) (%s...; a cache from an older hawkspec): they are read "
+                        "without a checksum; rerun `hawkspec-cache` into a new cache.out_dir to get one",
+                        folder / MANIFEST, len(unchecked), unchecked[0])
         return manifest
 
     def set_epoch(self, epoch: int) -> None:
@@ -263,12 +354,9 @@ class ShardDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- pipelines
     def _pipeline(self, manifest: ShardManifest, folder: Path, resampled: bool, shuffle: bool,
-                  split_nodes: bool) -> wds.WebDataset:
-        ds = wds.WebDataset(
-            manifest.urls(folder), resampled=resampled, shardshuffle=False, handler=raise_naming_shard,
-            nodesplitter=wds.split_by_node if split_nodes else None, workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
+                  split_nodes: bool) -> ShardStream:
+        ds = ShardStream(manifest.urls(folder), ChecksummedOpen(folder, manifest), resampled=resampled,
+                         split_nodes=split_nodes, handler=raise_naming_shard)
         if not resampled:
             ds = ds.compose(ShardCounter(manifest))
         if shuffle and self.shuffle_buffer > 0:

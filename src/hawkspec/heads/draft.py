@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from hawkspec.backbones.base import check_identity
 from hawkspec.heads.offsets import head_names, head_offsets
-from hawkspec.io import check_finite_state
+from hawkspec.io import check_finite_state, load_safetensors
 
 
 class ResBlock(nn.Module):
@@ -215,7 +215,10 @@ def load_drafter_weights(module: nn.Module, path: str | Path, what: str, train_c
     refusing mismatched or non-finite weights (naming ``key``, the config key that points here); returns it in
     eval mode."""
     path = Path(path)
-    missing, unexpected = module.load_state_dict(load_file(path / "heads.safetensors"), strict=False)
+    remake = (f"Remake it: `make heads` rewrites the shipped heads (src/hawkspec/assets/heads); for your own, rerun "
+              f"the `{train_cmd}` run that exported it (export_dir=...), or point `{key}` at an intact export")
+    state = load_safetensors(path / "heads.safetensors", f"{what} (`{key}`)", remake)
+    missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("code_head.")]
     if missing or unexpected:
         raise ValueError(f"{path / 'heads.safetensors'} (`{key}`) does not match {path / 'heads.json'}: missing "

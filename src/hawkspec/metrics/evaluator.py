@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from hawkspec.data.procedural import BACKGROUNDS, COLOR_NAMES, POSITIONS, SHAPES, SIZES
+from hawkspec.io import load_safetensors
 
 #: Name written beside every FID computed in this feature space.
 EXTRACTOR_NAME = "hawkspec-tiny-extractor"
@@ -156,7 +157,9 @@ class TinyEvaluator(nn.Module):
                 )
         meta = json.loads((folder / META).read_text())
         model = cls(meta["feature_dim"], meta["image_size"], {k: tuple(v) for k, v in meta["attributes"].items()})
-        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+        model.load_state_dict(load_safetensors(folder / WEIGHTS, f"the evaluator (`{key}`)", (
+            "Remake it: `hawkspec-quality export_dir=src/hawkspec/assets/evaluator` rebuilds the shipped one; for your "
+            f"own, rerun the `hawkspec-quality` that exported it, or set `{key}` to an intact folder (null: shipped)")))
         model.meta = meta
         return model.eval()
 
