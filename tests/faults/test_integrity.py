@@ -253,3 +253,20 @@ def test_a_bad_header_entry_names_the_tensor(tmp_path):
     assert "tensor `b`" in safetensors_problem(path)
     with pytest.raises(CorruptWeightsError, match=r"bad\.safetensors: tensor `b` \(F32\[2\], 8 bytes\).*Remake it"):
         load_safetensors(path, "test weights", "Remake it.")
+
+
+def test_a_cache_planned_before_top_p_existed_is_still_the_same_plan(tmp_path):
+    """Sampling keys added later (top_p, cfg_off_below_one) at their defaults leave the plan's fingerprint as it
+    was, so a cache written before them resumes instead of being refused as "made with other settings"."""
+    from hawkspec.cache.plan import CachePlan
+
+    old = {"temperature": 1.0, "top_k": 128, "cfg_scale": 3.0}
+
+    def plan(sampling):
+        return CachePlan(out_dir=tmp_path / "train", split="train", num_samples=8, shard_size=4, batch_size=4,
+                         seed=0, source="self", topk=0, sampling=sampling, identity={"name": "x"})
+
+    assert plan(old).fingerprint() == plan({**old, "top_p": None, "cfg_off_below_one": False}).fingerprint()
+    assert plan(old).fingerprint() != plan({**old, "top_p": 0.9}).fingerprint()
+    plan(old).claim()  # a plan.json of the old shape, then a rerun with today's sampling keys
+    plan({**old, "top_p": None, "cfg_off_below_one": False}).claim()

@@ -243,7 +243,7 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None,
-                round_to: int = 1) -> tuple[KVState, torch.Tensor]:
+                round_to: int = 1, generator: torch.Generator | None = None) -> tuple[KVState, torch.Tensor]:
         """Run the prompts and the image-start sequence of a batch, and the unconditional stream if ``cfg``.
 
         Args:
@@ -253,6 +253,8 @@ class Backbone(nn.Module, abc.ABC):
                 the cache never grows while decoding; None: the body and a modest tree.
             round_to: Round the cache's capacity up to a multiple of this, so batches whose prompts differ a
                 little share one shape (what a compiled or graph-captured step is specialised to).
+            generator: The decoder's generator, for a backbone that samples its image start
+                (Lumina-mGPT's ``backbone.image_start=sampled``); the others draw nothing from it.
 
         Returns:
             The state after the image-start sequence, and the last hidden state of every row, (N, d): the one

@@ -95,7 +95,9 @@ def footprint(cfg, prompt_tokens: int = 64, tree_nodes: int = 64, batch: int = 1
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    streams = 2 if float(cfg.sampling.cfg_scale) != 1.0 else 1
+    cfg_scale = float(cfg.sampling.cfg_scale)  # LlamaGen guides only above 1 (sampling.cfg_off_below_one)
+    guided = cfg_scale > 1.0 if cfg.sampling.get("cfg_off_below_one", False) else cfg_scale != 1.0
+    streams = 2 if guided else 1
     slots = prompt_tokens + start + body + 1 + tree_nodes
     per_slot = layers * 2 * kv_heads * head_dim * nbytes
     params = count_parameters(config)

@@ -182,7 +182,7 @@ class HFBackbone(Backbone):
 
     @torch.no_grad()
     def prefill(self, prompts: PromptBatch, cfg: bool, reserve: int | None = None,
-                round_to: int = 1) -> tuple[KVState, torch.Tensor]:
+                round_to: int = 1, generator: torch.Generator | None = None) -> tuple[KVState, torch.Tensor]:
         if not len(prompts):
             raise ValueError("prefill needs at least one prompt")
         self.check_prompt_lengths(prompts)

@@ -50,7 +50,8 @@ def hf_generate(backbone: HFBackbone, prompts: list[str], sampling: SamplingConf
     for i, s in enumerate(seqs):
         ids[i, L - len(s) :], mask[i, L - len(s) :] = torch.tensor(s), 1
     kwargs = dict(do_sample=False) if sampling.greedy else dict(
-        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=None
+        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
+        top_p=sampling.top_p if sampling.use_top_p else None
     )
     if compile not in ("none", "static", "forward", "graphs"):
         raise ValueError(f"compile must be none, static, forward or graphs, got {compile!r}")

@@ -168,6 +168,9 @@ class CachePlan:
         out.pop("out_dir")
         if not out["images"]:  # plans of the other sources read as before the field existed
             out.pop("images")
+        # sampling keys added later read as before while at their defaults (the target is the same)
+        out["sampling"] = {k: v for k, v in dict(out["sampling"]).items()
+                           if (k, v) not in (("top_p", None), ("top_p", 1.0), ("cfg_off_below_one", False))}
         return out
 
     def claim(self) -> None:

@@ -24,10 +24,18 @@ CONF_DIR = str(conf_dir())
 CONF_PATH = CONF_PACKAGE
 
 
+# Keys of a config node that are settings for others, not arguments of its `_target_`: `backbone.tuning` holds the
+# model's decoder constants, read by the decoder presets through `${backbone.tuning...}`.
+CONFIG_ONLY = {"backbone": ("tuning",)}
+
+
 def instantiate(cfg: DictConfig, what: str, **kwargs) -> Any:
     """``hydra.utils.instantiate`` with a log line naming what is built and a readable error."""
     target = cfg.get("_target_", "?") if isinstance(cfg, DictConfig) else "?"
     log.info("Instantiating %s <%s>", what, target)
+    drop = [k for k in CONFIG_ONLY.get(what, ()) if isinstance(cfg, DictConfig) and k in cfg]
+    if drop:
+        cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in drop})
     try:
         return hydra.utils.instantiate(cfg, **kwargs)
     except Exception as e:  # unwrap Hydra's InstantiationException chain to the real cause

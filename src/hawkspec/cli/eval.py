@@ -26,6 +26,7 @@ from hawkspec.cli import eval_shards
 from hawkspec.cli.validate import validate_eval
 from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
 from hawkspec.data.render import save_grid
+from hawkspec.decoding.acceptance import DECISION_SEMANTICS
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.static import make_runner
@@ -348,7 +349,8 @@ def evaluate(cfg: DictConfig) -> dict:
                "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
                "batch_size": e.batch_size, "repeats": e.repeats, "compile": compile_mode,
                "cuda_graphs": bool(e.get("cuda_graphs", False)),
-               "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows}
+               "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
+               "decision_semantics": dict(DECISION_SEMANTICS)}
     if skipped:
         results["skipped_decoders"] = skipped
     if shortfall:
@@ -415,6 +417,21 @@ def prompt_description(cfg: DictConfig, prompt_set: list[Prompt]) -> dict:
             "category": spec.category, "indices": [p.index for p in prompt_set]}
 
 
+def semantics_line(results: dict) -> str:
+    """What the rows' decisions rest on: the target's precision, then each rule with its official-vs-ours options."""
+    fixed = results.get("decision_semantics") or {}
+    parts = [f"CFG mixed in {fixed.get('cfg_precision', 'the model dtype')}"]
+    for row in results["rows"]:
+        acc = (row.get("config") or {}).get("acceptance")
+        if isinstance(acc, dict) and acc.get("name") not in ("exact", "greedy"):
+            opts = ", ".join(f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless"))
+            parts.append(f"`{row['decoder']}`: {acc.get('name')} ({opts})")
+    if fixed:
+        parts.append(f"GSD ties by {fixed['gsd_tie_order']}; LANTERN zeroes when a neighbour "
+                     f"{fixed['lantern_zeroing']} fits the bound (both official)")
+    return "Decision semantics (README \"Decoding, precisely\"): " + "; ".join(parts) + "."
+
+
 def write_results(cfg: DictConfig, out_dir: Path, results: dict, final: bool = True) -> dict:
     """results.json / .csv / .md and (``final``) the printed table and the loggers."""
     rows = results["rows"]
@@ -422,6 +439,7 @@ def write_results(cfg: DictConfig, out_dir: Path, results: dict, final: bool = T
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(out_dir / "results.csv", rows)
     table = markdown_table(rows, results.get("quality")) + f"\n{results['speed_note']}\n"
+    table += "\n" + semantics_line(results) + "\n"
     if results.get("prompt_shortfall"):  # at the head: the table is over fewer prompts than asked
         table = f"**Prompts: {results['prompt_shortfall']['note']}.**\n\n" + table
     for key in ("quality_pending", "quality_error"):
@@ -479,6 +497,7 @@ def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], qua
     results = {"backbone": first["backbone"], "revision": first["revision"], "num_prompts": len(prompts),
                "device": sorted({v["device"] for v in by_shard.values()}), "batch_size": e.batch_size, "repeats": 1,
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
+               "decision_semantics": dict(DECISION_SEMANTICS),
                "sharding": {"store": str(store), "shards": sorted(by_shard), "speed_by_shard": by_shard}}
     if shortfall:
         results["prompt_shortfall"] = shortfall

@@ -81,7 +81,7 @@ def ar_generate(
     grid = backbone.grid
     B, L = len(prompts), grid.length
     state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=L,
-                                     round_to=1 if runner is None else ROUND_CAPACITY)
+                                     round_to=1 if runner is None else ROUND_CAPACITY, generator=generator)
     device = hidden.device
     zero = torch.zeros(1, dtype=torch.long, device=device)
     run = _ARRun(

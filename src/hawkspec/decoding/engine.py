@@ -244,7 +244,7 @@ class SpeculativeDecoder:
         bb, s, grid = self.backbone, self.sampling, self.backbone.grid
         B, L = len(prompts), grid.length
         state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes,
-                                   round_to=1 if self.runner is None else ROUND_CAPACITY)
+                                   round_to=1 if self.runner is None else ROUND_CAPACITY, generator=generator)
         dev = hidden.device
         run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
                    eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.forward_nodes,
