@@ -33,7 +33,7 @@ import torch
 from hawkspec.backbones.base import check_identity
 from hawkspec.decoding.proposers.base import Pools
 from hawkspec.decoding.proposers.eagle import DRAFTS, EagleProposer
-from hawkspec.decoding.proposers.jacobi import JacobiDrafts
+from hawkspec.decoding.proposers.jacobi import COUPLINGS, JacobiDrafts
 from hawkspec.decoding.sampling import sample, target_probs
 from hawkspec.heads.draft import DraftHeads
 
@@ -282,14 +282,27 @@ class JacobiSource(DraftSource):
     """The drafts Jacobi iteration gets for free from the last verification forward: every uncommitted position
     a tree node predicted, drawn from that node's output, which is kept as its q
     (:class:`~hawkspec.decoding.proposers.jacobi.JacobiDrafts`). One candidate per position, none where no node
-    reached it (no random initialisation: that is :class:`~hawkspec.decoding.proposers.JacobiProposer`)."""
+    reached it (no random initialisation: that is :class:`~hawkspec.decoding.proposers.JacobiProposer`).
+
+    Args:
+        coupling: ``none`` (a fresh draft each time), ``maximal`` or ``gumbel`` (SCD's couplings of a position's
+            carried draft with the next one, exact: :mod:`hawkspec.decoding.proposers.jacobi`).
+        key: See :class:`DraftSource`.
+    """
 
     kind = "jacobi"
     wants_tree_outputs = True
 
+    def __init__(self, coupling: str = "none", key: str | None = None):
+        super().__init__(key)
+        if coupling not in COUPLINGS:
+            raise ValueError(f"the jacobi source's coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self.coupling = coupling
+
     def bind(self, backbone, sampling, proposer) -> None:
         super().bind(backbone, sampling, proposer)
-        self.drafts = JacobiDrafts(backbone.grid, backbone.num_codes, next(iter(backbone.buffers())).device)
+        self.drafts = JacobiDrafts(backbone.grid, backbone.num_codes, next(iter(backbone.buffers())).device,
+                                   self.coupling)
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.drafts.start(batch_size, device)
@@ -300,6 +313,9 @@ class JacobiSource(DraftSource):
     def candidates(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         tok, q = self.drafts.lookup(code_pos)  # (B, J) (-1 past the image: the spare column), (B, J, K)
         return Pools(tok.unsqueeze(-1), q.unsqueeze(2))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "coupling": self.coupling} if self.coupling != "none" else {"kind": self.kind}
 
 
 class EagleSource(DraftSource):
