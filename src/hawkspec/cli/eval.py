@@ -30,6 +30,7 @@ from hawkspec.decoding.acceptance import DECISION_SEMANTICS
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.static import make_runner
+from hawkspec.determinism import pin_threads, thread_settings
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
 from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, step_accounting, summarize
 
@@ -247,8 +248,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if "ar" not in names:
         names = ["ar"] + names  # speedup is always against AR measured in the same run
     L.seed_everything(cfg.seed, workers=True)
-    if e.get("threads"):
-        torch.set_num_threads(int(e.threads))
+    pin_threads(e.get("threads"))  # every parallel region on exactly this many threads, however loaded the machine
     out_dir = Path(cfg.paths.output_dir)
     prompt_set = eval_prompt_set(cfg)
     prompts = [p.text for p in prompt_set]
@@ -350,7 +350,7 @@ def evaluate(cfg: DictConfig) -> dict:
                "batch_size": e.batch_size, "repeats": e.repeats, "compile": compile_mode,
                "cuda_graphs": bool(e.get("cuda_graphs", False)),
                "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
-               "decision_semantics": dict(DECISION_SEMANTICS)}
+               "decision_semantics": dict(DECISION_SEMANTICS), "threads": thread_settings()}
     if skipped:
         results["skipped_decoders"] = skipped
     if shortfall:
