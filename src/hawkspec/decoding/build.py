@@ -83,7 +83,12 @@ class NamedDecoder(SpeculativeDecoder):
 
 
 def tree_paths(tree: DictConfig) -> list[tuple[int, ...]]:
-    """Rank paths from ``decoder.tree``: explicit ``paths`` or the best ``budget`` under the default prior."""
+    """Rank paths from ``decoder.tree``: SJD-PAC's tree (``pac: {nodes, width, depth}``), explicit ``paths`` or the
+    best ``budget`` under the default prior."""
+    if tree.get("pac"):
+        from hawkspec.decoding.proposers.pac import pac_paths
+
+        return pac_paths(int(tree.pac.nodes), int(tree.pac.width), int(tree.pac.depth))
     if tree.get("paths"):
         return normalize_paths([tuple(p) for p in tree.paths])
     return paths_from_budget(int(tree.budget), int(tree.max_depth), int(tree.max_rank))

@@ -10,9 +10,11 @@ from hawkspec.decoding.proposers.eagle import EagleProposer
 from hawkspec.decoding.proposers.hawk import HawkProposer
 from hawkspec.decoding.proposers.jacobi import JacobiProposer
 from hawkspec.decoding.proposers.medusa import MedusaProposer
+from hawkspec.decoding.proposers.pac import PACProposer
 from hawkspec.decoding.proposers.sources import (DraftSource, EagleSource, HorizontalSource, JacobiSource,
                                                  VerticalSource)
 from hawkspec.decoding.proposers.spatial import SpatialProposer
 
 __all__ = ["Pools", "Proposer", "SpatialProposer", "MedusaProposer", "HawkProposer", "JacobiProposer",
-           "EagleProposer", "DraftSource", "HorizontalSource", "VerticalSource", "JacobiSource", "EagleSource"]
+           "EagleProposer", "PACProposer", "DraftSource", "HorizontalSource", "VerticalSource", "JacobiSource",
+           "EagleSource"]
