@@ -28,13 +28,9 @@ ALPHA = 1e-3
 @pytest.fixture(scope="module")
 def setup():
     """test_lossless.py's enumerable model: a 2x3 grid of 4 codes, peaky and prompt-dependent, CFG and top-k on."""
-    from hawkspec.testing import build_random_backbone
+    from hawkspec.testing import build_random_backbone, peaky
 
-    bb = build_random_backbone(rows=2, cols=3, num_codes=4, seed=1)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in bb.model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    bb = peaky(build_random_backbone(rows=2, cols=3, num_codes=4, seed=1), scale=0.3, seed=0)
     return bb, [image_distribution(bb, prompt, SAMPLING) for prompt in PROMPTS]
 
 

@@ -81,7 +81,7 @@ class GroupedAcceptance(AcceptanceRule):
         self.floor, self.window, self.embed_metric = floor, window, embed_metric
         self.emb = None
         self.embed_keep_fraction: float | None = None  # set by bind(): pairs the embedding filter keeps
-        self.token_order: torch.Tensor | None = None  # (K,) the token id of each code (ties); None: the index
+        self.token_order = None  # (K,) the token id of each code (ties; set by bind()); None: the code index
 
     def bind(self, backbone) -> None:
         ids = getattr(backbone, "code_token_ids", None)
@@ -142,10 +142,21 @@ class GroupedAcceptance(AcceptanceRule):
         logits to equal probabilities. (The official sort also runs over the non-image ids, which tie with the
         masked codes at -inf at the very bottom; ours ranks the image codes only.)
         """
-        if self.token_order is None:
+        if self.by_id is None:
             return torch.sort(r, dim=-1, stable=True).indices
-        by_id = torch.argsort(self.token_order.to(r.device))  # codes in increasing token-id order
+        by_id = self.by_id.to(r.device)
         return by_id[torch.sort(r[:, by_id], dim=-1, stable=True).indices]
+
+    @property
+    def token_order(self) -> torch.Tensor | None:
+        """(K,) the token id of each code, which orders tied codes; None: the code index. Setting it keeps its
+        argsort (:attr:`by_id`), so the hot path sorts by it without re-deriving it every step."""
+        return self._token_order
+
+    @token_order.setter
+    def token_order(self, ids: torch.Tensor | None) -> None:
+        self._token_order = ids
+        self.by_id = None if ids is None else torch.argsort(ids)
 
     def accept_mass(self, r: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """What stands for r(x) in the exact test so that acceptance is min(1, [max(p(x)/q(x),] p(G)/q(G)))."""
