@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify_cost import curve_table, interpolate  # noqa: E402  (the same curve, rendered and read the same way)
+from hawkspec.metrics.sweep import built_of  # noqa: E402
 
 
 def _load(path: Path):
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> str:
         ar_step = by[0]["ar"]["seconds_per_image"] / by[0]["ar"]["forwards_per_image"]
         for n in names:
             r = by[0][n]
-            nodes = (r.get("config") or {}).get("tree_nodes") or 1
+            nodes = built_of(r).get("tree_nodes") or 1
             step = r["seconds_per_image"] / r["forwards_per_image"]
             t_tree = t_ar if n == "ar" else interpolate(tiny["graphs"]["verify"], nodes)
             eff = r["speedup"] / (r["step_compression"] * t_ar / t_tree)

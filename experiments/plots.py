@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hawkspec.metrics.sweep import Job, load_jobs, split_overrides  # noqa: E402
+from hawkspec.metrics.sweep import Job, built_of, load_jobs, split_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def acceptance_vsd(jobs: list[Job], out: Path, decoder: str = "hawk", command: s
         for r in j.results["rows"]:
             if r["decoder"] != decoder:
                 continue
-            vsd = (r.get("config") or {}).get("proposer", {}).get("vsd")
+            vsd = built_of(r).get("proposer", {}).get("vsd")
             if vsd is None and "decoder.proposer.vsd" in j.overrides:
                 vsd = int(j.overrides["decoder.proposer.vsd"])
             if vsd is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from hawkspec.metrics.sweep import Job, commands, load_jobs, seed_summary, split_overrides, sweep_rows
+from hawkspec.metrics.sweep import Job, built_of, commands, load_jobs, seed_summary, split_overrides, sweep_rows
 
 # The papers' numbers (shared/BRIEF.md §3; Hawk: arXiv 2510.25739, Lumina-mGPT 7B at 768 px, COCO, 500 prompts;
 # GSD: arXiv 2508.07747, Lumina-mGPT, COCO, 5k prompts). None: the brief does not give it.
@@ -130,7 +130,7 @@ def semantics(jobs: list[Job]) -> list[str]:
     seen: dict[str, str] = {}
     for job in jobs:
         for row in job.results.get("rows", []):
-            cfg = row.get("config") or {}
+            cfg = built_of(row)
             acc, prop = cfg.get("acceptance"), cfg.get("proposer") or {}
             if not isinstance(acc, dict):
                 continue
@@ -205,7 +205,7 @@ def gsd_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
     for j in jobs:
         for r in j.results["rows"]:
             if r["decoder"] == "gsd":
-                group = (r.get("config") or {}).get("acceptance", {}).get("group")
+                group = built_of(r).get("acceptance", {}).get("group")
                 if group is None:
                     group = int(j.overrides.get("decoder.acceptance.group", -1))
                 gsd.setdefault(int(group), []).append(r)

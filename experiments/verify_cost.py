@@ -29,6 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hawkspec.backbones.base import Backbone
+from hawkspec.metrics.sweep import built_of
 
 DEFAULTS = {"model": "tiny", "device": "cpu", "dtype": "float32", "sizes": [1, 8, 16, 32, 64, 128], "graphs": False,
             "context": None, "batch_size": 1, "warmup": 3, "repeats": 20, "results": None, "layers": 32,
@@ -173,7 +174,7 @@ def project(cost: dict, results_path: str) -> list[dict]:
     rows = json.loads(Path(results_path).read_text())["rows"]
     out = []
     for r in rows:
-        nodes = (r.get("config") or {}).get("tree_nodes") or 1
+        nodes = built_of(r).get("tree_nodes") or 1
         t_tree = cost["ar_step"] if r["decoder"] == "ar" else interpolate(cost["verify"], nodes)
         out.append({"decoder": r["decoder"], "tree_nodes": nodes, "seconds_per_verify": t_tree,
                     "step_compression": r["step_compression"],

@@ -27,12 +27,17 @@ SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "assets" / "heads"
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "eval") -> DictConfig:
-    """The run config ``config_name`` with ``overrides`` (Hydra syntax), paths resolved against the clone."""
+    """The run config ``config_name`` with ``overrides`` (Hydra syntax, and for ``eval`` the short decoder
+    spellings of :mod:`hawkspec.cli.overrides`: ``decoder=sjd``, ``'eval.decoders=[ar,hawk]'``), paths resolved
+    against the clone."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from hawkspec.cli.common import CONF_DIR  # the configs the console scripts read (and their resolvers)
+    from hawkspec.cli.overrides import expand
 
+    if config_name == "eval":
+        overrides = expand(overrides, CONF_DIR)
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = hydra_compose(config_name=config_name,
                             overrides=[f"paths.root_dir={ROOT}", "paths.output_dir=.", *overrides])
@@ -77,17 +82,16 @@ def load_decoders(names: Sequence[str], backbone: Backbone, heads_dir: str | Pat
 
     Args:
         heads_dir: A folder holding ``medusa/`` and ``hawk/`` head sets (``paths.heads_dir``); None: the shipped ones.
-        overrides: Applied to every preset (e.g. ``decoder.tree.budget=8``, ``sampling.top_k=2000``).
+        overrides: Of the run config, shared by every preset (e.g. ``tree.budget=8``, ``sampling.top_k=2000``) or
+            addressed to one (``eval.decoders.hawk.proposer.vsd=1``).
     """
     from hawkspec.decoding.build import build_decoder
 
     extra = [f"paths.heads_dir={Path(heads_dir).resolve()}"] if heads_dir else []
-    out = {}
-    for name in names:
-        cfg = compose([f"decoder={name}", *extra, *overrides])
-        sampling = SamplingConfig(**OmegaConf.to_container(cfg.sampling, resolve=True))
-        out[name] = build_decoder(cfg.decoder, backbone, sampling)
-    return out
+    cfg = compose([f"eval.decoders=[{','.join(names)}]", *extra, *overrides])
+    sampling = SamplingConfig(**OmegaConf.to_container(cfg.sampling, resolve=True))
+    return {name: build_decoder(cfg.eval.decoders[name], backbone, sampling, name=name, key=f"eval.decoders.{name}")
+            for name in names}
 
 
 def analysis_prompts(n: int, seed: int = 1234) -> list[str]:

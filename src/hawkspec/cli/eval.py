@@ -16,22 +16,23 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from hawkspec.backbones.base import Backbone
 from hawkspec.cli.common import CONF_DIR, CONF_PATH, instantiate, instantiate_loggers, on_sigterm, task
 from hawkspec.cli import eval_shards
+from hawkspec.cli.overrides import OverrideError, decoder_names, expand
 from hawkspec.cli.validate import validate_eval
 from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.acceptance import DECISION_SEMANTICS
-from hawkspec.decoding.build import build_decoder, decoder_presets
+from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.static import make_runner
 from hawkspec.determinism import pin_threads, thread_settings
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
+from hawkspec.metrics.sweep import built_of
 from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, step_accounting, summarize
 
 log = logging.getLogger("hawkspec")
@@ -94,17 +95,66 @@ def resources(device) -> dict:
     return out
 
 
+def decoder_settings(cfg: DictConfig, name: str) -> dict:
+    """Decoder ``name``'s resolved node, as results.json records it (``config`` of its row)."""
+    return OmegaConf.to_container(decoder_config(cfg, name), resolve=True)
+
+
+def flat(node, prefix: str = "") -> dict:
+    """``{"tree.budget": 8, ...}`` from a nested dict."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for k, v in node.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def differing_settings(rows: list[dict]) -> list[tuple[str, dict]]:
+    """The settings in which the decoders of a run differ: ``(key, {decoder: value})`` for every key at least two
+    non-AR rows hold, with not all of them equal (a key only one decoder has is its own, not a difference)."""
+    flats = {r["decoder"]: flat(r["config"]) for r in rows
+             if isinstance(r.get("config"), dict) and r["config"].get("proposer") is not None}
+    keys = sorted({k for f in flats.values() for k in f if not k.endswith("_target_")})  # what, not how
+    out = []
+    for k in keys:
+        held = {name: f[k] for name, f in flats.items() if k in f}
+        if len(held) >= 2 and len({repr(v) for v in held.values()}) > 1:
+            out.append((k, held))
+    return out
+
+
+def settings_note(rows: list[dict]) -> str:
+    """results.md's list, under the table, of the settings in which the rows differ (every row's full settings:
+    results.json, ``config``)."""
+    diff = differing_settings(rows)
+    if not diff:
+        return ""
+    lines = ["Settings in which the decoders differ (each row's resolved settings: results.json `config`):", ""]
+    for key, held in diff:
+        lines.append(f"- `{key}`: " + ", ".join(f"{n} {v}" for n, v in held.items()))
+    return "\n".join(lines) + "\n"
+
+
+def expand_argv() -> None:
+    """``sys.argv`` with the short decoder spellings expanded; a spelling that cannot be is refused (exit 2)."""
+    import sys
+
+    try:
+        sys.argv[1:] = expand(sys.argv[1:], CONF_DIR)
+    except OverrideError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def decoder_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The config of decoder ``name``: the run's own ``decoder`` if it has that name, else its preset."""
-    if cfg.decoder.get("name") == name:
-        return cfg.decoder
-    if name not in decoder_presets(CONF_DIR):
-        raise ValueError(f"unknown decoder {name!r} in eval.decoders: choose from {decoder_presets(CONF_DIR)}")
-    preset = compose(config_name="eval", overrides=[f"decoder={name}"]).decoder
-    run_cfg = cfg.copy()
-    with open_dict(run_cfg):
-        run_cfg.decoder = preset  # replaces the node; ${paths...} now resolve against this run
-    return run_cfg.decoder
+    """The node of decoder ``name``: ``eval.decoders.<name>`` (AR's preset when the run does not list AR)."""
+    nodes = cfg.eval.get("decoders") or {}
+    if name in nodes:
+        return nodes[name]
+    if name != "ar":
+        raise ValueError(f"decoder {name!r} is not in eval.decoders ({list(nodes)})")
+    return OmegaConf.create({"proposer": None})
 
 
 def accept_heatmap(path: Path, maps: torch.Tensor, title: str) -> None:
@@ -242,11 +292,10 @@ def resume_hint(cfg: DictConfig) -> str:
 def evaluate(cfg: DictConfig) -> dict:
     """The body of :func:`run`, once the config is validated."""
     e = cfg.eval
-    names = decoder_presets(CONF_DIR) if e.decoders == "all" else list(e.decoders)
-    if not names:
-        raise ValueError("eval.decoders is empty: name at least one decoder, e.g. 'eval.decoders=[ar,hawk]'")
-    if "ar" not in names:
-        names = ["ar"] + names  # speedup is always against AR measured in the same run
+    names = decoder_names(cfg)  # AR first when the run does not list it: speedups are against AR in this run
+    if names == ["ar"]:
+        raise ValueError("eval.decoders holds AR only: name a decoder to compare, e.g. 'eval.decoders=[ar,hawk]' or "
+                         "+decoder@eval.decoders.hawk=hawk")
     L.seed_everything(cfg.seed, workers=True)
     pin_threads(e.get("threads"))  # every parallel region on exactly this many threads, however loaded the machine
     out_dir = Path(cfg.paths.output_dir)
@@ -276,11 +325,11 @@ def evaluate(cfg: DictConfig) -> dict:
         dcfg = decoder_config(cfg, name)
         log.info("Instantiating decoder %s", name)
         try:
-            decoders[name] = build_decoder(dcfg, backbone, sampling)
-        except FileNotFoundError as err:  # `all`: a preset whose drafter is not trained here is skipped, loudly
-            if e.decoders != "all":
+            decoders[name] = build_decoder(dcfg, backbone, sampling, name=name, key=f"eval.decoders.{name}")
+        except FileNotFoundError as err:  # decoders=all: a preset whose drafter is not trained here is skipped, loudly
+            if e.get("missing_drafter", "error") != "skip":
                 raise
-            log.warning("eval.decoders=all: skipping %s (%s)", name, err)
+            log.warning("eval.missing_drafter=skip: skipping %s (%s)", name, err)
             skipped[name] = str(err)
     for dec in decoders.values():  # whole steps compiled / graph-captured: AR and every decoder alike
         dec.runner = make_runner(compile_mode, bool(e.get("cuda_graphs", False)))
@@ -321,7 +370,7 @@ def evaluate(cfg: DictConfig) -> dict:
         row = {"decoder": name, "lossless": bool(dec.lossless),
                **summarize([image_counters(o, ar_forwards) for o in outs], ar_forwards),
                "seconds_per_image": sec, "speedup": ar_sec / sec,
-               "seconds_per_pass": seconds[name], "config": dec.describe()}
+               "seconds_per_pass": seconds[name], "config": decoder_settings(cfg, name), "built": dec.describe()}
         codes = torch.cat([o.codes for o in outs])
         row["grid"] = None
         if decodable:
@@ -422,7 +471,7 @@ def semantics_line(results: dict) -> str:
     fixed = results.get("decision_semantics") or {}
     parts = [f"CFG mixed in {fixed.get('cfg_precision', 'the model dtype')}"]
     for row in results["rows"]:
-        acc = (row.get("config") or {}).get("acceptance")
+        acc = built_of(row).get("acceptance")
         if isinstance(acc, dict) and acc.get("name") not in ("exact", "greedy"):
             opts = ", ".join(f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless"))
             parts.append(f"`{row['decoder']}`: {acc.get('name')} ({opts})")
@@ -440,6 +489,9 @@ def write_results(cfg: DictConfig, out_dir: Path, results: dict, final: bool = T
     write_csv(out_dir / "results.csv", rows)
     table = markdown_table(rows, results.get("quality")) + f"\n{results['speed_note']}\n"
     table += "\n" + semantics_line(results) + "\n"
+    note = settings_note(rows)
+    if note:
+        table += "\n" + note
     if results.get("prompt_shortfall"):  # at the head: the table is over fewer prompts than asked
         table = f"**Prompts: {results['prompt_shortfall']['note']}.**\n\n" + table
     for key in ("quality_pending", "quality_error"):
@@ -492,6 +544,7 @@ def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], qua
     images = {name: eval_shards.load_images(store, name, prompt_set) for name in names}
     for row in rows:
         name = row["decoder"]
+        row["config"] = decoder_settings(cfg, name)  # the merge's own settings: run it with the shards' overrides
         row["grid"] = None if e.grid_images <= 0 else str(save_grid(
             out_dir / f"grid_{name}.png", list(images[name][: e.grid_images]), prompts[: e.grid_images]))
     results = {"backbone": first["backbone"], "revision": first["revision"], "num_prompts": len(prompts),
@@ -544,8 +597,14 @@ def score_quality(cfg, settings: QualitySettings, backbone: Backbone, ar, one_pa
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """``hawkspec-eval``: the short decoder spellings expanded (:mod:`hawkspec.cli.overrides`), then Hydra."""
+    expand_argv()
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -224,16 +224,14 @@ def draft_fixes(cfg: DictConfig, key: str = "decoder") -> list[str]:
         fixes.append(f"The {target} ({key}.name={get(cfg, f'{key}.name', '?')}) only drafts random codes, never "
                      f"top-k ones: set {key}.tree.dynamic=null, or pick a decoder whose proposer drafts top-k "
                      "(medusa, hawk, eagle, hawk_eagle)")
-    if target in ("MedusaProposer", "HawkProposer", "EagleProposer") and get(cfg, f"{p}.draft", "topk") == "sample":
+    if target == "EagleProposer" and get(cfg, f"{p}.draft", "topk") == "sample":
         fixes.append(f"{p}.draft=sample: set {p}.draft=topk")
-    if target == "HawkProposer" and get(cfg, f"{p}.jacobi", "none") != "none":
-        fixes.append(f"{p}.jacobi={get(cfg, f'{p}.jacobi')} pools sampled Jacobi drafts: set {p}.jacobi=none")
-    if target == "SpatialProposer":
-        for name, node in (get(cfg, f"{p}.sources") or {}).items():
+    if target == "SpatialProposer":  # a composed proposer (medusa, hawk, hawk_jacobi, hawk_eagle, ...): its sources
+        for name in get(cfg, f"{p}.sources") or {}:
             s = f"{p}.sources.{name}"
-            if str(get(cfg, f"{s}._target_", "")).endswith("JacobiSource"):
+            if str(get(cfg, f"{s}._target_", "")).rsplit(".", 1)[-1] in ("JacobiSource", "JacobiProposer"):
                 fixes.append(f"source `{name}` ({s}) drafts random Jacobi codes: leave it out of {p}.sources "
-                             f"and {p}.order")
+                             f"and {p}.order (e.g. proposer hawk instead of hawk_jacobi)")
             elif get(cfg, f"{s}.draft", "topk") == "sample":
                 fixes.append(f"{s}.draft=sample: set {s}.draft=topk")
     return fixes
@@ -356,22 +354,31 @@ def validate_eval(cfg: DictConfig) -> None:
     check_backbone(cfg)
     num_codes = backbone_num_codes(cfg)
     check_sampling(cfg, num_codes)
-    check_tree(cfg, "decoder", num_codes)
-    check_dynamic_tree(cfg, "decoder")
-    check_decoder_heads(cfg)
+    decoders = get(cfg, f"{e}.decoders") or {}
+    if not isinstance(decoders, (dict, DictConfig)):
+        raise ValueError(f"`{e}.decoders` must be a mapping name -> decoder node (got {decoders!r}): name them with "
+                         "'eval.decoders=[ar,hawk]' on the command line or a set, decoders=all (conf/decoders/)")
+    for name in ("budget", "max_depth", "max_rank", "max_nodes"):  # the run's tree, named as the user set it
+        if OmegaConf.select(cfg, f"tree.{name}") is not None:
+            check_int(cfg, f"tree.{name}", 1)
+    for name in decoders:
+        key = f"{e}.decoders.{name}"
+        if get(cfg, f"{key}.proposer") is None:
+            continue
+        check_tree(cfg, key, num_codes)
+        check_dynamic_tree(cfg, key)
+        check_decoder_heads(cfg, key)
     if get(cfg, f"{e}.quality.enabled", False):
         check_quality(cfg)
     check_output_dir(cfg)
 
 
-def check_decoder_heads(cfg: DictConfig) -> None:
-    """Every decoder of ``eval.decoders`` that reads draft heads finds them (``paths.heads_dir/<name>``)."""
-    names = get(cfg, "eval.decoders", [])
-    if names == "all" or names is None:
+def check_decoder_heads(cfg: DictConfig, node: str) -> None:
+    """The decoder at ``node`` (``eval.decoders.hawk``) finds the draft heads it reads, unless the run skips
+    decoders whose drafter is missing (``eval.missing_drafter=skip``, set by ``decoders=all``)."""
+    if get(cfg, "eval.missing_drafter", "error") == "skip":
         return
-    if get(cfg, "decoder.name") not in names:
-        return
-    for key in ("decoder.heads_path", "decoder.eagle_path"):  # eagle_path: hawk_eagle's second checkpoint
+    for key in (f"{node}.heads_path", f"{node}.eagle_path"):  # eagle_path: hawk_eagle's second checkpoint
         if get(cfg, key):
             folder = check_folder(cfg, key, ("heads.safetensors", "heads.json"),
                                   "a folder written by `hawkspec-train` (its export_dir)")

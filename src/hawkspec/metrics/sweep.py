@@ -50,6 +50,12 @@ class Job:
         return " ".join(["hawkspec-eval", *map(_quote, args)])
 
 
+def built_of(row: dict) -> dict:
+    """What a results row says was built (proposer, acceptance, tree size): ``built``, or ``config`` in results
+    written before each row carried its resolved settings."""
+    return row.get("built") or row.get("config") or {}
+
+
 def commands(jobs: list[Job]) -> list[str]:
     """The commands that made ``jobs``: one ``hawkspec-eval -m`` per multirun (its sweep rebuilt from the jobs'
     overrides: ``key=v1,v2`` for the keys that vary), one ``hawkspec-eval`` per single run."""
