@@ -1,5 +1,5 @@
-"""Proposers composed of draft sources (SpatialProposer): the merge into the spatial pool; Hawk's flags and the
-same proposer written as sources decide alike; hawk_eagle (Hawk's vertical cache + the EAGLE draft model) equals
+"""Proposers composed of draft sources (SpatialProposer): the merge into the spatial pool; a proposer written as
+sources in YAML and the same built in Python decide alike; hawk_eagle (Hawk's vertical cache + the EAGLE draft model) equals
 greedy AR and passes the enumerable chi-square test with the exact rule, with static and dynamic trees; a new
 mix built from config only; checkpoint errors name their key; eval.decoders=all skips what is not trained."""
 
@@ -14,8 +14,8 @@ from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import (DraftSource, EagleSource, HawkProposer, Pools, SpatialProposer,
-                                         VerticalSource)
+from hawkspec.decoding.proposers import DraftSource, EagleSource, Pools, SpatialProposer, VerticalSource
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -45,7 +45,7 @@ class Stub(DraftSource):
         super().__init__()
         self.pools = Pools(torch.tensor(tokens)[None, None], q, logp)
 
-    def candidates(self, *args):
+    def propose(self, *args):
         return self.pools
 
 
@@ -111,8 +111,12 @@ def checkpoints(bb, tmp_path_factory):
 
 
 def preset(name: str, heads_dir, *overrides):
+    """The node of preset ``name`` in a run (``decoder=NAME decoder.KEY=...``, as the console scripts expand it)."""
+    from hawkspec.cli.overrides import expand
+
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose("eval", overrides=[f"decoder={name}", f"paths.heads_dir={heads_dir}", *overrides]).decoder
+        args = expand([f"decoder={name}", f"paths.heads_dir={heads_dir}", *overrides], CONF_DIR)
+        return compose("eval", overrides=args).eval.decoders[name]
 
 
 @pytest.mark.parametrize("draft, dynamic", [("topk", None), ("topk", 6), ("sample", None)])
@@ -133,7 +137,8 @@ def test_hawk_eagle_preset_builds_from_its_two_checkpoints(bb, checkpoints):
     dec = build_decoder(preset("hawk_eagle", checkpoints), bb, s)
     prop = dec.proposer
     assert isinstance(prop, SpatialProposer) and list(prop.sources) == ["vertical", "eagle"] and dec.lossless
-    assert prop.sources["vertical"].key == "decoder.heads_path" and prop.sources["eagle"].key == "decoder.eagle_path"
+    assert prop.sources["vertical"].checkpoint_key == "eval.decoders.hawk_eagle.heads_path"
+    assert prop.sources["eagle"].checkpoint_key == "eval.decoders.hawk_eagle.eagle_path"
     assert dec.describe()["proposer"]["order"] == ["vertical", "eagle"]
     assert torch.equal(dec.generate(PROMPTS).tokens, ar_generate(bb, PROMPTS, s).tokens)
     dyn = build_decoder(preset("hawk_eagle", checkpoints, "decoder.tree.dynamic=6"), bb, s)
@@ -157,16 +162,21 @@ tree: {{budget: 10, max_depth: 5, max_rank: 2}}
 """
 
 
-def test_hawk_written_as_sources_decides_like_hawks_flags(bb, checkpoints):
-    """The flags of HawkProposer and the same sources in YAML are one proposer: same images, same acceptances."""
+def test_hawk_written_as_sources_decides_like_the_proposer_option_built_in_python(bb, checkpoints):
+    """A composition written in a decoder node and conf/decoder/proposer/hawk_jacobi.yaml built in Python with its
+    sweep axes set as source keys are one proposer: same images, same acceptances."""
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
     cfg = OmegaConf.create(HAWK_AS_SOURCES.format(heads=checkpoints / "hawk"))
     composed = build_decoder(cfg, bb, s)
     assert composed.proposer.sources["horizontal"].heads is composed.proposer.sources["vertical"].heads  # one load
-    flags = SpeculativeDecoder(bb, HawkProposer(DraftHeads.load(checkpoints / "hawk", bb), draft="sample",
-                                                order="horizontal_first", vertical_candidates=2, jacobi="first"),
-                               ExactAcceptance(), s, paths_from_budget(10, 5, 2))
-    a, b = (d.generate(PROMPTS * 2, torch.Generator().manual_seed(3)) for d in (composed, flags))
+    heads = DraftHeads.load(checkpoints / "hawk", bb)
+    prop = proposer_from_config("hawk_jacobi", {"horizontal": heads, "vertical": heads},
+                                sources__horizontal__draft="sample", sources__vertical__draft="sample",
+                                sources__vertical__candidates=2, order=["jacobi", "horizontal", "vertical"],
+                                priority=["horizontal", "vertical"])
+    assert list(prop.sources) == ["horizontal", "vertical", "jacobi"]
+    python = SpeculativeDecoder(bb, prop, ExactAcceptance(), s, paths_from_budget(10, 5, 2))
+    a, b = (d.generate(PROMPTS * 2, torch.Generator().manual_seed(3)) for d in (composed, python))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.accept_map, b.accept_map)
     assert a.accept_map.sum() > 0
 
@@ -217,19 +227,19 @@ def test_a_new_mix_is_config_only(bb, checkpoints):
 # --------------------------------------------------------------------------------------------- checkpoints
 def test_a_missing_or_mismatched_eagle_checkpoint_names_its_key(bb, checkpoints, tmp_path):
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=1.0)
-    with pytest.raises(FileNotFoundError, match="decoder.eagle_path"):
+    with pytest.raises(FileNotFoundError, match="eval.decoders.hawk_eagle.eagle_path"):
         build_decoder(preset("hawk_eagle", checkpoints, f"decoder.eagle_path={tmp_path / 'none'}"), bb, s)
-    with pytest.raises(ValueError, match="decoder.eagle_path"):  # Hawk heads where the EAGLE model should be
+    with pytest.raises(ValueError, match="eval.decoders.hawk_eagle.eagle_path"):  # Hawk heads where the EAGLE model should be
         build_decoder(preset("hawk_eagle", checkpoints, f"decoder.eagle_path={checkpoints / 'hawk'}"), bb, s)
-    with pytest.raises(ValueError, match="decoder.heads_path"):  # heads without vertical heads
+    with pytest.raises(ValueError, match="eval.decoders.hawk_eagle.heads_path"):  # heads without vertical heads
         build_decoder(preset("hawk_eagle", checkpoints, f"decoder.heads_path={checkpoints / 'medusa'}"), bb, s)
-    with pytest.raises(FileNotFoundError, match="decoder.heads_path"):
+    with pytest.raises(FileNotFoundError, match="eval.decoders.hawk_eagle.heads_path"):
         build_decoder(preset("hawk_eagle", checkpoints, f"decoder.heads_path={tmp_path / 'none'}"), bb, s)
     from hawkspec.testing import build_random_backbone
 
     other = build_random_backbone(rows=4, cols=4, num_codes=32, seed=5)
     DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=2), other).save(tmp_path / "hawk")
-    with pytest.raises(ValueError, match="decoder.eagle_path.*num_codes"):  # an EAGLE model of another backbone
+    with pytest.raises(ValueError, match="eval.decoders.hawk_eagle.eagle_path.*num_codes"):  # an EAGLE model of another backbone
         build_decoder(preset("hawk_eagle", checkpoints, f"decoder.heads_path={tmp_path / 'hawk'}"), other,
                       SamplingConfig(top_k=16).validate(other.num_codes))
     # a literal path names the source's own key; an unset one too
@@ -240,6 +250,28 @@ def test_a_missing_or_mismatched_eagle_checkpoint_names_its_key(bb, checkpoints,
     cfg.proposer.sources.eagle.path = None
     with pytest.raises(ValueError, match="decoder.proposer.sources.eagle.path"):
         build_decoder(cfg, bb, s)
+
+
+def test_errors_name_the_keys_below_the_decoders_node(bb, checkpoints, tmp_path):
+    """build_decoder(key=...) hands every source its node's key: a missing checkpoint names the decoder-level key
+    its path interpolates, a bad setting the source's own key."""
+    s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=1.0)
+    with pytest.raises(FileNotFoundError, match="eval.decoders.he.eagle_path"):
+        build_decoder(preset("hawk_eagle", checkpoints, f"decoder.eagle_path={tmp_path / 'none'}"), bb, s,
+                      key="eval.decoders.he")
+    dec = build_decoder(preset("hawk_eagle", checkpoints), bb, s, key="eval.decoders.he")
+    assert dec.proposer.key == "eval.decoders.he.proposer"
+    v, e = dec.proposer.sources["vertical"], dec.proposer.sources["eagle"]
+    assert (v.key, v.checkpoint_key) == ("eval.decoders.he.proposer.sources.vertical", "eval.decoders.he.heads_path")
+    assert (e.key, e.checkpoint_key) == ("eval.decoders.he.proposer.sources.eagle", "eval.decoders.he.eagle_path")
+    cfg = OmegaConf.create(NEW_MIX.format(heads=checkpoints / "hawk", eagle=checkpoints / "eagle"))
+    cfg.proposer.sources.vertical.vsd = 7
+    with pytest.raises(ValueError, match=r"eval.decoders.mix.proposer.sources.vertical.vsd=7"):
+        build_decoder(cfg, bb, s, key="eval.decoders.mix")
+    cfg.proposer.sources.vertical.vsd = 1
+    cfg.proposer.sources.vertical.draft = "beam"
+    with pytest.raises(Exception, match=r"eval.decoders.mix.proposer.sources.vertical.draft must be one of"):
+        build_decoder(cfg, bb, s, key="eval.decoders.mix")
 
 
 def test_eval_all_skips_the_presets_whose_checkpoint_is_missing(bb, checkpoints, tmp_path):

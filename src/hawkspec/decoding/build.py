@@ -3,9 +3,9 @@
 A decoder preset (``conf/decoder/<name>.yaml``) looks like::
 
     name: hawk                      # the row name in results
-    proposer: {_target_: hawkspec.decoding.proposers.HawkProposer, vsd: 2, ...}
+    proposer: {_target_: hawkspec.decoding.proposers.SpatialProposer, sources: {...}, order: [...]}
     acceptance: {_target_: hawkspec.decoding.acceptance.ExactAcceptance}
-    heads_path: ...                 # trained heads (for proposers that take `heads`)
+    heads_path: ...                 # trained heads (the sources' `path` interpolates it)
     tree: {budget: 16, max_depth: 4, max_rank: 4, paths: null, max_nodes: 256}
 
 ``proposer: null`` is plain AR (:func:`hawkspec.decoding.ar.ar_generate`, the speed baseline).
@@ -30,9 +30,7 @@ built, so ``eval.decoders=all`` skips a preset whose checkpoint is missing (a Fi
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +42,9 @@ from hawkspec.backbones.base import Backbone
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.output import GenerationOutput
+from hawkspec.decoding.proposers.config import build_proposer, interpolated_key
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import normalize_paths, paths_from_budget
-from hawkspec.heads.draft import DraftHeads
 
 log = logging.getLogger("hawkspec")
 
@@ -94,20 +92,24 @@ def tree_paths(tree: DictConfig) -> list[tuple[int, ...]]:
     return paths_from_budget(int(tree.budget), int(tree.max_depth), int(tree.max_rank))
 
 
-def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig):
-    """The decoder described by a ``decoder`` config node, bound to ``backbone``."""
-    name = cfg.get("name") or "decoder"
+def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, name: str | None = None,
+                  key: str | None = None):
+    """The decoder described by a decoder config node, bound to ``backbone``.
+
+    Args:
+        name: The row name; None: the node's ``name`` key if it has one, else its own key in the run config
+            (``eval.decoders.hawk`` -> ``hawk``).
+        key: Where the node sits in the run config (every error names keys below it); None: the node's own path
+            (``eval.decoders.hawk``), or ``decoder`` for a node made on its own.
+    """
+    own = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
+    key = key or own or "decoder"
+    name = name or cfg.get("name") or key.rsplit(".", 1)[-1]
     if cfg.get("proposer") is None:
         return ARDecoder(backbone, sampling, name=name)
-    target = hydra.utils.get_class(cfg.proposer._target_)
-    kwargs = {}
-    if "heads" in inspect.signature(target).parameters:
-        if not cfg.get("heads_path"):
-            raise ValueError(f"decoder `{name}` drafts with trained heads: set decoder.heads_path")
-        kwargs["heads"] = DraftHeads.load(Path(cfg.heads_path), backbone)
-    proposer = hydra.utils.instantiate(cfg.proposer, **kwargs)
-    for src, key in source_keys(cfg).items():  # loading errors name the key the preset sets
-        proposer.sources[src].key = key
+    # every source loads its checkpoint from its own `path`; its errors name `<key>.proposer.sources.<name>...`
+    # or the decoder-level key its path interpolates (source_keys)
+    proposer = build_proposer(cfg.proposer, f"{key}.proposer")
     acceptance = hydra.utils.instantiate(cfg.acceptance)
     return NamedDecoder(
         name, backbone, proposer, acceptance, sampling, tree_paths(cfg.tree),
@@ -116,22 +118,20 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig)
     )
 
 
-def source_keys(cfg: DictConfig) -> dict[str, str]:
-    """For each draft source of a composed proposer whose ``path`` is an interpolation (``${....eagle_path}``) and
-    that names no ``key`` itself: the config key it reads (``decoder.eagle_path``), which its errors then name."""
+def source_keys(cfg: DictConfig, key: str = "decoder") -> dict[str, str]:
+    """For each draft source of a composed proposer whose ``path`` is an interpolation (``${....eagle_path}``): the
+    config key it reads (``<key>.eagle_path``), which its errors then name (:func:`build_proposer` does the same
+    while building)."""
     sources = cfg.proposer.get("sources") if isinstance(cfg.proposer, DictConfig) else None
     if not isinstance(sources, DictConfig):
         return {}
     out = {}
     for name, node in OmegaConf.to_container(sources, resolve=False).items():
-        if not isinstance(node, dict) or node.get("key"):
+        if not isinstance(node, dict) or node.get("path_key"):
             continue
-        m = re.fullmatch(r"\$\{(\.*)([\w.]+)\}", str(node.get("path")))
-        if m is None:
-            continue
-        dots, ref = len(m.group(1)), m.group(2)
-        own = ["decoder", "proposer", "sources", str(name)]  # the node holding `path`; `.` is this node
-        out[str(name)] = ref if dots == 0 else ".".join([*own[: len(own) - dots + 1], ref])
+        ref = interpolated_key(node.get("path"), [*key.split("."), "proposer", "sources", str(name)])
+        if ref is not None:
+            out[str(name)] = ref
     return out
 
 

@@ -32,50 +32,54 @@ from pathlib import Path
 import torch
 
 from hawkspec.backbones.base import check_identity
-from hawkspec.decoding.proposers.base import Pools, Proposer
+from hawkspec.decoding.proposers.base import DRAFTS, Pools, Proposer, check_choice
 from hawkspec.decoding.sampling import sample, target_probs
 from hawkspec.heads.eagle import EagleDrafter
 
-DRAFTS = ("topk", "sample")
-
 
 class EagleProposer(Proposer):
-    """Candidate pools from an EAGLE draft model.
+    """Candidate pools from an EAGLE draft model: the ``eagle`` proposer alone, or a source of a composed one
+    (``hawk_eagle``; :data:`~hawkspec.decoding.proposers.sources.EagleSource` is this class).
 
     Args:
         path: Folder of a saved :class:`EagleDrafter` (loaded at :meth:`bind`, checked against the backbone);
             ignored when ``drafter`` is given.
         drafter: A draft model (tests, notebooks).
-        draft: ``topk`` (deterministic candidates, point masses) or ``sample`` (i.i.d. draws from the draft
-            distribution under the target's top-k/temperature, each with its q).
+        draft: One of :data:`~hawkspec.decoding.proposers.base.DRAFTS`: ``topk`` (deterministic candidates, point
+            masses) or ``sample`` (i.i.d. draws from the draft distribution under the target's top-k/temperature,
+            each with its q).
         spatial: When set, refuse a draft model whose ``spatial`` flag differs (a sweep over the flag must not
             silently decode with the other model); None takes the model as it is.
-        key: The config key of ``path``, named by every loading error (``decoder.heads_path`` in the ``eagle``
-            presets; a composed proposer's :class:`~hawkspec.decoding.proposers.sources.EagleSource` passes its own).
+        key, path_key: Its config node and the config key of its checkpoint, named by every error
+            (:class:`~hawkspec.decoding.proposers.Proposer`; ``build_decoder`` sets both, e.g.
+            ``eval.decoders.eagle.proposer`` and ``eval.decoders.eagle.heads_path``).
     """
 
-    name = "eagle"
+    name = kind = "eagle"
     wants_accepted_hidden = True
     wants_tree_outputs = True  # only for the committed codes (the draft rows need x_i)
+    ready_pool = True
+    state_names = ("kv.k", "kv.v", "feat", "tokens", "done", "codes")
 
     def __init__(self, path: str | None = None, drafter: EagleDrafter | None = None, draft: str = "topk",
-                 spatial: bool | None = None, key: str = "decoder.heads_path"):
-        if draft not in DRAFTS:
-            raise ValueError(f"decoder.proposer.draft must be one of {DRAFTS}, got {draft!r}")
-        if drafter is None and not path:
-            raise ValueError(f"decoder.proposer.path (the EAGLE draft model, `{key}`) is not set")
-        self.path, self.drafter, self.draft, self.spatial, self.key = path, drafter, draft, spatial, key
+                 spatial: bool | None = None, key: str | None = None, path_key: str | None = None):
+        self.key, self.path_key = key, path_key
+        self.draft = check_choice(draft, DRAFTS, self.where("draft"))
+        self.path, self.drafter, self.spatial = path, drafter, spatial
 
-    def bind(self, backbone, sampling) -> None:
-        super().bind(backbone, sampling)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         if self.drafter is None:
-            self.drafter = EagleDrafter.load(Path(self.path), backbone, self.key)
+            if not self.path:
+                raise ValueError(f"`{self.checkpoint_key}` (the EAGLE draft model of `{self.where()}`) is not set: "
+                                 "point it at a folder written by `hawkspec-train heads=eagle`")
+            self.drafter = EagleDrafter.load(Path(self.path), backbone, self.checkpoint_key)
         check_identity(self.drafter.identity, backbone, "the EAGLE draft model",
-                       f"Train it for this backbone or set `{self.key}` to a matching one.")
+                       f"Train it for this backbone or set `{self.checkpoint_key}` to a matching one.")
         if self.spatial is not None and self.drafter.config.spatial != self.spatial:
-            raise ValueError(f"decoder.proposer.spatial={self.spatial} but the draft model in {self.path} was trained "
-                             f"with spatial={self.drafter.config.spatial}: point `{self.key}` at one trained "
-                             f"with `heads.spatial={str(self.spatial).lower()}`")
+            raise ValueError(f"{self.where('spatial')}={self.spatial} but the draft model in {self.path} was trained "
+                             f"with spatial={self.drafter.config.spatial}: point `{self.checkpoint_key}` at one "
+                             f"trained with `heads.spatial={str(self.spatial).lower()}`")
         self.drafter.to(next(iter(backbone.buffers())).device).eval()
         self.grid = backbone.grid
 
@@ -182,7 +186,8 @@ class EagleProposer(Proposer):
         return sample(q.unsqueeze(1).expand(-1, size, -1), generator), q
 
     def describe(self) -> dict:
-        return {"name": self.name, "draft": self.draft, "spatial": self.drafter.config.spatial if self.drafter else None}
+        return {"name": self.name, "kind": self.kind, "draft": self.draft,
+                "spatial": self.drafter.config.spatial if self.drafter is not None else self.spatial}
 
 
 # ------------------------------------------------------------------------------------------------- dynamic trees

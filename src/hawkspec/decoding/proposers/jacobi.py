@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
+from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier, check_choice
 from hawkspec.decoding.sampling import one_hot, sample, uniform
 
 INITS = ("uniform", "spatial")
@@ -114,13 +114,14 @@ def gumbel_noise(seed: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, num_c
 class JacobiDrafts:
     """The carried drafts of Jacobi iteration, keyed by body position: after each verification forward, every
     position a tree node predicted and that is still uncommitted gets a fresh draft from that node's output,
-    which is kept as the draft's distribution. Shared by :class:`JacobiProposer` and Hawk's ``jacobi`` pool.
+    which is kept as the draft's distribution. Shared by :class:`JacobiProposer` and the
+    :class:`~hawkspec.decoding.proposers.sources.JacobiSource` (which check ``coupling``).
     """
 
+    #: The tensors kept from step to step of a batch (see :meth:`~hawkspec.decoding.proposers.Proposer.state`).
+    state_names = ("tok", "q", "_bidx", "codes", "seed")
+
     def __init__(self, grid, num_codes: int, device, coupling: str = "none"):
-        if coupling not in COUPLINGS:
-            raise ValueError(f"the Jacobi drafts' coupling (decoder.proposer.coupling) must be one of {COUPLINGS}, "
-                             f"got {coupling!r}")
         self.L, self.K, self.coupling = grid.length, num_codes, coupling
         forced = grid.forced_mask().to(device)
         self._open = torch.cat([~forced, forced.new_zeros(1)])  # a position takes drafts; index L: outside
@@ -200,31 +201,30 @@ class JacobiProposer(Proposer):
             ``maximal`` or ``gumbel`` (SCD's two couplings, exact as we store q; see the module docstring).
     """
 
-    name = "jacobi"
+    name = kind = "jacobi"
     wants_tree_outputs = True
+    ready_pool = True
+    state_names = tuple(f"drafts.{n}" for n in JacobiDrafts.state_names)
 
     def __init__(self, init: str = "uniform", init_q: str = "onehot", ar_edges: dict | None = None,
-                 coupling: str = "none"):
+                 coupling: str = "none", key: str | None = None):
+        self.key = key
         edges = dict(ar_edges or {})
         unknown = set(edges) - {"head", "tail"}
         if unknown or any(int(edges.get(k, 0)) < 0 for k in ("head", "tail")):
-            raise ValueError(f"decoder.proposer.ar_edges must be {{head: N, tail: N}} with N >= 0, got {ar_edges!r}")
+            raise ValueError(f"{self.where('ar_edges')} must be {{head: N, tail: N}} with N >= 0, got {ar_edges!r}")
         self.head, self.tail = int(edges.get("head", 0)), int(edges.get("tail", 0))
-        if init not in INITS:
-            raise ValueError(f"decoder.proposer.init must be one of {INITS}, got {init!r}")
-        if init_q not in INIT_QS:
-            raise ValueError(f"decoder.proposer.init_q must be one of {INIT_QS}, got {init_q!r}")
-        if coupling not in COUPLINGS:
-            raise ValueError(f"decoder.proposer.coupling must be one of {COUPLINGS}, got {coupling!r}")
-        self.init, self.init_q, self.coupling = init, init_q, coupling
+        self.init = check_choice(init, INITS, self.where("init"))
+        self.init_q = check_choice(init_q, INIT_QS, self.where("init_q"))
+        self.coupling = check_choice(coupling, COUPLINGS, self.where("coupling"))
 
-    def bind(self, backbone, sampling) -> None:
-        super().bind(backbone, sampling)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         self.W, self.K = backbone.grid.tokens_per_row, backbone.num_codes
         self.drafts = JacobiDrafts(backbone.grid, self.K, backbone.code_token_ids.device, self.coupling)
         self.L = backbone.grid.length
         if self.head + self.tail >= self.L:
-            raise ValueError(f"decoder.proposer.ar_edges={{head: {self.head}, tail: {self.tail}}} leaves no body "
+            raise ValueError(f"{self.where('ar_edges')}={{head: {self.head}, tail: {self.tail}}} leaves no body "
                              f"position of this backbone's {self.L} to draft")
 
     def start(self, batch_size: int, device: torch.device) -> None:

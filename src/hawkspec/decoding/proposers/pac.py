@@ -78,17 +78,20 @@ class PACProposer(Proposer):
         nodes, width, depth: The tree (``decoder.tree.pac``, which the preset also hands the engine): L, K, D.
     """
 
-    name = "pac"
+    name = kind = "pac"
     wants_tree_outputs = True
+    ready_pool = True
+    state_names = ("tok", "q", "_bidx", "_topo", "_pool_tok")
 
-    def __init__(self, nodes: int = 64, width: int = 3, depth: int = 3):
+    def __init__(self, nodes: int = 64, width: int = 3, depth: int = 3, key: str | None = None):
+        self.key = key
         self.paths = pac_paths(nodes, width, depth)
         if not self.paths:
             raise ValueError("decoder.tree.pac gives no draft: nodes must be >= 2")
         self.nodes, self.width, self.depth = nodes, width, depth
 
-    def bind(self, backbone, sampling) -> None:
-        super().bind(backbone, sampling)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         self.V = backbone.num_codes
         if self.width > self.V:
             raise ValueError(f"decoder.tree.pac.width={self.width} exceeds the codebook size {self.V}")
@@ -111,9 +114,9 @@ class PACProposer(Proposer):
         B, J = code_pos.shape
         K, V, dev = self.width, self.V, code_pos.device
         if J != self.table.max_code_depth:
-            raise ValueError(f"the pac proposer's tree (decoder.proposer nodes/width/depth: {self.nodes}/{self.width}/"
-                             f"{self.depth}) is not the engine's (decoder.tree, {J} code depths): set both from "
-                             "decoder.tree.pac")
+            tree = f"{self.where().rsplit('.proposer', 1)[0]}.tree"
+            raise ValueError(f"the pac proposer's tree ({self.where()} nodes/width/depth: {self.nodes}/{self.width}/"
+                             f"{self.depth}) is not the engine's ({tree}, {J} code depths): set both from {tree}.pac")
         self._topo = self.table.lookup(root_pos)
         ok = (code_pos >= 0) & self._open[torch.where(code_pos >= 0, code_pos, self.L)]
         slot = torch.where(ok, code_pos, self.L)
@@ -146,7 +149,7 @@ class PACProposer(Proposer):
         tab, topo, dev = self.table, self._topo, node_pos.device
         if T != tab.num_nodes:
             raise ValueError(f"the pac proposer's tree has {tab.num_nodes} nodes, the engine's {T}: set "
-                             "decoder.tree and decoder.proposer from the same decoder.tree.pac")
+                             f"the tree and {self.where()} from the same tree.pac")
         K, V, L = self.width, self.V, self.L
         parent_anc, rank, forced, depth = tab.mask[topo], tab.rank[topo], tab.forced[topo], tab.depth[topo]
         P = self._pool_tok.shape[-1]

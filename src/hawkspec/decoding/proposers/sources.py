@@ -1,84 +1,48 @@
 """Draft sources: the parts a :class:`~hawkspec.decoding.proposers.spatial.SpatialProposer` is composed of.
 
 A source drafts candidates for the speculated positions of a step; the proposer merges the candidates of all
-its sources into one *spatial sampling pool* per position (its ``order``). Each source is a small class built by
-Hydra from its ``_target_``, with the proposer's life cycle:
+its sources into one *spatial sampling pool* per position (its ``order``). A source is a
+:class:`~hawkspec.decoding.proposers.base.Proposer` like any other (``DraftSource`` is that one protocol), built
+by Hydra from its ``_target_`` (``conf/decoder/proposer/*.yaml``), with the proposer's life cycle:
 
-* :meth:`DraftSource.bind` (backbone, sampling, proposer): load its checkpoint (through the proposer, so sources
-  that read one folder share one module) and check it against the backbone; :meth:`DraftSource.link` runs once
-  every source is bound (a source may work with a sibling, e.g. the vertical cache computes the horizontal
-  heads' logits of the next step in the same call);
-* :meth:`DraftSource.start` per batch;
-* :meth:`DraftSource.candidates` per step: ``Pools`` of any width ``C`` (B, J, C), -1 where it has none, with
-  ``q`` (the distribution each was drawn from) or ``None`` for point masses (deterministic top-k), and ``logp``
-  (the drafter's log-probability, what a dynamic tree ranks by) or ``None``;
-* :meth:`DraftSource.observe` (accepted tokens and their hidden states) and :meth:`DraftSource.observe_tree`
-  (the target at every tree node) after each step, for sources that set ``wants_accepted_hidden`` /
+* :meth:`~Proposer.bind` (backbone, sampling, owner): load its checkpoint from its ``path`` (through the owner,
+  so sources that read one folder share one module) and check it against the backbone; :meth:`~Proposer.link`
+  runs once every source is bound (a source may work with a sibling, e.g. the vertical cache computes the
+  horizontal heads' logits of the next step in the same call);
+* :meth:`~Proposer.start` per batch; :meth:`~Proposer.state` names the tensors it keeps between steps;
+* :meth:`~Proposer.propose` per step: ``Pools`` of any width ``C`` (B, J, C), -1 where it has none, with ``q``
+  (the distribution each was drawn from) or ``None`` for point masses (deterministic top-k), and ``logp`` (the
+  drafter's log-probability, what a dynamic tree ranks by) or ``None``;
+* :meth:`~Proposer.observe` (accepted tokens and their hidden states) and :meth:`~Proposer.observe_tree` (the
+  target at every tree node) after each step, for sources that set ``wants_accepted_hidden`` /
   ``wants_tree_outputs``. The engine calls ``observe_tree`` before ``observe``.
 
 Sources here: :class:`HorizontalSource` (Medusa's heads), :class:`VerticalSource` (Hawk's vertical heads and
 their speculation cache), :class:`JacobiSource` (the drafts Jacobi iteration carries from the last forward)
-and :class:`EagleSource` (the EAGLE draft model). Every candidate keeps the distribution it came from, so any
-mix stays lossless under the exact rule.
+and :class:`EagleSource` (the EAGLE draft model: :class:`~hawkspec.decoding.proposers.EagleProposer` itself).
+Every candidate keeps the distribution it came from, so any mix stays lossless under the exact rule.
 
 Randomness: sampled drafts draw through :func:`hawkspec.decoding.sampling.sample` with the engine's generator.
 """
 
 from __future__ import annotations
 
-import abc
+from pathlib import Path
 
 import torch
 
 from hawkspec.backbones.base import check_identity
-from hawkspec.decoding.proposers.base import Pools
-from hawkspec.decoding.proposers.eagle import DRAFTS, EagleProposer
+from hawkspec.decoding.proposers.base import DRAFTS, Pools, Proposer, check_choice
+from hawkspec.decoding.proposers.eagle import EagleProposer
 from hawkspec.decoding.proposers.jacobi import COUPLINGS, JacobiDrafts
 from hawkspec.decoding.sampling import sample, target_probs
 from hawkspec.heads.draft import DraftHeads
 
+DraftSource = Proposer
+"""A draft source is a :class:`~hawkspec.decoding.proposers.base.Proposer`: one protocol for both."""
 
-class DraftSource(abc.ABC):
-    """Base class of a draft source (see the module docstring).
-
-    Attributes:
-        name: Its key in the proposer's ``sources`` (set by the proposer).
-        key: The config key of its checkpoint, named by every loading error; the proposer sets
-            ``decoder.proposer.sources.<name>.path`` unless given (``build_decoder`` names the decoder-level key
-            a preset interpolates it from, e.g. ``decoder.eagle_path``).
-    """
-
-    kind: str = ""
-    wants_accepted_hidden: bool = False
-    wants_tree_outputs: bool = False
-    #: Its candidates are already a compact pool of the requested size (a proposer of this source alone
-    #: returns them as they are).
-    ready_pool: bool = False
-
-    def __init__(self, key: str | None = None):
-        self.name, self.key = self.kind, key
-
-    def bind(self, backbone, sampling, proposer) -> None:
-        self.backbone, self.sampling = backbone, sampling
-
-    def link(self, proposer) -> None:
-        """Called once every source of ``proposer`` is bound."""
-
-    def start(self, batch_size: int, device: torch.device) -> None:
-        """Reset per-batch state."""
-
-    def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
-        """See :meth:`hawkspec.decoding.proposers.base.Proposer.observe`."""
-
-    def observe_tree(self, probs, node_pos, codes, generator, chain: bool = False) -> None:
-        """See :meth:`hawkspec.decoding.proposers.base.Proposer.observe_tree`."""
-
-    @abc.abstractmethod
-    def candidates(self, src_hidden, root_pos, code_pos, pool_size: int, generator) -> Pools:
-        """This step's candidates (arguments as :meth:`~hawkspec.decoding.proposers.base.Proposer.propose`)."""
-
-    def describe(self) -> dict:
-        return {"kind": self.kind}
+EagleSource = EagleProposer
+"""The EAGLE draft model as a source (``_target_: hawkspec.decoding.proposers.sources.EagleSource``)."""
 
 
 # --------------------------------------------------------------------------------------------- Medusa/Hawk heads
@@ -87,26 +51,25 @@ class HeadsSource(DraftSource):
     ``path`` at bind (one load per folder per proposer, so horizontal and vertical sources share the module).
 
     Args:
-        heads: Draft heads (tests, notebooks, :class:`~hawkspec.decoding.proposers.HawkProposer`).
-        path: Folder of saved heads (``hawkspec-train heads=medusa|hawk``); ignored when ``heads`` is given.
-        draft: ``topk`` (deterministic candidates, point masses) or ``sample`` (i.i.d. draws from the head's
-            distribution under the target's top-k/temperature, each with its q).
-        key: See :class:`DraftSource`.
+        heads: Draft heads (tests, notebooks); then ``path`` is ignored.
+        path: Folder of saved heads (``hawkspec-train heads=medusa|hawk``), loaded at :meth:`bind`.
+        draft: One of :data:`~hawkspec.decoding.proposers.base.DRAFTS`: ``topk`` (deterministic candidates, point
+            masses) or ``sample`` (i.i.d. draws from the head's distribution under the target's
+            top-k/temperature, each with its q).
+        key, path_key: Its config node and its checkpoint's key (see :class:`~hawkspec.decoding.proposers.Proposer`).
     """
 
     def __init__(self, heads: DraftHeads | None = None, path: str | None = None, draft: str = "topk",
-                 key: str | None = None):
-        super().__init__(key)
-        if draft not in DRAFTS:
-            raise ValueError(f"decoder.proposer.draft must be 'topk' or 'sample', got {draft!r}")
-        self.heads, self.path, self.draft = heads, path, draft
+                 key: str | None = None, path_key: str | None = None):
+        self.key, self.path_key, self.name = key, path_key, self.kind
+        self.heads, self.path, self.draft = heads, path, check_choice(draft, DRAFTS, self.where("draft"))
 
-    def bind(self, backbone, sampling, proposer) -> None:
-        super().bind(backbone, sampling, proposer)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         if self.heads is None:
-            self.heads = proposer.load(DraftHeads, self.path, self.key, backbone)
+            self.heads = load_checkpoint(owner, DraftHeads, self.path, self.checkpoint_key, backbone)
         check_identity(self.heads.identity, backbone, "the draft heads",
-                       f"Train heads for this backbone or set `{self.key or 'decoder.heads_path'}` to matching heads.")
+                       f"Train heads for this backbone or set `{self.checkpoint_key}` to matching heads.")
         self.heads.to(next(iter(backbone.buffers())).device)
 
     def _candidates(self, logits: torch.Tensor, ok: torch.Tensor, size: int, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,6 +88,7 @@ class HorizontalSource(HeadsSource):
 
     kind = "horizontal"
     ready_pool = True
+    state_names = ("next_logits",)
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.next_logits = None  # the heads' logits at the next src_hidden, when a VerticalSource made them
@@ -140,7 +104,7 @@ class HorizontalSource(HeadsSource):
         per_pos = logits.gather(1, (k.clamp(1, n) - 1).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, J, K)
         return self._candidates(per_pos, ok, size, generator)
 
-    def candidates(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         logits = self.next_logits if self.next_logits is not None else self.heads.horizontal(src_hidden)
         self.next_logits = None
         tokens, q = self.pool(src_hidden, root_pos, code_pos, pool_size, generator, logits)
@@ -165,7 +129,7 @@ class VerticalSource(HeadsSource):
     (head 1's m candidates first), -1 where the cache holds none.
 
     Args:
-        heads, path, draft, key: See :class:`HeadsSource` (heads with vertical heads: ``heads=hawk``).
+        heads, path, draft, key, path_key: See :class:`HeadsSource` (heads with vertical heads: ``heads=hawk``).
         vsd: Vertical speculation depth used at decoding, <= the heads' (None: all of them).
         candidates: Candidates each vertical head contributes per position (m).
 
@@ -176,14 +140,15 @@ class VerticalSource(HeadsSource):
 
     kind = "vertical"
     wants_accepted_hidden = True
+    state_names = ("ring_tok", "ring_pos", "ring_lp", "ring_q", "_ar", "_brow", "_vcol")
 
     def __init__(self, heads: DraftHeads | None = None, path: str | None = None, draft: str = "topk",
-                 vsd: int | None = None, candidates: int = 1, key: str | None = None):
-        super().__init__(heads, path, draft, key)
+                 vsd: int | None = None, candidates: int = 1, key: str | None = None, path_key: str | None = None):
+        super().__init__(heads, path, draft, key, path_key)
         if candidates < 1:
-            raise ValueError(f"the vertical source's candidates must be >= 1, got {candidates}")
+            raise ValueError(f"{self.where('candidates')} must be >= 1, got {candidates}")
         if vsd is not None and vsd < 1:
-            raise ValueError(f"the vertical source's vsd must be >= 1 (or null: all vertical heads), got {vsd}")
+            raise ValueError(f"{self.where('vsd')} must be >= 1 (or null: all vertical heads), got {vsd}")
         self.m, self.want_vsd = candidates, vsd
         if heads is not None:
             self._set_vsd()
@@ -191,14 +156,14 @@ class VerticalSource(HeadsSource):
     def _set_vsd(self) -> None:
         have = self.heads.config.num_vertical
         if not have:
-            raise ValueError(f"the vertical source needs heads trained with vertical heads (heads=hawk); "
-                             f"`{self.key or 'decoder.heads_path'}` holds heads without them")
+            raise ValueError(f"the vertical source `{self.where()}` needs heads trained with vertical heads "
+                             f"(heads=hawk); `{self.checkpoint_key}` holds heads without them")
         self.vsd = self.want_vsd or have
         if self.vsd > have:
-            raise ValueError(f"the vertical source's vsd={self.vsd} exceeds the heads' vertical depth {have}")
+            raise ValueError(f"{self.where('vsd')}={self.vsd} exceeds the heads' vertical depth {have}")
 
-    def bind(self, backbone, sampling, proposer) -> None:
-        super().bind(backbone, sampling, proposer)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         self._set_vsd()
         grid = backbone.grid
         self.W = grid.tokens_per_row
@@ -209,8 +174,8 @@ class VerticalSource(HeadsSource):
         forced = grid.forced_mask().to(dev)
         self._cacheable = torch.cat([~forced, forced.new_zeros(self.vsd * self.W + 1)])
 
-    def link(self, proposer) -> None:
-        self.share = [s for s in proposer.sources.values() if isinstance(s, HorizontalSource) and s.heads is self.heads]
+    def link(self, owner) -> None:
+        self.share = [s for s in owner.sources.values() if isinstance(s, HorizontalSource) and s.heads is self.heads]
 
     def start(self, batch_size: int, device: torch.device) -> None:
         B, R, V, m = batch_size, self.R, self.vsd, self.m
@@ -221,7 +186,7 @@ class VerticalSource(HeadsSource):
         K = self.heads.num_codes
         self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
         self._ar = torch.arange(B, device=device)
-        self._bv = (self._ar.view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V))
+        self._brow, self._vcol = self._ar.view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V)
         self._generator = None
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
@@ -242,7 +207,7 @@ class VerticalSource(HeadsSource):
         tokens, q = self._candidates(v_logits, ok, self.m, None if self.draft == "topk" else self._generator)
         lp = torch.log_softmax(v_logits.float(), -1).gather(-1, tokens.clamp(min=0))  # (B, A, vsd, m)
         slot = torch.where(ok, target % self.R, self.R)  # (B, A, vsd); invalid -> the spare slot
-        b, v = self._bv
+        b, v = self._brow, self._vcol
         self.ring_tok[b, slot, v] = tokens
         self.ring_pos[b, slot, v] = torch.where(ok, target, -1)
         self.ring_lp[b, slot, v] = lp
@@ -260,7 +225,7 @@ class VerticalSource(HeadsSource):
         hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
         return torch.where(hit.unsqueeze(-1), self.ring_tok[bidx, slot], -1).flatten(2)
 
-    def candidates(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         self._generator = generator  # the next observe draws sampled vertical drafts with it
         B, J = code_pos.shape
         slot = code_pos.clamp(min=0) % self.R  # (B, J)
@@ -287,20 +252,19 @@ class JacobiSource(DraftSource):
     Args:
         coupling: ``none`` (a fresh draft each time), ``maximal`` or ``gumbel`` (SCD's couplings of a position's
             carried draft with the next one, exact: :mod:`hawkspec.decoding.proposers.jacobi`).
-        key: See :class:`DraftSource`.
+        key: Its config node (see :class:`~hawkspec.decoding.proposers.Proposer`).
     """
 
     kind = "jacobi"
     wants_tree_outputs = True
+    state_names = tuple(f"drafts.{n}" for n in JacobiDrafts.state_names)
 
     def __init__(self, coupling: str = "none", key: str | None = None):
-        super().__init__(key)
-        if coupling not in COUPLINGS:
-            raise ValueError(f"the jacobi source's coupling must be one of {COUPLINGS}, got {coupling!r}")
-        self.coupling = coupling
+        self.key, self.name = key, self.kind
+        self.coupling = check_choice(coupling, COUPLINGS, self.where("coupling"))
 
-    def bind(self, backbone, sampling, proposer) -> None:
-        super().bind(backbone, sampling, proposer)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         self.drafts = JacobiDrafts(backbone.grid, backbone.num_codes, next(iter(backbone.buffers())).device,
                                    self.coupling)
 
@@ -310,7 +274,7 @@ class JacobiSource(DraftSource):
     def observe_tree(self, probs, node_pos, codes, generator, chain: bool = False) -> None:
         self.drafts.observe(probs, node_pos, codes, generator, chain)
 
-    def candidates(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
+    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         tok, q = self.drafts.lookup(code_pos)  # (B, J) (-1 past the image: the spare column), (B, J, K)
         return Pools(tok.unsqueeze(-1), q.unsqueeze(2))
 
@@ -318,51 +282,12 @@ class JacobiSource(DraftSource):
         return {"kind": self.kind, "coupling": self.coupling} if self.coupling != "none" else {"kind": self.kind}
 
 
-class EagleSource(DraftSource):
-    """The EAGLE draft model's candidates (:class:`~hawkspec.decoding.proposers.EagleProposer`, which this wraps):
-    each position's pool drafted autoregressively along the chain of its own rank-0 drafts.
-
-    Args:
-        path: Folder of a saved :class:`~hawkspec.heads.eagle.EagleDrafter` (``hawkspec-train heads=eagle``).
-        drafter: A draft model (tests, notebooks); then ``path`` is ignored.
-        draft: ``topk`` or ``sample``.
-        spatial: Refuse a draft model whose ``spatial`` flag differs; None takes it as it is.
-        key: See :class:`DraftSource`.
-    """
-
-    kind = "eagle"
-    wants_accepted_hidden = True
-    wants_tree_outputs = True
-    ready_pool = True
-
-    def __init__(self, path: str | None = None, drafter=None, draft: str = "topk", spatial: bool | None = None,
-                 key: str | None = None):
-        super().__init__(key)
-        if draft not in DRAFTS:
-            raise ValueError(f"the eagle source's draft must be one of {DRAFTS}, got {draft!r}")
-        self.path, self.drafter, self.draft, self.spatial = path, drafter, draft, spatial
-        self.inner: EagleProposer | None = None
-
-    def bind(self, backbone, sampling, proposer) -> None:
-        super().bind(backbone, sampling, proposer)
-        if self.drafter is None and not self.path:
-            raise ValueError(f"`{self.key}` (the EAGLE draft model of source `{self.name}`) is not set")
-        self.inner = EagleProposer(self.path, self.drafter, self.draft, self.spatial, key=self.key or "decoder.heads_path")
-        self.inner.bind(backbone, sampling)
-        self.drafter = self.inner.drafter
-
-    def start(self, batch_size: int, device: torch.device) -> None:
-        self.inner.start(batch_size, device)
-
-    def observe(self, hidden, positions, count) -> None:
-        self.inner.observe(hidden, positions, count)
-
-    def observe_tree(self, probs, node_pos, codes, generator, chain: bool = False) -> None:
-        self.inner.observe_tree(probs, node_pos, codes, generator, chain)
-
-    def candidates(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
-        return self.inner.propose(src_hidden, root_pos, code_pos, pool_size, generator)
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "draft": self.draft,
-                "spatial": self.drafter.config.spatial if self.drafter is not None else self.spatial}
+def load_checkpoint(owner, cls, path, key: str, backbone):
+    """``cls.load(path, backbone, key)`` through ``owner.load`` (a composed proposer: one load per class and
+    folder, shared by its sources) or directly. A missing path is a ValueError naming ``key``; a missing
+    checkpoint, a FileNotFoundError naming it."""
+    if owner is not None and hasattr(owner, "load"):
+        return owner.load(cls, path, key, backbone)
+    if not path:
+        raise ValueError(f"`{key}` is not set: point it at a folder written by hawkspec-train")
+    return cls.load(Path(path), backbone, key)

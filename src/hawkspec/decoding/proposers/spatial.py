@@ -1,14 +1,17 @@
 """A proposer composed of draft sources, merged per position into one spatial sampling pool.
 
-Hawk's proposer is not a special class: it is the horizontal heads plus the vertical speculation cache, merged
-vertical first; Hawk + Jacobi adds the carried Jacobi drafts; ``hawk_eagle`` merges the vertical cache with the
-EAGLE draft model. Any such mix is config (``conf/decoder/proposer/hawk_eagle.yaml``)::
+Medusa and Hawk are not special classes: Medusa is the horizontal heads alone; Hawk is the horizontal heads plus
+the vertical speculation cache, merged vertical first; Hawk + Jacobi adds the carried Jacobi drafts; ``hawk_eagle``
+merges the vertical cache with the EAGLE draft model. Each is config (``conf/decoder/proposer/*.yaml``), and its
+settings are source keys (``proposer.sources.vertical.vsd=1,2,3``)::
 
     _target_: hawkspec.decoding.proposers.SpatialProposer
-    sources:
+    name: hawk
+    sources:              # in drafting order (sampled sources draw from the generator in this order)
+      horizontal: {_target_: hawkspec.decoding.proposers.sources.HorizontalSource, path: ${....heads_path}}
       vertical: {_target_: hawkspec.decoding.proposers.sources.VerticalSource, path: ${....heads_path}}
-      eagle: {_target_: hawkspec.decoding.proposers.sources.EagleSource, path: ${....eagle_path}}
-    order: [vertical, eagle]
+    order: [vertical, horizontal]
+    priority: [vertical, horizontal]
 
 The sources are listed in :mod:`hawkspec.decoding.proposers.sources`.
 
@@ -30,7 +33,10 @@ drafts join that pool first (``order: [jacobi, vertical, horizontal]``) or fill 
 (``order: [vertical, horizontal, jacobi]``) without competing (``priority`` leaves ``jacobi`` out).
 
 Checkpoints: a source that drafts with a trained module reads its own ``path`` (the key its errors name), so a
-proposer can mix two checkpoints (``hawk_eagle``: ``decoder.heads_path`` and ``decoder.eagle_path``).
+proposer can mix two checkpoints (``hawk_eagle``: the decoder's ``heads_path`` and ``eagle_path``).
+
+State: a source's per-batch tensors are its :meth:`~hawkspec.decoding.proposers.Proposer.state`; the proposer's
+are theirs, named ``<source>.<name>``.
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ from pathlib import Path
 import torch
 
 from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
-from hawkspec.decoding.proposers.sources import DraftSource, HorizontalSource, VerticalSource
+from hawkspec.decoding.proposers.sources import HorizontalSource, VerticalSource
 from hawkspec.decoding.sampling import one_hot
 
 _BIG = 1 << 20  # rank stride of one order group (far above any pool width)
 _NONE = 1 << 40  # the key of an empty slot
 
 
-def _groups(order, names: list[str]) -> list[tuple[str, ...]]:
+def _groups(order, names: list[str], key: str) -> list[tuple[str, ...]]:
     """``order`` (names, or lists of names to interleave) -> groups of names; every source exactly once."""
     if order is None:
         return [(n,) for n in names]
@@ -57,7 +63,7 @@ def _groups(order, names: list[str]) -> list[tuple[str, ...]]:
     groups = [(item,) if isinstance(item, str) else tuple(str(x) for x in item) for item in order]
     flat = [n for g in groups for n in g]
     if sorted(flat) != sorted(names) or any(not g for g in groups):
-        raise ValueError(f"decoder.proposer.order={flat} must list every source exactly once: {names}")
+        raise ValueError(f"{key}={flat} must list every source exactly once: {names}")
     return groups
 
 
@@ -65,35 +71,39 @@ class SpatialProposer(Proposer):
     """Candidate pools merged from several draft sources (see the module docstring).
 
     Args:
-        sources: ``{name: DraftSource}``, in the order they draft (sampled sources draw from the generator in
-            this order). Hydra instantiates each from its ``_target_``.
+        sources: ``{name: source}`` (any :class:`~hawkspec.decoding.proposers.Proposer`), in the order they draft
+            (sampled sources draw from the generator in this order). ``build_decoder`` builds each from its
+            ``_target_``.
         order: Verification order: source names, or lists of names to interleave (None: ``sources`` order).
         priority: The sources whose candidates compete for the pool's slots, in the order they join it (None:
             every source, in ``order``); a source left out joins without competing (its candidates are members
             whatever the others offer) and the verification order alone decides which survive the pool size.
         name: The proposer's name (progress bars, error messages).
+        key: Its config node (see :class:`~hawkspec.decoding.proposers.Proposer`); a source without a key of its
+            own gets ``<key>.sources.<name>``.
     """
 
-    name = "spatial"
+    name = kind = "spatial"
 
-    def __init__(self, sources: Mapping[str, DraftSource], order: Sequence | str | None = None,
-                 priority: Sequence[str] | None = None, name: str | None = None):
+    def __init__(self, sources: Mapping[str, Proposer], order: Sequence | str | None = None,
+                 priority: Sequence[str] | None = None, name: str | None = None, key: str | None = None):
+        self.key = key
         if not sources:
-            raise ValueError("decoder.proposer.sources is empty: give at least one draft source")
-        self.sources: dict[str, DraftSource] = {}
-        for key, src in sources.items():
-            if not isinstance(src, DraftSource):
-                raise TypeError(f"decoder.proposer.sources.{key} is a {type(src).__name__}, not a draft source: give "
-                                "it a `_target_` from hawkspec.decoding.proposers.sources")
-            src.name = str(key)
+            raise ValueError(f"{self.where('sources')} is empty: give at least one draft source")
+        self.sources: dict[str, Proposer] = {}
+        for src_name, src in sources.items():
+            if not isinstance(src, Proposer):
+                raise TypeError(f"{self.where('sources')}.{src_name} is a {type(src).__name__}, not a draft source: "
+                                "give it a `_target_` from hawkspec.decoding.proposers.sources")
+            src.name = str(src_name)
             if src.key is None:
-                src.key = f"decoder.proposer.sources.{key}.path"
-            self.sources[str(key)] = src
+                src.key = self.where(f"sources.{src_name}")
+            self.sources[str(src_name)] = src
         names = list(self.sources)
-        self.groups = _groups(order, names)
+        self.groups = _groups(order, names, self.where("order"))
         self.priority = [str(n) for n in priority] if priority is not None else [n for g in self.groups for n in g]
         if len(set(self.priority)) != len(self.priority) or not set(self.priority) <= set(names):
-            raise ValueError(f"decoder.proposer.priority={self.priority} must list sources of {names}, each at most once")
+            raise ValueError(f"{self.where('priority')}={self.priority} must list sources of {names}, each at most once")
         if name:
             self.name = name
         self._loaded: dict = {}
@@ -121,12 +131,20 @@ class SpatialProposer(Proposer):
             self._loaded[memo] = cls.load(Path(path), backbone, key)
         return self._loaded[memo]
 
-    def bind(self, backbone, sampling) -> None:
-        super().bind(backbone, sampling)
+    def bind(self, backbone, sampling, owner=None) -> None:
+        super().bind(backbone, sampling, owner)
         for s in self.sources.values():
             s.bind(backbone, sampling, self)
         for s in self.sources.values():
             s.link(self)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": t for n, s in self.sources.items() for k, t in s.state().items()}
+
+    def set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            src, sub = name.split(".", 1)
+            self.sources[src].set_state({sub: t})
 
     def start(self, batch_size: int, device: torch.device) -> None:
         for s in self.sources.values():
@@ -142,7 +160,7 @@ class SpatialProposer(Proposer):
             if s.wants_tree_outputs:
                 s.observe_tree(probs, node_pos, codes, generator, chain)
 
-    def source_of(self, cls) -> DraftSource | None:
+    def source_of(self, cls) -> Proposer | None:
         """The first source that is a ``cls``, or None."""
         return next((s for s in self.sources.values() if isinstance(s, cls)), None)
 
@@ -162,7 +180,7 @@ class SpatialProposer(Proposer):
 
     # ----------------------------------------------------------------------------------------- the pool
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
-        cands = {n: s.candidates(src_hidden, root_pos, code_pos, pool_size, generator) for n, s in self.sources.items()}
+        cands = {n: s.propose(src_hidden, root_pos, code_pos, pool_size, generator) for n, s in self.sources.items()}
         if len(cands) == 1 and next(iter(self.sources.values())).ready_pool:
             return next(iter(cands.values()))
         return self.merge(cands, pool_size)
