@@ -42,11 +42,12 @@ class StepStats:
 
 
 class SpeculativeDecoder:
-    """Any proposer x any acceptance rule over one backbone.
+    """Any proposer x any acceptance rule over one backbone (a :class:`~hawkspec.decoding.output.Decoder`).
 
     Args:
         backbone: The frozen target model.
-        proposer: Where candidates come from.
+        proposer: Where candidates come from: one :class:`~hawkspec.decoding.proposers.Proposer`, a composed
+            :class:`~hawkspec.decoding.proposers.SpatialProposer` or a proposer that drafts alone.
         acceptance: How they are judged.
         sampling: AR's target distribution (CFG, temperature, top-k).
         paths: The tree's rank paths (:func:`hawkspec.decoding.tree.paths_from_budget` or explicit).
@@ -64,6 +65,7 @@ class SpeculativeDecoder:
     ):
         sampling.validate(backbone.num_codes)
         self.backbone, self.proposer, self.acceptance, self.sampling = backbone, proposer, acceptance, sampling
+        self.name = proposer.name  # the row name (build_decoder: the preset's)
         self.table = TopologyTable(paths, backbone.grid)
         if self.table.num_nodes > max_tree_nodes:
             raise ValueError(
@@ -184,6 +186,12 @@ class SpeculativeDecoder:
     def lossless(self) -> bool:
         return self.acceptance.lossless
 
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "proposer": self.proposer.describe(), "acceptance": self.acceptance.describe(),
+            "lossless": self.lossless, "tree_nodes": self.table.num_nodes, "tree_paths": len(self.table.paths),
+        }
+
     # ------------------------------------------------------------------------------------------- the loop
     @torch.no_grad()
     def generate(
@@ -223,7 +231,8 @@ class SpeculativeDecoder:
     def _static_loop(self, run: "_Run", generator, bar) -> None:
         """Steps through :attr:`runner` (compiled and/or replayed from a CUDA graph). The host reads the
         committed counts only between stretches of steps: a step commits at most ``path_width`` tokens per row,
-        so ``ceil(remaining / path_width)`` steps never overshoot the last row's end."""
+        so ``ceil(remaining / path_width)`` steps never overshoot the last row's end. The state a step keeps:
+        the run and the proposer's declared :meth:`~hawkspec.decoding.proposers.Proposer.state`."""
         roots = {"run": run, "proposer": self.proposer}
         self.runner.begin(roots)
         done = int(run.B)
@@ -303,8 +312,8 @@ class SpeculativeDecoder:
             raise ValueError(f"decoder.tree.dynamic ranks deterministic (top-k) drafts, but the {self.proposer.name!r} "
                              "proposer's are sampled; sampled drafts chosen by their own probability would no longer "
                              "be draws from q, and the exact rule would stop being lossless: draft top-k "
-                             "(decoder.proposer.draft=topk where the proposer has that key; Jacobi drafts are always "
-                             "sampled) or set decoder.tree.dynamic=null")
+                             f"(`draft: topk` on {self.proposer.where()} or its sources; Jacobi drafts are always "
+                             "sampled) or set the decoder's tree.dynamic=null")
         if logp is None:
             raise ValueError(f"decoder.tree.dynamic needs drafts with scores (Pools.logp); the "
                              f"{self.proposer.name!r} proposer gives none: set decoder.tree.dynamic=null")

@@ -1,8 +1,10 @@
-"""What every decoder returns, and the definitions of the speed metrics it carries."""
+"""What every decoder is (:class:`Decoder`) and returns (:class:`GenerationOutput`), and the definitions of the
+speed metrics it carries."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -32,3 +34,30 @@ class GenerationOutput:
     accept_map: torch.Tensor | None = None
     mean_entropy: float | None = None
     extras: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """What a run decodes with: plain AR (``hawkspec.decoding.build.ARDecoder``) and every speculative decoder
+    (:class:`~hawkspec.decoding.engine.SpeculativeDecoder`, ``build.NamedDecoder``) alike.
+
+    Attributes:
+        name: The row name in results (the preset's, or its key in ``eval.decoders``).
+        lossless: Whether its images are distributed exactly as AR's.
+        runner: Compiled / graph-captured steps (:class:`hawkspec.decoding.static.StepRunner`), None: eager.
+    """
+
+    name: str
+    runner: object
+
+    @property
+    def lossless(self) -> bool: ...
+
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
+                 track_entropy: bool = False) -> GenerationOutput:
+        """One image per prompt."""
+        ...
+
+    def describe(self) -> dict:
+        """What it is, for results (name, proposer, acceptance, lossless, ...)."""
+        ...

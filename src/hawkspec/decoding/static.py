@@ -10,10 +10,11 @@ vectorised, and the random draws come from one buffer of uniforms drawn before t
 * recorded once as a CUDA graph and replayed: one launch per step instead of hundreds.
 
 A CUDA graph replays fixed addresses, so every tensor a step reads or writes must stay in the same memory from
-step to step and from batch to batch. :class:`Persistent` keeps that promise for the decoders' plain Python
-state (the run, its KV state and cache, the proposer) without asking them to write in place: after each recorded
-step and each batch's start, a tensor attribute rebound to a new tensor is copied into the one first seen at the
-same attribute path, and the attribute points back at it.
+step to step and from batch to batch. :class:`Persistent` keeps that promise for the decoders' state (the run,
+its KV state and cache, the proposer) without asking them to write in place: after each recorded step and each
+batch's start, a tensor rebound to a new tensor is copied into the one first seen under the same name, and the
+name points back at it. A proposer declares its per-batch tensors (:meth:`~hawkspec.decoding.proposers.Proposer.state`
+and ``set_state``); the run's plain dataclasses are walked attribute by attribute.
 
 Both apply to AR and to every decoder alike (compiled vs compiled, graphs vs graphs).
 """
@@ -67,6 +68,25 @@ def _tensor_attrs(obj, path: str, seen: set, depth: int = 0) -> Iterator[tuple[s
             yield from _tensor_attrs(value, f"{path}.{name}", seen, depth + 1)
 
 
+def _declares_state(obj) -> bool:
+    return callable(getattr(obj, "state", None)) and callable(getattr(obj, "set_state", None))
+
+
+def _root_tensors(roots: dict[str, object]) -> list[tuple[str, Callable, torch.Tensor]]:
+    """(name, rebind, tensor) for every tensor under ``roots``: a root that declares its state (a proposer:
+    ``state()`` -> named tensors, ``set_state``) by its declaration, any other (the run's dataclasses) by its
+    attributes. ``rebind(t)`` points the name at ``t``."""
+    out = []
+    for key, root in roots.items():
+        if _declares_state(root):
+            out += [(f"{key}.{name}", lambda t, root=root, name=name: root.set_state({name: t}), t)
+                    for name, t in root.state().items()]
+        else:
+            out += [(path, lambda t, owner=owner, name=name: setattr(owner, name, t), t)
+                    for path, owner, name, t in _tensor_attrs(root, key, set())]
+    return out
+
+
 _CODE_IDS = itertools.count()
 
 
@@ -86,20 +106,21 @@ def _own_code(fn: Callable, key) -> Callable:
 
 
 class Persistent:
-    """The memory a recorded step reads and writes, by attribute path (``run.n``, ``proposer.ring_tok``, ...)."""
+    """The memory a recorded step reads and writes, by name (``run.n``, ``proposer.vertical.ring_tok``, ...)."""
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
 
     def adopt(self, roots: dict[str, object], strict: bool = False) -> bool:
-        """Point every tensor attribute under ``roots`` at its persistent tensor, copying the new value in.
+        """Point every tensor under ``roots`` (:func:`_root_tensors`) at its persistent tensor, copying the new
+        value in.
 
-        Returns True when every attribute already had a persistent tensor of the same shape, dtype and device
+        Returns True when every name already had a persistent tensor of the same shape, dtype and device
         (recorded graphs stay valid). ``strict``: while recording, anything else is an error."""
-        found = [(p, o, n, t) for key, root in roots.items() for p, o, n, t in _tensor_attrs(root, key, set())]
+        found = _root_tensors(roots)
         known = {id(t) for t in self.tensors.values()}
         same, moves = True, []
-        for path, owner, name, t in found:
+        for path, rebind, t in found:
             keep = self.tensors.get(path)
             if keep is None or keep.shape != t.shape or keep.dtype != t.dtype or keep.device != t.device:
                 if strict:
@@ -108,14 +129,14 @@ class Persistent:
                                        "eval.cuda_graphs=false")
                 if id(t) in known:  # another path's memory: this path gets its own (read before any copy)
                     t = t.clone()
-                    setattr(owner, name, t)
+                    rebind(t)
                 self.tensors[path], same = t, False
                 known.add(id(t))
             elif keep is not t:
-                moves.append((owner, name, keep, t.clone() if id(t) in known else t))  # never read a copied target
-        for owner, name, keep, t in moves:
+                moves.append((rebind, keep, t.clone() if id(t) in known else t))  # never read a copied target
+        for rebind, keep, t in moves:
             keep.copy_(t)
-            setattr(owner, name, keep)
+            rebind(keep)
         return same
 
 
@@ -199,7 +220,7 @@ class StepRunner:
                 self._eager_next.discard(key)
             else:
                 self.n_uniforms[key] = counter.taken
-                device = next((t.device for _, _, _, t in _tensor_attrs(roots, "roots", set())), torch.device("cpu"))
+                device = next((t.device for _, _, t in _root_tensors(roots)), torch.device("cpu"))
                 self.buffers[key] = torch.zeros(max(counter.taken, 1), device=device)
             if self.persist_every_step:
                 self.persist.adopt(roots)
