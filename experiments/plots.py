@@ -7,8 +7,9 @@
   hardware-independent axis), y = FID (``--y alignment`` / ``diversity`` / ``clip_score``); the band around AR is
   the noise floor (AR with another seed), so points inside it are as good as AR within sampling noise.
 * ``acceptance-vsd``: for every row of a Hawk decoder (``--decoder``, default ``hawk``), the acceptance length and
-  step compression against its vertical speculation depth (``config.proposer.vsd``), e.g. from
-  ``hawkspec-eval -m 'eval.decoders=[ar,hawk]' decoder.proposer.vsd=1,2,3 paths.heads_dir=...``.
+  step compression against its vertical speculation depth (``built.proposer.sources.vertical.vsd``), e.g. from
+  ``hawkspec-eval -m 'eval.decoders=[ar,hawk]' eval.decoders.hawk.proposer.sources.vertical.vsd=1,2,3
+  paths.heads_dir=...``.
 
 Per-head accuracy by distance (Hawk Fig. 4) is ``experiments/head_accuracy.py``.
 """
@@ -38,13 +39,21 @@ def _mean(vals):
 
 def setting(decoder: str, job: Job, jobs: list[Job]) -> str:
     """The sweep setting a row of ``decoder`` in ``job`` was made with, e.g. ``group=7``: the overrides that vary
-    between the jobs running that decoder and act on it (``decoder.*`` keys act on the run's own ``decoder`` only,
-    hawk by default); seeds are averaged over, not kept apart."""
+    between the jobs running that decoder and act on it -- ``eval.decoders.<decoder>.*`` keys act on that decoder
+    only (and, in sweeps made before decoders were config nodes, ``decoder.*`` keys on the run's own ``decoder``,
+    hawk by default), the other keys on every decoder; seeds are averaged over, not kept apart."""
     mine = [j for j in jobs if any(r["decoder"] == decoder for r in j.results["rows"])]
     varying = split_overrides(mine)[0] if len(mine) > 1 else []
     own = job.overrides.get("decoder", "hawk") == decoder
-    keys = [k for k in varying if k not in ("seed", "decoder", "eval.decoders") and (own or not k.startswith("decoder."))]
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={job.overrides[k]}" for k in keys if k in job.overrides)
+
+    def acts(k: str) -> bool:
+        if k in ("seed", "decoder", "decoders", "eval.decoders") or "decoder@" in k:
+            return False
+        if k.startswith("eval.decoders."):
+            return k.startswith(f"eval.decoders.{decoder}.")
+        return own or not k.startswith("decoder.")
+
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={job.overrides[k]}" for k in varying if acts(k) and k in job.overrides)
 
 
 def speed_quality(jobs: list[Job], out: Path, x: str = "speedup", y: str = "fid", command: str = "") -> Path:
@@ -88,15 +97,24 @@ def _save(fig, out: Path, command: str) -> Path:
     return out
 
 
+def row_vsd(row: dict, job: Job, decoder: str):
+    """The vertical speculation depth a row was decoded with: what was built (the vertical source's ``vsd``; the
+    proposer's own in results written before sources), else the job's override of it (either spelling)."""
+    prop = built_of(row).get("proposer") or {}
+    vsd = ((prop.get("sources") or {}).get("vertical") or {}).get("vsd", prop.get("vsd"))
+    for key in (f"eval.decoders.{decoder}.proposer.sources.vertical.vsd", "decoder.proposer.vsd"):
+        if vsd is None and key in job.overrides:
+            vsd = job.overrides[key]
+    return None if vsd is None else int(vsd)
+
+
 def acceptance_vsd(jobs: list[Job], out: Path, decoder: str = "hawk", command: str = "") -> Path:
     pts: dict[int, list[dict]] = {}
     for j in jobs:
         for r in j.results["rows"]:
             if r["decoder"] != decoder:
                 continue
-            vsd = built_of(r).get("proposer", {}).get("vsd")
-            if vsd is None and "decoder.proposer.vsd" in j.overrides:
-                vsd = int(j.overrides["decoder.proposer.vsd"])
+            vsd = row_vsd(r, j, decoder)
             if vsd is not None:
                 pts.setdefault(int(vsd), []).append(r)
     if not pts:

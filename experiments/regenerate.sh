@@ -96,16 +96,16 @@ step_lantern_sweep() {  # LANTERN++'s trade-off: acceptance bought by lambda aga
   # with the official residual (zero the draft's k + 1 nearest codes after a rejection with added mass), then ours
   local common=(eval.quality.fid_features=tiny eval.num_prompts=100 eval.batch_size=1 eval.repeats=1 eval.threads=2
                 seed="$SEEDS" logger=none)
-  hawkspec-eval -m decoder=medusa_lanternpp 'eval.decoders=[ar,medusa_lanternpp]' \
-    decoder.acceptance.lam=1.25,1.5,2.0,3.0 "${common[@]}" hydra.sweep.dir="$1/sweep"
-  hawkspec-eval -m decoder=medusa_lanternpp 'eval.decoders=[ar,medusa_lanternpp]' decoder.acceptance.residual=exact \
-    decoder.acceptance.lam=1.25,2.0,3.0 eval.quality.noise_floor=false "${common[@]}" hydra.sweep.dir="$1/sweep_exact"
+  hawkspec-eval -m 'eval.decoders=[ar,medusa_lanternpp]' \
+    eval.decoders.medusa_lanternpp.acceptance.lam=1.25,1.5,2.0,3.0 "${common[@]}" hydra.sweep.dir="$1/sweep"
+  hawkspec-eval -m 'eval.decoders=[ar,medusa_lanternpp]' eval.decoders.medusa_lanternpp.acceptance.residual=exact \
+    eval.decoders.medusa_lanternpp.acceptance.lam=1.25,2.0,3.0 eval.quality.noise_floor=false "${common[@]}" hydra.sweep.dir="$1/sweep_exact"
   python experiments/tables.py sweep "$1/sweep" "$1/sweep_exact" --name lantern_sweep --out "$RES" \
     --title "LANTERN++ in Medusa: lambda and the residual after a rejection"
 }
 
 step_gsd_table() {
-  hawkspec-eval -m decoder=gsd 'eval.decoders=[ar,sjd,gsd]' decoder.acceptance.group=1,3,7 \
+  hawkspec-eval -m 'eval.decoders=[ar,sjd,gsd]' eval.decoders.gsd.acceptance.group=1,3,7 \
     eval.quality.fid_features=tiny eval.num_prompts=64 eval.batch_size=1 eval.repeats=1 eval.threads=1 \
     seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
   python experiments/tables.py gsd "$1/sweep" --out "$RES"
@@ -120,7 +120,7 @@ step_gsd_window() {
 
 step_hawk_vs_medusa() {
   python experiments/acceptance_sweep.py --prompts 32 --batch-size 8 --variant decoder=medusa --variant decoder=hawk \
-    --variant 'decoder=hawk decoder.proposer.vertical=false' --variant 'decoder=hawk decoder.proposer.order=interleave' \
+    --variant 'decoder=medusa decoder.heads_path=${paths.heads_dir}/hawk' --variant 'decoder=hawk decoder.proposer.order=[[vertical,horizontal]]' \
     --variant 'decoder=hawk decoder.tree.budget=24' --variant 'decoder=medusa decoder.tree.budget=24' \
     --variant decoder=hawk_jacobi --out "$RES/hawk_vs_medusa_32.md"
 }
@@ -136,10 +136,10 @@ step_vsd_sweep() {
   local heads="$R/fig4/heads" args=() budget
   [[ -f "$R/fig4/.done" ]] || { echo "vsd_sweep needs the fig4 step's heads ($heads): STEPS=fig4 first" >&2; return 1; }
   for budget in "decoder.tree.budget=8" "decoder.tree.budget=16 decoder.tree.max_rank=4" "decoder/tree=gpu"; do
-    args+=(--variant "decoder=hawk $budget decoder.proposer.vertical=false")
-    for vsd in 1 2 3 4; do args+=(--variant "decoder=hawk $budget decoder.proposer.vsd=$vsd"); done
+    args+=(--variant "decoder=medusa decoder.heads_path=$heads $budget")   # Hawk heads, vertical off
+    for vsd in 1 2 3 4; do args+=(--variant "decoder=hawk decoder.heads_path=$heads $budget decoder.proposer.sources.vertical.vsd=$vsd"); done
   done
-  python experiments/acceptance_sweep.py --prompts 16 --common decoder.heads_path="$heads" "${args[@]}" \
+  python experiments/acceptance_sweep.py --prompts 16 "${args[@]}" \
     --out "$RES/vsd_sweep.md"
 }
 
@@ -151,8 +151,8 @@ step_cpu_sweep() {  # Medusa = the shipped heads; Hawk = the same recipe with VS
   cp -r src/hawkspec/assets/heads/medusa "$1/heads/medusa"
   python experiments/acceptance_sweep.py --timed 3 --batch-size 1 --prompts 8 --threads 2 \
     --common paths.heads_dir="$1/heads" --out "$RES/hawk_cpu_sweep.md" --variant decoder=medusa \
-    --variant 'decoder=hawk decoder.proposer.vertical=false' --variant 'decoder=hawk decoder.proposer.vsd=1' \
-    --variant 'decoder=hawk decoder.proposer.vsd=2' --variant 'decoder=hawk decoder.proposer.vsd=3' \
+    --variant 'decoder=medusa decoder.heads_path=${paths.heads_dir}/hawk' --variant 'decoder=hawk decoder.proposer.sources.vertical.vsd=1' \
+    --variant 'decoder=hawk decoder.proposer.sources.vertical.vsd=2' --variant 'decoder=hawk decoder.proposer.sources.vertical.vsd=3' \
     --variant 'decoder=hawk decoder.tree.budget=4' --variant 'decoder=hawk decoder.tree.budget=16' \
     --variant decoder=sjd --variant decoder=gsd \
     --variant 'decoder=hawk_jacobi decoder.tree.budget=6 decoder.tree.max_depth=6' --variant decoder=hawk_jacobi \

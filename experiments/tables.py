@@ -18,7 +18,7 @@ The committed tables come from (see experiments/README.md)::
         eval.num_prompts=500 eval.batch_size=1 eval.repeats=1 eval.threads=1 hydra.run.dir=outputs/tables/hawk
     python experiments/tables.py hawk outputs/tables/hawk
 
-    hawkspec-eval -m decoder=gsd 'eval.decoders=[ar,sjd,gsd]' decoder.acceptance.group=1,3,7 \\
+    hawkspec-eval -m 'eval.decoders=[ar,sjd,gsd]' eval.decoders.gsd.acceptance.group=1,3,7 \\
         eval.quality.fid_features=tiny eval.num_prompts=500 eval.batch_size=1 eval.repeats=1 eval.threads=1 \\
         hydra.sweep.dir=outputs/tables/gsd
     python experiments/tables.py gsd outputs/tables/gsd
@@ -207,7 +207,8 @@ def gsd_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
             if r["decoder"] == "gsd":
                 group = built_of(r).get("acceptance", {}).get("group")
                 if group is None:
-                    group = int(j.overrides.get("decoder.acceptance.group", -1))
+                    group = int(j.overrides.get("eval.decoders.gsd.acceptance.group",
+                                                j.overrides.get("decoder.acceptance.group", -1)))
                 gsd.setdefault(int(group), []).append(r)
     out = [("Vanilla AR", "ar", base.get("ar", [])), ("SJD (L = 16)", "sjd", base.get("sjd", []))]
     out += [(f"GSD, ±{g} ranks (G ≤ {2 * g})", f"gsd@{g}", gsd[g]) for g in sorted(gsd)]
@@ -280,7 +281,7 @@ def gsd_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
           f"`{label}` feature space. — : not run / not reported.", "",
           markdown_table(cols, rows), noise_floor_line(jobs), ""]
     if not any(dec.startswith("gsd@") for _, dec, _ in groups):
-        md += ["No GSD rows in these runs: run the sweep with `decoder=gsd` and `gsd` in eval.decoders.", ""]
+        md += ["No GSD rows in these runs: run the sweep with `gsd` in eval.decoders (eval.decoders.gsd.acceptance.group=1,3,7).", ""]
     md += provenance(jobs, table_cmd)
     tex = latex_table(cols, rows, f"GSD table analogue on the tiny model. FID features: {label}.", "tab:gsd")
     return "\n".join(md) + "\n", tex

@@ -207,3 +207,28 @@ class ForgetfulResidual(ExactByTries):
     def try_candidate(self, r, x, q, u):
         accepted, _ = super().try_candidate(r, x, q, u)
         return accepted, r
+
+
+def compose(config_name: str, overrides=(), **kwargs):
+    """``hydra.compose`` (inside ``initialize_config_dir``) with, for ``eval``, the short decoder spellings expanded
+    as the console scripts expand them (``decoder=sjd`` -> the run's one decoder ``eval.decoders.sjd``)."""
+    from hydra import compose as hydra_compose
+
+    from hawkspec.cli.common import CONF_DIR
+    from hawkspec.cli.overrides import expand
+
+    overrides = list(overrides)
+    if config_name == "eval":
+        overrides = expand(overrides, CONF_DIR)
+    return hydra_compose(config_name=config_name, overrides=overrides, **kwargs)
+
+
+def the_decoder(cfg, name: str | None = None):
+    """The node of decoder ``name`` of a composed run, or of its only decoder besides AR (``decoder=NAME``)."""
+    nodes = cfg.eval.decoders
+    if name is not None:
+        return nodes[name]
+    others = [n for n in nodes if n != "ar"] or list(nodes)
+    if len(others) != 1:
+        raise ValueError(f"the run has several decoders {list(nodes)}: name one")
+    return nodes[others[0]]

@@ -1,9 +1,11 @@
 """Model-dependent decoder constants live with the model (``backbone.tuning``): whichever decoder of a run uses
 GSD, LANTERN or SJD's window gets the official values on every real backbone and the retuned ones on the tiny model,
-both for the decoder under study and for every other name in ``eval.decoders`` (composed from its preset)."""
+in a run of every preset (``decoders=all``) as in a run of one (``decoder=NAME``)."""
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
+
+from hawkspec.testing import compose, the_decoder
 from omegaconf import OmegaConf
 
 from hawkspec.cli.common import CONF_DIR, instantiate
@@ -17,10 +19,11 @@ LANTERN = ["lantern", "medusa_lanternpp"]
 
 
 def run_config(backbone: str, study: str = "hawk"):
+    """A run of ``study`` alone, and the resolved nodes of a run of every preset on ``backbone``."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"backbone={backbone}", f"decoder={study}"])
-        # every other decoder of the run as hawkspec-eval composes it (its preset, resolved against this run)
-        decoders = {name: OmegaConf.to_container(decoder_config(cfg, name), resolve=True)
+        every = compose("eval", overrides=[f"backbone={backbone}", "decoders=all"])
+        decoders = {name: OmegaConf.to_container(decoder_config(every, name), resolve=True)
                     for name in GSD + LANTERN + ["sjd", "gsd_window"]}
     return cfg, decoders
 
@@ -57,17 +60,19 @@ def test_tiny_model_keeps_its_retuned_constants():
 @pytest.mark.parametrize("study", ["gsd", "lantern"])
 def test_the_decoder_under_study_gets_the_same_constants(study):
     cfg, decoders = run_config("lumina_mgpt_768", study=study)
-    assert OmegaConf.to_container(cfg.decoder, resolve=True) == decoders[study]
+    assert OmegaConf.to_container(the_decoder(cfg), resolve=True) == decoders[study]
 
 
 def test_any_proposer_with_a_relaxed_rule_reads_the_model(tmp_path):
-    """`decoder=sjd decoder/acceptance=lantern` (a pair with no preset) still gets the model's k."""
+    """SJD with LANTERN's rule (a pair with no preset: `decoder/acceptance@eval.decoders.sjd.acceptance=lantern`)
+    still gets the model's k."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=["backbone=llamagen_xl_512", "decoder=sjd", "decoder/acceptance=lantern"])
-    assert cfg.decoder.acceptance.k == 1000
+        cfg = compose("eval", overrides=["backbone=llamagen_xl_512", "decoder=sjd",
+                                         "decoder/acceptance@eval.decoders.sjd.acceptance=lantern"])
+    assert the_decoder(cfg).acceptance.k == 1000
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=["decoder=sjd", "decoder/acceptance=gsd"])
-    assert cfg.decoder.acceptance.embed_threshold == 2.25
+        cfg = compose("eval", overrides=["decoder=sjd", "decoder/acceptance@eval.decoders.sjd.acceptance=gsd"])
+    assert the_decoder(cfg).acceptance.embed_threshold == 2.25
 
 
 def test_backbone_tuning_is_not_passed_to_the_loader():

@@ -29,7 +29,7 @@ def heads_dir(tmp_path_factory, random_backbone_dir):
 def test_eval_writes_the_results_contract(tmp_path, random_backbone_dir, heads_dir):
     eval_cli(
         f"backbone.path={random_backbone_dir}", f"paths.heads_dir={heads_dir}", "eval.decoders=[ar,medusa,hawk]",
-        "eval.num_prompts=3", "eval.batch_size=2", "eval.repeats=1", "decoder.tree.budget=6",
+        "eval.num_prompts=3", "eval.batch_size=2", "eval.repeats=1", "eval.decoders.hawk.tree.budget=6",
         f"hydra.run.dir={tmp_path}",
     )
     res = json.loads((tmp_path / "results.json").read_text())
@@ -44,14 +44,19 @@ def test_eval_writes_the_results_contract(tmp_path, random_backbone_dir, heads_d
     assert rows["ar"]["acceptance_length"] == pytest.approx(1.0)
     assert rows["ar"]["step_compression"] == pytest.approx(1.0) and rows["ar"]["speedup"] == pytest.approx(1.0)
     assert rows["hawk"]["lossless"] and rows["medusa"]["lossless"]
-    assert (tmp_path / "results.md").read_text().startswith("| decoder |")
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("| decoder |")
     assert (tmp_path / "accept_map_hawk.png").is_file()
+    # every row carries its resolved settings; the per-decoder override reached Hawk only, and the table says so
+    assert rows["hawk"]["config"]["tree"]["budget"] == 6 and rows["medusa"]["config"]["tree"]["budget"] == 8
+    assert rows["ar"]["config"] == {"proposer": None} and rows["hawk"]["built"]["tree_nodes"] > 1
+    assert "Settings in which the decoders differ" in md and "- `tree.budget`: medusa 8, hawk 6" in md
 
 
 def test_unknown_decoder_is_named(tmp_path, random_backbone_dir, heads_dir):
     proc = eval_cli(f"backbone.path={random_backbone_dir}", f"paths.heads_dir={heads_dir}",
                     "eval.decoders=[ar,medusa,nope]", f"hydra.run.dir={tmp_path}", ok=False)
-    assert "unknown decoder 'nope'" in proc.stderr
+    assert "unknown decoder(s) ['nope']" in proc.stderr and "hawk_gsd" in proc.stderr  # with the list to choose from
 
 
 def test_heads_of_another_backbone_are_refused(tmp_path, random_backbone_dir):
@@ -65,4 +70,4 @@ def test_heads_of_another_backbone_are_refused(tmp_path, random_backbone_dir):
 def test_missing_heads_name_the_key(tmp_path, random_backbone_dir):
     proc = eval_cli(f"backbone.path={random_backbone_dir}", f"paths.heads_dir={tmp_path}/none",
                     "eval.decoders=[hawk]", f"hydra.run.dir={tmp_path}", ok=False)
-    assert "decoder.heads_path" in proc.stderr
+    assert "eval.decoders.hawk.heads_path" in proc.stderr

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.cli.eval import quality_settings
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
 from hawkspec.metrics.evaluator import EXTRACTOR_NAME
-from hawkspec.testing import run_cli
+from hawkspec.testing import compose, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,9 @@ fully, and their prompt sets load."""
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
+
+from hawkspec.testing import compose
 from omegaconf import OmegaConf
 
 from hawkspec.cli.eval import prompt_spec
@@ -26,7 +28,7 @@ def test_tiny_analogues_resolve_and_load_their_prompts(name):
     cfg = eval_cfg(name)
     e = OmegaConf.to_container(cfg.eval, resolve=False)
     assert cfg.backbone._target_.endswith("TinyBackbone.from_pretrained") or "tiny" in str(cfg.backbone)
-    assert "ar" in e["decoders"] and cfg.decoder.name in e["decoders"]
+    assert "ar" in e["decoders"] and len(e["decoders"]) >= 2
     assert e["quality"]["enabled"] and e["quality"]["fid_features"] == "tiny"
     prompts = load_prompt_set(prompt_spec(cfg))
     assert len(prompts) == e["num_prompts"] == 64
@@ -39,11 +41,12 @@ def test_paper_configs_set_the_lumina_protocol(name, source):
     assert cfg.eval.prompts.source == source and cfg.eval.quality.fid_features == "inception"
     with pytest.raises(ValueError, match="set eval.prompts.path"):  # the data paths are the user's to give
         prompt_spec(cfg)
-    assert cfg.decoder.name in cfg.eval.decoders and "ar" in cfg.eval.decoders
+    assert "ar" in cfg.eval.decoders and len(cfg.eval.decoders) >= 2
     if name.startswith("hawk_table1"):
-        assert cfg.eval.num_prompts == 500 and cfg.decoder.acceptance.k == 1000
+        assert list(cfg.eval.decoders) == ["ar", "medusa", "hawk", "medusa_lanternpp"]
+        assert cfg.eval.num_prompts == 500 and cfg.eval.decoders.medusa_lanternpp.acceptance.k == 1000
     if name == "gsd_table_coco":
-        acc = cfg.decoder.acceptance
+        acc = cfg.eval.decoders.gsd.acceptance
         assert (acc.window, acc.embed_metric, acc.floor, acc.prob_threshold, acc.embed_threshold) == (
             "official", "squared", False, 0.15, 0.5)
-        assert cfg.decoder.tree.budget == 15
+        assert cfg.eval.decoders.gsd.tree.budget == 15

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import hydra
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
-from hawkspec.testing import run_cli, wandb_offline_records, wandb_offline_summary
+from hawkspec.testing import compose, run_cli, wandb_offline_records, wandb_offline_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -90,15 +90,21 @@ def readme_sweeps() -> list[str]:
 def first_values(arg: str) -> str:
     """`k=a,b,c` -> `k=a` (commas inside brackets are a list, not a sweep)."""
     key, sep, value = arg.partition("=")
-    if not sep or value.startswith("["):
+    if not sep:
         return arg
-    return f"{key}={value.split(',')[0]}"
+    depth = 0
+    for i, ch in enumerate(value):  # the first top-level comma ends the first value
+        depth += ch in "[{(" and 1 or (-1 if ch in "]})" else 0)
+        if ch == "," and depth == 0:
+            return f"{key}={value[:i]}"
+    return arg
 
 
 def test_readme_lists_a_sweep_per_ablation_axis():
     cmds = " ".join(readme_sweeps())
-    for axis in ("decoder.proposer.vertical=", "decoder.proposer.vsd=1,2,3", "decoder.tree.budget=",
-                 "decoder.acceptance.group=", "decoder.acceptance.delta=", "sampling.cfg_scale="):
+    for axis in ("+decoder@eval.decoders.hawk_no_vertical=medusa", "eval.decoders.hawk.proposer.sources.vertical.vsd=1,2,3",
+                 "tree.budget=", "eval.decoders.hawk.proposer.order=", "eval.decoders.gsd.acceptance.group=",
+                 "eval.decoders.lantern.acceptance.delta=", "sampling.cfg_scale="):
         assert axis in cmds, axis
 
 
@@ -122,7 +128,7 @@ def readme_table_commands() -> list[str]:
 def test_readme_has_the_papers_table_commands():
     cmds = readme_table_commands()
     assert any("hawk_vertical_only" in c and "medusa_lanternpp" in c for c in cmds)
-    assert any("decoder=gsd" in c and "sjd" in c and " -m " in f" {c} " for c in cmds)
+    assert any("eval.decoders.gsd.acceptance.group=" in c and "sjd" in c and " -m " in f" {c} " for c in cmds)
     assert all("eval.quality.fid_features=tiny" in c for c in cmds)  # reproducible whatever the torch hub cache holds
 
 

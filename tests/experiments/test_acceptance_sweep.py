@@ -33,3 +33,14 @@ def test_timed_sweep_measures_every_variant_against_ar_in_the_same_run(tmp_path)
     table = out.read_text()
     assert "| speedup |" in table and "median pass" in table and "`decoder=hawk decoder.tree.budget=4`" in table
     assert json.loads(out.with_suffix(".json").read_text())[2]["variant"] == "decoder=hawk decoder.tree.budget=4"
+
+
+def test_variants_are_decoder_nodes_of_one_run_config():
+    """Each variant is one node eval.decoders.v<i> of a single composed config (hawkspec-eval's mechanism)."""
+    assert sweep.variant_overrides("decoder=hawk decoder.tree.budget=4 decoder/tree=gpu", "v1") == [
+        "+decoder@eval.decoders.v1=hawk", "eval.decoders.v1.tree.budget=4", "+tree@eval.decoders.v1.tree=gpu"]
+    with pytest.raises(SystemExit, match="--common"):
+        sweep.variant_overrides("decoder=hawk sampling.top_k=3", "v0")  # the target is the run's, shared
+    rows = sweep.main(["--prompts", "1", "--batch-size", "1", "--variant", "decoder=hawk decoder/tree=gpu",
+                       "--variant", "decoder=hawk"])
+    assert rows[0]["config"]["tree"]["budget"] == 32 and rows[1]["config"]["tree"]["budget"] == 8

@@ -140,3 +140,16 @@ def test_sweep_title_heads_the_file_and_other_tables_refuse_it(tmp_path):
     with pytest.raises(SystemExit):
         tables.main(["hawk", str(src), "--out", str(tmp_path / "out"), "--title", "x"])
     assert not (tmp_path / "out" / "hawk_table1.md").exists()
+
+
+def test_a_per_decoder_sweep_labels_only_that_decoders_rows(tmp_path):
+    """Sweeps made with decoders as config nodes record `eval.decoders.<name>.KEY`: the setting labels that
+    decoder's rows only; a run-level key (`tree.budget`) labels every decoder's."""
+    jobs = []
+    for n, (g, budget) in enumerate(((1, 8), (7, 16))):
+        jobs.append(run_dir(tmp_path / str(n), ["decoders=none", "+decoder@eval.decoders.gsd=gsd",
+                                                f"eval.decoders.gsd.acceptance.group={g}", f"tree.budget={budget}"],
+                            [row("ar", 1.0, 10.0, acc=1.0), row("medusa", 1.5, 10.0), row("gsd", 2.0, 11.0)]))
+    loaded = tables.load_jobs(jobs)
+    assert plots.setting("gsd", loaded[0], loaded) == "group=1, budget=8"
+    assert plots.setting("medusa", loaded[1], loaded) == "budget=16"

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from PIL import Image
 
 from hawkspec.cli.common import CONF_DIR
 from hawkspec.cli.validate import validate_cache, validate_eval, validate_generate
-from hawkspec.testing import run_cli
+from hawkspec.testing import compose, run_cli
 
 LOADED = "Instantiating backbone"  # logged when the model starts loading: a start-up refusal never gets there
 
@@ -184,28 +184,31 @@ def test_generate_names_a_binary_prompts_file(tmp_path, binary_file):
 
 # -------------------------------------------------------------------------------- 12. dynamic tree, sampled drafts
 def test_sjd_with_a_dynamic_tree_is_refused_at_start_up_with_a_fitting_fix(tmp_path, random_backbone_dir):
-    """decoder=sjd decoder.tree.dynamic=4. Expect: exit 1 before the model loads, naming decoder.tree.dynamic and
+    """decoder=sjd decoder.tree.dynamic=4. Expect: exit 1 before the model loads, naming the key
+    (eval.decoders.sjd.tree.dynamic) and
     a fix SJD's proposer has (not `draft=topk`: the Jacobi proposer has no such key)."""
     proc = eval_cli(*fast(random_backbone_dir, tmp_path / "run", "decoder=sjd", "decoder.tree.dynamic=4",
                           "eval.decoders=[ar,sjd]", "eval.num_prompts=1"), ok=False)
-    assert proc.returncode == 1 and "`decoder.tree.dynamic`=4" in proc.stderr
-    assert "decoder.tree.dynamic=null" in proc.stderr and "draft=topk" not in proc.stderr
+    assert proc.returncode == 1 and "`eval.decoders.sjd.tree.dynamic`=4" in proc.stderr
+    assert "eval.decoders.sjd.tree.dynamic=null" in proc.stderr and "draft=topk" not in proc.stderr
     assert LOADED not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("overrides, fix", [
-    (["decoder=medusa", "decoder.proposer.draft=sample"], "decoder.proposer.draft=topk"),
-    (["decoder=hawk", "decoder.proposer.draft=sample"], "decoder.proposer.draft=topk"),
-    (["decoder=eagle", "decoder.proposer.draft=sample"], "decoder.proposer.draft=topk"),
-    (["decoder=hawk_jacobi"], "decoder.proposer.jacobi=none"),
+    (["decoder=medusa", "decoder.proposer.sources.horizontal.draft=sample"],
+     "eval.decoders.medusa.proposer.sources.horizontal.draft=topk"),
+    (["decoder=hawk", "decoder.proposer.sources.vertical.draft=sample"],
+     "eval.decoders.hawk.proposer.sources.vertical.draft=topk"),
+    (["decoder=eagle", "decoder.proposer.draft=sample"], "eval.decoders.eagle.proposer.draft=topk"),
+    (["decoder=hawk_jacobi"], "source `jacobi` (eval.decoders.hawk_jacobi.proposer.sources.jacobi) drafts random"),
     (["decoder=hawk_eagle", "decoder.proposer.sources.eagle.draft=sample"],
-     "decoder.proposer.sources.eagle.draft=topk"),
-    (["decoder=gsd"], "decoder.tree.dynamic=null"),
+     "eval.decoders.hawk_eagle.proposer.sources.eagle.draft=topk"),
+    (["decoder=gsd"], "eval.decoders.gsd.tree.dynamic=null"),
     (["decoder=hawk", "decoder.tree.dynamic=1"], "must be >= 2"),
 ])
 def test_dynamic_tree_fixes_fit_the_configured_proposer(tmp_path, overrides, fix):
-    cfg = cfg_of("eval", tmp_path, "decoder.tree.dynamic=4", *overrides)
-    with pytest.raises(ValueError, match="decoder.tree.dynamic") as err:
+    cfg = cfg_of("eval", tmp_path, *overrides[:1], "decoder.tree.dynamic=4", *overrides[1:])
+    with pytest.raises(ValueError, match=r"eval\.decoders\.\w+\.tree\.dynamic") as err:
         validate_eval(cfg)
     assert fix in str(err.value)
 

@@ -28,7 +28,9 @@ DECODERS = "ar,hawk,sjd"
 DRIVER = r"""
 import json, sys
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
+
+from hawkspec.testing import compose, the_decoder
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.data.prompts import PromptSpec, load_prompt_set
 from hawkspec.decoding.build import build_decoder
@@ -42,7 +44,7 @@ with initialize_config_dir(CONF_DIR, version_base="1.3"):
     cfg = compose("eval", overrides=run)
     backbone = instantiate(cfg.backbone, "backbone").eval()
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
-    decoders = {n: build_decoder(compose("eval", overrides=[*run, f"decoder={n}"]).decoder, backbone, sampling)
+    decoders = {n: build_decoder(the_decoder(compose("eval", overrides=[*run, f"decoder={n}"])), backbone, sampling)
                 for n in names}
 prompts = [p.text for p in load_prompt_set(PromptSpec(num=4, seed=cfg.eval.prompt_seed))]  # eval's procedural set
 bi = 1

@@ -4,11 +4,11 @@ error naming the key."""
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.cli.common import CONF_DIR, instantiate, with_context
 from hawkspec.cli.validate import validate_cache, validate_eval, validate_generate, validate_train
-from hawkspec.testing import run_cli
+from hawkspec.testing import compose, run_cli
 
 
 def cfg_of(name, tmp_path, *overrides):
@@ -41,11 +41,12 @@ EVAL_CASES = [
     ("eval.quality.clip_model={empty}", "eval.quality.clip_model"),
     ("eval.quality.inception_weights=/nope.pth", "eval.quality.inception_weights"),
     ("eval.quality.batch_size=0", "eval.quality.batch_size"),
-    ("decoder.tree.max_rank=100000", "decoder.tree.max_rank"),  # ranks beyond the codebook
-    ("decoder.tree.max_rank=0", "decoder.tree.max_rank"),
-    ("decoder.tree.budget=0", "decoder.tree.budget"),
-    ("decoder.tree.paths=[[0],[600]]", "decoder.tree.paths"),
-    ("paths.heads_dir={empty}", "decoder.heads_path"),
+    ("eval.decoders.hawk.tree.max_rank=100000", "eval.decoders.hawk.tree.max_rank"),  # ranks beyond the codebook
+    ("tree.max_rank=0", "tree.max_rank"),  # the run's tree: named as the user set it, not per decoder
+    ("tree.budget=0", "tree.budget"),
+    ("eval.decoders.hawk.tree.paths=[[0],[600]]", "eval.decoders.hawk.tree.paths"),
+    ("decoder.tree.budget=0", "eval.decoders.hawk.tree.budget"),  # the old spelling: Hawk's, as it always was
+    ("paths.heads_dir={empty}", "eval.decoders.medusa.heads_path"),
     ("backbone.path={empty}", "backbone.path"),
 ]
 

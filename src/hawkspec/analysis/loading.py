@@ -83,7 +83,7 @@ def load_decoders(names: Sequence[str], backbone: Backbone, heads_dir: str | Pat
     Args:
         heads_dir: A folder holding ``medusa/`` and ``hawk/`` head sets (``paths.heads_dir``); None: the shipped ones.
         overrides: Of the run config, shared by every preset (e.g. ``tree.budget=8``, ``sampling.top_k=2000``) or
-            addressed to one (``eval.decoders.hawk.proposer.vsd=1``).
+            addressed to one (``eval.decoders.hawk.proposer.sources.vertical.vsd=1``).
     """
     from hawkspec.decoding.build import build_decoder
 

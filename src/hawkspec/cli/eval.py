@@ -293,9 +293,6 @@ def evaluate(cfg: DictConfig) -> dict:
     """The body of :func:`run`, once the config is validated."""
     e = cfg.eval
     names = decoder_names(cfg)  # AR first when the run does not list it: speedups are against AR in this run
-    if names == ["ar"]:
-        raise ValueError("eval.decoders holds AR only: name a decoder to compare, e.g. 'eval.decoders=[ar,hawk]' or "
-                         "+decoder@eval.decoders.hawk=hawk")
     L.seed_everything(cfg.seed, workers=True)
     pin_threads(e.get("threads"))  # every parallel region on exactly this many threads, however loaded the machine
     out_dir = Path(cfg.paths.output_dir)

@@ -100,6 +100,9 @@ def expand(args: Sequence[str], conf_dir: str | Path | None = None) -> list[str]
             continue
         if bare.startswith("decoder/"):
             group, _, package = bare[len("decoder/"):].partition("@")
+            if package:  # Hydra's own spelling for one decoder's group option: nothing to expand
+                out.append((i, arg))
+                continue
             if group == "tree" and not package and not key.startswith(("+", "~")):
                 log.info("`%s` is now `tree=%s`: the tree every tree decoder of the run shares (conf/tree/)",
                          arg, value)

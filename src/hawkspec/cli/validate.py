@@ -221,7 +221,7 @@ def draft_fixes(cfg: DictConfig, key: str = "decoder") -> list[str]:
     target = str(get(cfg, f"{p}._target_", "")).rsplit(".", 1)[-1]
     fixes = []
     if target == "JacobiProposer":
-        fixes.append(f"The {target} ({key}.name={get(cfg, f'{key}.name', '?')}) only drafts random codes, never "
+        fixes.append(f"The {target} (decoder `{key.rsplit('.', 1)[-1]}`) only drafts random codes, never "
                      f"top-k ones: set {key}.tree.dynamic=null, or pick a decoder whose proposer drafts top-k "
                      "(medusa, hawk, eagle, hawk_eagle)")
     if target == "EagleProposer" and get(cfg, f"{p}.draft", "topk") == "sample":
@@ -245,7 +245,7 @@ def check_dynamic_tree(cfg: DictConfig, key: str = "decoder") -> None:
         return
     check_int(cfg, f"{key}.tree.dynamic", 2)
     if get(cfg, f"{key}.proposer") is None:
-        raise ValueError(f"`{key}.tree.dynamic` is set, but decoder {get(cfg, f'{key}.name', '?')!r} has no "
+        raise ValueError(f"`{key}.tree.dynamic` is set, but decoder {key.rsplit('.', 1)[-1]!r} has no "
                          f"proposer (no draft tree): set {key}.tree.dynamic=null")
     fixes = draft_fixes(cfg, key)
     if fixes:
