@@ -15,7 +15,8 @@ from hawkspec.data.prompts import load_prompt_set
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TINY = ["hawk_table1_tiny", "gsd_table_tiny", "sjd_tiny"]
-REAL = {"hawk_table1_coco": "coco", "hawk_table1_flickr30k": "flickr30k", "gsd_table_coco": "coco", "sjd_coco": "coco"}
+REAL = {"hawk_table1_coco": "coco", "hawk_table1_flickr30k": "flickr30k", "gsd_table_coco": "coco", "sjd_coco": "coco",
+        "sjd_pac_coco": "coco", "sjd_pac_parti": "parti"}
 
 
 def eval_cfg(experiment: str, *overrides: str):
@@ -50,3 +51,8 @@ def test_paper_configs_set_the_lumina_protocol(name, source):
         assert (acc.window, acc.embed_metric, acc.floor, acc.prob_threshold, acc.embed_threshold) == (
             "official", "squared", False, 0.15, 0.5)
         assert cfg.eval.decoders.gsd.tree.budget == 15
+    if name.startswith("sjd_pac"):  # SJD-PAC's protocol: the code's tree, every COCO image / Parti row, seed 1
+        assert OmegaConf.to_container(cfg.eval.decoders.sjd_pac.tree.pac, resolve=True) == {
+            "nodes": 64, "width": 3, "depth": 3}
+        assert cfg.eval.num_prompts == {"coco": 5000, "parti": 1632}[source] and cfg.seed == 1
+        assert cfg.eval.batch_size == 1 and cfg.eval.prompts.caption == "longest"
