@@ -9,7 +9,8 @@ from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, JacobiProposer
+from hawkspec.decoding.proposers import JacobiProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.testing import peaky, random_backbone, random_heads
@@ -18,12 +19,18 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["a large red circle in the center", "a small blue square on the left"]
 
 
+def hawk(heads, draft: str = "topk", vsd: int | None = None):
+    """``conf/decoder/proposer/hawk.yaml`` with ``heads``: both sources drafting ``draft``, vertical depth ``vsd``."""
+    return proposer_from_config("hawk", {"horizontal": heads, "vertical": heads}, sources__horizontal__draft=draft,
+                                sources__vertical__draft=draft, sources__vertical__vsd=vsd)
+
+
 def test_compiled_decoding_equals_eager():
     bb = random_backbone("tiny", rows=3, cols=3, num_codes=32)
     s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
     heads = random_heads(bb)
     eager = ar_generate(bb, PROMPTS, s).tokens
-    decoders = [SpeculativeDecoder(bb, HawkProposer(heads, vsd=1), GreedyAcceptance(), s, paths_from_budget(6, 3, 2)),
+    decoders = [SpeculativeDecoder(bb, hawk(heads, vsd=1), GreedyAcceptance(), s, paths_from_budget(6, 3, 2)),
                 SpeculativeDecoder(bb, JacobiProposer(), GreedyAcceptance(), s, paths_from_budget(6, 6, 1))]
     bb.compile_steps("forward")
     assert torch.equal(ar_generate(bb, PROMPTS, s).tokens, eager)
@@ -41,7 +48,7 @@ def test_exact_rule_is_lossless_compiled():
     heads = random_heads(bb, scale=0.3)
     grids, probs = image_distribution(bb, PROMPTS[0], s)
     bb.compile_steps("forward")
-    dec = SpeculativeDecoder(bb, HawkProposer(heads, draft="sample", vsd=1), ExactAcceptance(), s,
+    dec = SpeculativeDecoder(bb, hawk(heads, draft="sample", vsd=1), ExactAcceptance(), s,
                              paths_from_budget(6, 3, 3))
     samples = dec.generate([PROMPTS[0]] * 3000, torch.Generator().manual_seed(123)).codes.flatten(1)
     assert chi_square(samples, grids, probs) > 1e-3

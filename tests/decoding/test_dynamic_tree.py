@@ -8,7 +8,8 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import JacobiProposer, MedusaProposer
+from hawkspec.decoding.proposers import JacobiProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import ancestor_mask, paths_from_budget, select_subtree
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -39,11 +40,16 @@ def _medusa(bb, seed=0, scale=0.05):
     return heads
 
 
+def medusa(heads, **keys):
+    """``conf/decoder/proposer/medusa.yaml`` with ``heads`` (``keys``: its config keys, dots as ``__``)."""
+    return proposer_from_config("medusa", {"horizontal": heads}, **keys)
+
+
 def test_dynamic_tree_forwards_fewer_nodes_and_equals_greedy_ar():
     bb = random_backbone("tiny", rows=3, cols=4, num_codes=32)
     s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
     paths = paths_from_budget(16, 4, 3)
-    dec = SpeculativeDecoder(bb, MedusaProposer(_medusa(bb)), GreedyAcceptance(), s, paths, dynamic_nodes=6)
+    dec = SpeculativeDecoder(bb, medusa(_medusa(bb)), GreedyAcceptance(), s, paths, dynamic_nodes=6)
     seen = []
     forward = bb.forward
     bb.forward = lambda state, ids, **kw: seen.append(ids.shape[1]) or forward(state, ids, **kw)
@@ -62,7 +68,7 @@ def test_dynamic_tree_needs_scored_drafts_and_a_sane_size():
     with pytest.raises(ValueError, match="decoder.tree.dynamic"):
         dec.generate(PROMPTS[:1], torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="decoder.tree.dynamic"):
-        SpeculativeDecoder(bb, MedusaProposer(_medusa(bb)), ExactAcceptance(), s, paths_from_budget(4, 2, 2),
+        SpeculativeDecoder(bb, medusa(_medusa(bb)), ExactAcceptance(), s, paths_from_budget(4, 2, 2),
                            dynamic_nodes=100)
 
 
@@ -74,7 +80,7 @@ def test_dynamic_tree_is_lossless_with_the_exact_rule(rule):
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
     grids, probs = image_distribution(bb, PROMPTS[0], s)
     heads = _medusa(bb, scale=0.3)
-    dec = SpeculativeDecoder(bb, MedusaProposer(heads), rule(), s, paths_from_budget(10, 3, 3), dynamic_nodes=5)
+    dec = SpeculativeDecoder(bb, medusa(heads), rule(), s, paths_from_budget(10, 3, 3), dynamic_nodes=5)
     samples = dec.generate([PROMPTS[0]] * 3000, torch.Generator().manual_seed(5)).codes.flatten(1)
     assert chi_square(samples, grids, probs) > 1e-3
 
@@ -84,7 +90,7 @@ def test_dynamic_tree_refuses_sampled_drafts():
     chi-square test of that combination fails, which is how this was found)."""
     bb = random_backbone("tiny", rows=2, cols=3, num_codes=4, seed=1)
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=1.0)
-    dec = SpeculativeDecoder(bb, MedusaProposer(_medusa(bb), draft="sample"), ExactAcceptance(), s,
+    dec = SpeculativeDecoder(bb, medusa(_medusa(bb), sources__horizontal__draft="sample"), ExactAcceptance(), s,
                              paths_from_budget(10, 3, 3), dynamic_nodes=5)
-    with pytest.raises(ValueError, match="draft=topk"):
+    with pytest.raises(ValueError, match="`draft: topk` on decoder.proposer or its sources"):
         dec.generate(PROMPTS[:1], torch.Generator().manual_seed(0))

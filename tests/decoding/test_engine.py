@@ -7,7 +7,8 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance, TypicalAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProposer
+from hawkspec.decoding.proposers import HorizontalSource, JacobiProposer, SpatialProposer, VerticalSource
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -32,6 +33,16 @@ def heads(bb):
     return h
 
 
+def medusa(heads, **keys):
+    """``conf/decoder/proposer/medusa.yaml`` with ``heads`` (``keys``: its config keys, dots as ``__``)."""
+    return proposer_from_config("medusa", {"horizontal": heads}, **keys)
+
+
+def hawk(heads, name: str = "hawk", **keys):
+    """``conf/decoder/proposer/<name>.yaml`` with ``heads`` for both sources (``keys`` as for :func:`medusa`)."""
+    return proposer_from_config(name, {"horizontal": heads, "vertical": heads}, **keys)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize(
     "name",
@@ -41,15 +52,15 @@ def heads(bb):
 def test_greedy_speculative_equals_greedy_ar(bb, heads, cfg_scale, name):
     s = SamplingConfig(temperature=0, top_k=None, cfg_scale=cfg_scale)
     proposer = {
-        "medusa": MedusaProposer(heads),
-        "hawk": HawkProposer(heads),
-        "hawk_horizontal_first": HawkProposer(heads, order="horizontal_first", vertical_candidates=2),
-        "hawk_vertical_only": HawkProposer(heads, horizontal=False),
-        "jacobi": JacobiProposer(),
-        "jacobi_spatial": JacobiProposer(init="spatial"),
-        "hawk_jacobi": HawkProposer(heads, jacobi="fill"),
-        "hawk_jacobi_first": HawkProposer(heads, jacobi="first"),
-    }[name]
+        "medusa": lambda: medusa(heads),
+        "hawk": lambda: hawk(heads),
+        "hawk_horizontal_first": lambda: hawk(heads, order=["horizontal", "vertical"], sources__vertical__candidates=2),
+        "hawk_vertical_only": lambda: proposer_from_config("hawk_vertical_only", {"vertical": heads}),
+        "jacobi": lambda: JacobiProposer(),
+        "jacobi_spatial": lambda: JacobiProposer(init="spatial"),
+        "hawk_jacobi": lambda: hawk(heads, "hawk_jacobi", order=["vertical", "horizontal", "jacobi"]),
+        "hawk_jacobi_first": lambda: hawk(heads, "hawk_jacobi"),
+    }[name]()
     paths = paths_from_budget(8, 8, 1) if "jacobi" in name else paths_from_budget(12, 3, 3)
     dec = SpeculativeDecoder(bb, proposer, GreedyAcceptance(), s, paths)
     # Jacobi's initial guesses are random even under greedy decoding, so the step counts depend on the generator
@@ -67,7 +78,10 @@ def test_oracle_heads_accept_everything(bb):
     s = SamplingConfig(temperature=0, top_k=None, cfg_scale=1.0)
     ref = ar_generate(bb, PROMPTS[:1], s)
 
-    class Oracle(MedusaProposer):
+    class Oracle(SpatialProposer):
+        def __init__(self, heads):
+            super().__init__({"horizontal": HorizontalSource(heads)})
+
         def propose(self, src_hidden, root_pos, code_pos, pool_size, generator):
             pools = super().propose(src_hidden, root_pos, code_pos, pool_size, generator)
             truth = ref.tokens[0, code_pos.clamp(min=0)] - bb.layout.code_offset  # (B, J)
@@ -89,7 +103,7 @@ def test_never_accepting_drafts_is_ar_speed(bb, heads):
             return torch.zeros_like(acc), r_new
 
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=1.0)
-    out = SpeculativeDecoder(bb, MedusaProposer(heads), Never(), s, paths_from_budget(8, 3, 3)).generate(
+    out = SpeculativeDecoder(bb, medusa(heads), Never(), s, paths_from_budget(8, 3, 3)).generate(
         PROMPTS, torch.Generator().manual_seed(0)
     )
     assert out.accepted_tokens.sum() == 0
@@ -101,7 +115,7 @@ def test_never_accepting_drafts_is_ar_speed(bb, heads):
 
 def test_sampled_decoding_is_seeded_and_valid(bb, heads):
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
-    dec = SpeculativeDecoder(bb, HawkProposer(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
+    dec = SpeculativeDecoder(bb, hawk(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
     a = dec.generate(PROMPTS, torch.Generator().manual_seed(5))
     b = dec.generate(PROMPTS, torch.Generator().manual_seed(5))
     assert torch.equal(a.tokens, b.tokens)
@@ -113,14 +127,14 @@ def test_sampled_decoding_is_seeded_and_valid(bb, heads):
 
 def test_typical_is_labelled_lossy(bb, heads):
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=1.0)
-    dec = SpeculativeDecoder(bb, MedusaProposer(heads), TypicalAcceptance(), s, paths_from_budget(8, 3, 3))
+    dec = SpeculativeDecoder(bb, medusa(heads), TypicalAcceptance(), s, paths_from_budget(8, 3, 3))
     assert not dec.lossless
-    assert SpeculativeDecoder(bb, MedusaProposer(heads), ExactAcceptance(), s, [(0,)]).lossless
+    assert SpeculativeDecoder(bb, medusa(heads), ExactAcceptance(), s, [(0,)]).lossless
 
 
 def test_tree_larger_than_maximum_is_refused(bb, heads):
     with pytest.raises(ValueError, match="decoder.tree.max_nodes"):
-        SpeculativeDecoder(bb, MedusaProposer(heads), ExactAcceptance(), SamplingConfig(top_k=16),
+        SpeculativeDecoder(bb, medusa(heads), ExactAcceptance(), SamplingConfig(top_k=16),
                            paths_from_budget(64, 3, 4), max_tree_nodes=32)
 
 
@@ -129,18 +143,18 @@ def test_heads_for_another_backbone_are_refused(bb, heads):
 
     other = build_random_backbone(rows=4, cols=4, num_codes=64)
     with pytest.raises(ValueError, match="another backbone.*grid="):
-        SpeculativeDecoder(other, MedusaProposer(heads), ExactAcceptance(), SamplingConfig(top_k=16), [(0,)])
+        SpeculativeDecoder(other, medusa(heads), ExactAcceptance(), SamplingConfig(top_k=16), [(0,)])
 
 
 def test_bad_proposer_settings(heads):
-    with pytest.raises(ValueError, match="decoder.proposer.vsd"):
-        HawkProposer(heads, vsd=5)
+    with pytest.raises(ValueError, match="decoder.proposer.vsd=5 exceeds"):
+        VerticalSource(heads, vsd=5)
     with pytest.raises(ValueError, match="decoder.proposer.order"):
-        HawkProposer(heads, order="diagonal")
+        SpatialProposer({"horizontal": HorizontalSource(heads), "vertical": VerticalSource(heads)}, order=["diagonal"])
     with pytest.raises(ValueError, match="decoder.proposer.draft"):
-        MedusaProposer(heads, draft="beam")
-    with pytest.raises(ValueError, match="vertical=false and horizontal=false"):
-        HawkProposer(heads, vertical=False, horizontal=False)
+        HorizontalSource(heads, draft="beam")
+    with pytest.raises(ValueError, match="decoder.proposer.sources is empty"):
+        SpatialProposer({})
     with pytest.raises(ValueError, match="decoder.proposer.init"):
         JacobiProposer(init="zeros")
 
@@ -150,21 +164,21 @@ def test_hawk_jacobi_fills_the_slots_the_heads_leave_empty(bb, heads):
     that the last verification forward drew for that position, with that forward's distribution as its q;
     point-mass members get a one-hot q."""
     s = SamplingConfig(temperature=1.0, top_k=None, cfg_scale=1.0)
-    hawk = HawkProposer(heads, jacobi="fill")
-    hawk.bind(bb, s)
-    hawk.start(1, torch.device("cpu"))
+    proposer = hawk(heads, "hawk_jacobi", order=["vertical", "horizontal", "jacobi"])
+    proposer.bind(bb, s)
+    proposer.start(1, torch.device("cpu"))
     K, n = bb.num_codes, heads.config.num_horizontal
     probs = torch.softmax(torch.randn(1, 6, K, generator=torch.Generator().manual_seed(0)), -1)
     codes = torch.full((1, bb.grid.length), -1)
     codes[0, 0] = 5
     node_pos = torch.arange(6)[None]  # nodes at body positions 0..5 predict positions 1..6
-    hawk.observe_tree(probs, node_pos, codes, torch.Generator().manual_seed(1))
+    proposer.observe_tree(probs, node_pos, codes, torch.Generator().manual_seed(1))
     code_pos = torch.tensor([[1, 2, 3, 4]])  # position 4 is past the 3 horizontal heads from root 0
     src = torch.randn(1, bb.hidden_size)
-    pools = hawk.propose(src, torch.tensor([0]), code_pos, 2, torch.Generator().manual_seed(2))
+    pools = proposer.propose(src, torch.tensor([0]), code_pos, 2, torch.Generator().manual_seed(2))
     tok, q = pools.tokens[0], pools.q[0]
     assert n == 3 and (tok[:3] >= 0).all()  # the heads fill depths 1-3: no room for Jacobi drafts there
-    carried = hawk.jdrafts.tok[0, 4]
+    carried = proposer.sources["jacobi"].drafts.tok[0, 4]
     assert carried >= 0 and tok[3, 0] == carried and tok[3, 1] == -1
     assert torch.allclose(q[3, 0], probs[0, 3])  # node at position 3 predicted position 4
     assert torch.equal(q[0, 0], torch.nn.functional.one_hot(tok[0, 0], K).float())
@@ -176,7 +190,7 @@ def test_hawk_drafts_from_the_horizontal_logits_its_observe_made(bb, heads, monk
     from hawkspec.decoding.proposers.sources import HorizontalSource
 
     seen = []
-    original = HorizontalSource.candidates
+    original = HorizontalSource.propose
 
     def checked(self, src_hidden, root_pos, code_pos, size, generator):
         logits = self.next_logits
@@ -186,9 +200,9 @@ def test_hawk_drafts_from_the_horizontal_logits_its_observe_made(bb, heads, monk
         seen.append(logits is not None)
         return original(self, src_hidden, root_pos, code_pos, size, generator)
 
-    monkeypatch.setattr(HorizontalSource, "candidates", checked)
+    monkeypatch.setattr(HorizontalSource, "propose", checked)
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
-    dec = SpeculativeDecoder(bb, HawkProposer(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
+    dec = SpeculativeDecoder(bb, hawk(heads), ExactAcceptance(), s, paths_from_budget(12, 3, 3))
     dec.generate(PROMPTS, torch.Generator().manual_seed(0))
     assert seen[0] is False and all(seen[1:]) and len(seen) > 5  # only the first step has no observe before it
 

@@ -5,11 +5,12 @@ turned GSD into the exact rule), and a threshold that keeps almost no pair is re
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.backbones.tiny import TinyBackbone
 from hawkspec.cli.common import CONF_DIR
 from hawkspec.decoding.acceptance.grouped import GroupedAcceptance
+from hawkspec.testing import compose, the_decoder
 
 TINY_GSD_PRESETS = ["gsd", "hawk_gsd", "eagle_gsd", "hawk_eagle_gsd", "hawk_jacobi_gsd"]
 
@@ -23,7 +24,7 @@ def preset_rule(name: str, backbone) -> GroupedAcceptance:
     """The acceptance rule of ``conf/decoder/<name>.yaml``, bound to ``backbone``."""
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"decoder={name}"])
-    rule = hydra.utils.instantiate(cfg.decoder.acceptance)
+    rule = hydra.utils.instantiate(the_decoder(cfg).acceptance)
     rule.bind(backbone)
     return rule
 

@@ -7,7 +7,8 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProposer
+from hawkspec.decoding.proposers import JacobiProposer, JacobiSource, SpatialProposer, VerticalSource
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -61,15 +62,18 @@ def test_ar_matches_the_enumerated_distribution(setup):
 )
 def test_exact_decoders_are_lossless_and_broken_rule_is_caught(setup, proposer, rule):
     bb, heads, grids, probs = setup
+    both = {"horizontal": heads, "vertical": heads}
     make = {
-        "medusa": lambda: MedusaProposer(heads),
-        "hawk": lambda: HawkProposer(heads),
-        "hawk_sampled": lambda: HawkProposer(heads, draft="sample"),
+        "medusa": lambda: proposer_from_config("medusa", {"horizontal": heads}),
+        "hawk": lambda: proposer_from_config("hawk", both),
+        "hawk_sampled": lambda: proposer_from_config("hawk", both, sources__horizontal__draft="sample",
+                                                     sources__vertical__draft="sample"),
         "sjd": lambda: JacobiProposer(),
         "sjd_spatial": lambda: JacobiProposer(init="spatial"),
         # Jacobi drafts (sampled, own q) mixed with point masses in one pool, past the 3 horizontal heads
-        "hawk_jacobi": lambda: HawkProposer(heads, jacobi="fill"),
-        "vertical_jacobi": lambda: HawkProposer(heads, horizontal=False, jacobi="first"),
+        "hawk_jacobi": lambda: proposer_from_config("hawk_jacobi", both, order=["vertical", "horizontal", "jacobi"]),
+        "vertical_jacobi": lambda: SpatialProposer({"vertical": VerticalSource(heads), "jacobi": JacobiSource()},
+                                                   order=["jacobi", "vertical"], priority=["vertical"]),
     }[proposer]
     if proposer.startswith("sjd"):
         paths = paths_from_budget(4, 4, 1)
@@ -99,7 +103,7 @@ def test_relaxed_decoders_are_caught_as_lossy(setup, name):
         dec = SpeculativeDecoder(bb, JacobiProposer(), GroupedAcceptance(group=1, prob_threshold=None,
                                  embed_threshold=None), SAMPLING, paths_from_budget(4, 4, 1))
     else:
-        dec = SpeculativeDecoder(bb, MedusaProposer(heads), LanternAcceptance(k=2, delta=0.3), SAMPLING,
-                                 paths_from_budget(10, 3, 3))
+        medusa = proposer_from_config("medusa", {"horizontal": heads})
+        dec = SpeculativeDecoder(bb, medusa, LanternAcceptance(k=2, delta=0.3), SAMPLING, paths_from_budget(10, 3, 3))
     assert not dec.lossless
     assert chi_square(draw(dec.generate), grids, probs) < ALPHA

@@ -246,7 +246,7 @@ def test_typical_bonus_modes():
 
 def test_typical_decoder_runs_end_to_end_and_is_deterministic_per_seed():
     from hawkspec.decoding.engine import SpeculativeDecoder
-    from hawkspec.decoding.proposers import MedusaProposer
+    from hawkspec.decoding.proposers.config import proposer_from_config
     from hawkspec.decoding.sampling import SamplingConfig
     from hawkspec.decoding.tree import paths_from_budget
     from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -254,8 +254,8 @@ def test_typical_decoder_runs_end_to_end_and_is_deterministic_per_seed():
 
     bb = build_random_backbone(rows=3, cols=3, num_codes=16, seed=1)
     heads = DraftHeads.for_backbone(HeadsConfig(num_horizontal=2), bb)
-    dec = SpeculativeDecoder(bb, MedusaProposer(heads), TypicalAcceptance(), SamplingConfig(top_k=8),
-                             paths_from_budget(6, 2, 3))
+    medusa = proposer_from_config("medusa", {"horizontal": heads})
+    dec = SpeculativeDecoder(bb, medusa, TypicalAcceptance(), SamplingConfig(top_k=8), paths_from_budget(6, 2, 3))
     a = dec.generate(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     b = dec.generate(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     assert torch.equal(a.codes, b.codes) and (a.codes >= 0).all()

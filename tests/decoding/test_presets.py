@@ -3,18 +3,19 @@ whether it is lossless; the GPU tree composes with any tree decoder."""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.cli.common import CONF_DIR
 from hawkspec.decoding.build import build_decoder, decoder_presets
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
+from hawkspec.testing import compose, the_decoder
 
 LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True, "sjd": True,
             "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False,
             "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False,
             "eagle": True, "eagle_spatial": True, "hawk_eagle": True, "hawk_eagle_gsd": False, "eagle_gsd": False,
-            "scd_maximal": True, "scd_gumbel": True, "sjd_pac": True}
+            "scd_maximal": True, "scd_gumbel": True, "sjd_pac": True, "sjd_pac_released": False}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_every_preset_is_known():
 
 # ar has no tree; the Jacobi presets decode a chain window
 TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd",
-                                        "scd_maximal", "scd_gumbel", "sjd_pac"})
+                                        "scd_maximal", "scd_gumbel", "sjd_pac", "sjd_pac_released"})
 
 
 @pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])
@@ -46,11 +47,11 @@ def test_preset_builds_decodes_and_labels_itself(setup, name, tree):
     bb, heads_dir = setup
     overrides = [f"decoder={name}", f"paths.heads_dir={heads_dir}"]
     if tree:
-        overrides.append(f"decoder/tree={tree}")
+        overrides.append(f"tree={tree}")
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=overrides)
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0).validate(bb.num_codes)
-    dec = build_decoder(cfg.decoder, bb, s)
+    dec = build_decoder(the_decoder(cfg), bb, s)
     assert dec.lossless is LOSSLESS[name]
     out = dec.generate(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     assert out.codes.shape == (2, 4, 4) and (out.codes >= 0).all() and (out.codes < 64).all()

@@ -7,7 +7,8 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance, GroupedAcceptance, LanternAcceptance
 from hawkspec.decoding.acceptance.exact import exact_try
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import JacobiProposer, MedusaProposer
+from hawkspec.decoding.proposers import JacobiProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -165,11 +166,14 @@ def test_degenerate_rules_decode_exactly_like_exact():
         def draw(self, p, generator):
             return None
 
-    ref_m = run(ByTries(), MedusaProposer(heads))
-    assert torch.equal(run(GroupedAcceptance(group=0), MedusaProposer(heads)), ref_m)
-    assert torch.equal(run(LanternAcceptance(delta=0.0, residual="exact"), MedusaProposer(heads)), ref_m)
+    def medusa():
+        return proposer_from_config("medusa", {"horizontal": heads})
+
+    ref_m = run(ByTries(), medusa())
+    assert torch.equal(run(GroupedAcceptance(group=0), medusa()), ref_m)
+    assert torch.equal(run(LanternAcceptance(delta=0.0, residual="exact"), medusa()), ref_m)
     # the official residual zeroes the nearest codes after rejections beside zero-mass neighbours (top-k 8 of 32)
-    assert not torch.equal(run(LanternAcceptance(delta=0.0), MedusaProposer(heads)), ref_m)
+    assert not torch.equal(run(LanternAcceptance(delta=0.0), medusa()), ref_m)
 
 
 def test_relaxed_rules_are_labelled_lossy_and_validate():

@@ -6,18 +6,20 @@ our position-keyed noise does not, and ``coupling: none`` drawing exactly what S
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from hawkspec.backbones.base import ImageGrid
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, JacobiProposer
+from hawkspec.decoding.proposers import JacobiProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.proposers.jacobi import JacobiDrafts, gumbel_noise
 from hawkspec.decoding.sampling import SamplingConfig, sample
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.metrics.lossless import chi_square, image_distribution
+from hawkspec.testing import compose, the_decoder
 
 PROMPTS = ["a red circle", "a blue square"]
 SAMPLING = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
@@ -276,8 +278,9 @@ def test_coupling_none_draws_exactly_what_sjd_drew(proposer, monkeypatch):
             dec = SpeculativeDecoder(bb, JacobiProposer(coupling="none"), ExactAcceptance(), s,
                                      paths_from_budget(6, 6, 1))
         else:
-            dec = SpeculativeDecoder(bb, HawkProposer(heads, jacobi="first", draft="sample"), ExactAcceptance(), s,
-                                     paths_from_budget(8, 5, 2))
+            hawk = proposer_from_config("hawk_jacobi", {"horizontal": heads, "vertical": heads},
+                                        sources__horizontal__draft="sample", sources__vertical__draft="sample")
+            dec = SpeculativeDecoder(bb, hawk, ExactAcceptance(), s, paths_from_budget(8, 5, 2))
         g = torch.Generator().manual_seed(7)
         out = dec.generate(prompts, g)
         return out.codes, out.extras["steps"], g.get_state()
@@ -299,7 +302,7 @@ def test_presets_take_the_models_window_and_are_lossless():
     windows = {"lumina_mgpt_768": 31, "lumina_mgpt_512": 31, "janus_pro_7b": 15, "tiny": 15}
     for backbone, window in windows.items():
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            cfg = compose("eval", overrides=[f"backbone={backbone}"])
+            cfg = compose("eval", overrides=[f"backbone={backbone}", "eval.decoders=[scd_maximal,scd_gumbel,sjd]"])
             for name, coupling in (("scd_maximal", "maximal"), ("scd_gumbel", "gumbel")):
                 dec = OmegaConf.to_container(decoder_config(cfg, name), resolve=True)
                 assert dec["tree"]["budget"] == dec["tree"]["max_depth"] == window, (backbone, name)
@@ -318,7 +321,7 @@ def test_preset_builds_decodes_and_describes_itself(name):
     bb = build_random_backbone(rows=4, cols=4, num_codes=64, seed=5)
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"decoder={name}"])
-    dec = build_decoder(cfg.decoder, bb, SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0))
+    dec = build_decoder(the_decoder(cfg), bb, SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0))
     assert dec.lossless
     out = dec.generate(["a red circle", "a blue square"], torch.Generator().manual_seed(0))
     assert out.codes.shape == (2, 4, 4) and (out.codes >= 0).all() and (out.codes < 64).all()

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from hawkspec.backbones.base import ImageGrid
@@ -18,6 +18,7 @@ from hawkspec.decoding.proposers import PACProposer
 from hawkspec.decoding.proposers.pac import pac_paths, pac_tree_sizes
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.metrics.lossless import chi_square, image_distribution
+from hawkspec.testing import compose, the_decoder
 
 PROMPTS = ["a red circle", "a blue square"]
 SAMPLING = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
@@ -231,7 +232,7 @@ def test_preset_takes_the_models_tree():
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         for backbone in ("lumina_mgpt_768", "lumina_mgpt_512", "lumina_mgpt_1024", "janus_pro_7b", "emu3_gen",
                          "llamagen_xl_256", "llamagen_xl_512", "tiny"):
-            cfg = compose("eval", overrides=[f"backbone={backbone}"])
+            cfg = compose("eval", overrides=[f"backbone={backbone}", "decoder=sjd_pac"])
             dec = OmegaConf.to_container(decoder_config(cfg, "sjd_pac"), resolve=True)
             tuning = OmegaConf.to_container(cfg.backbone.tuning.pac, resolve=True)
             assert dec["tree"]["pac"] == tuning, backbone
@@ -249,7 +250,7 @@ def test_preset_builds_decodes_and_describes_itself():
     bb = build_random_backbone(rows=4, cols=4, num_codes=64, seed=5)
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["decoder=sjd_pac", "decoder.tree.pac.nodes=16"])
-    dec = build_decoder(cfg.decoder, bb, SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0))
+    dec = build_decoder(the_decoder(cfg), bb, SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0))
     assert dec.lossless and dec.table.num_nodes >= 16
     out = dec.generate(PROMPTS, torch.Generator().manual_seed(0))
     assert out.codes.shape == (2, 4, 4) and (out.codes >= 0).all() and (out.codes < 64).all()

@@ -8,7 +8,8 @@ import torch
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProposer
+from hawkspec.decoding.proposers import JacobiProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig, Uniforms, sample
 from hawkspec.decoding.static import Persistent, StepRunner, make_runner
 from hawkspec.decoding.tree import paths_from_budget
@@ -16,6 +17,12 @@ from hawkspec.testing import peaky, random_backbone, random_heads
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left"]
 GREEDY = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
+
+
+def hawk(heads, draft: str = "topk", vsd: int | None = None):
+    """``conf/decoder/proposer/hawk.yaml`` with ``heads``: both sources drafting ``draft``, vertical depth ``vsd``."""
+    return proposer_from_config("hawk", {"horizontal": heads, "vertical": heads}, sources__horizontal__draft=draft,
+                                sources__vertical__draft=draft, sources__vertical__vsd=vsd)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +68,7 @@ def test_replay_memory_decodes_like_eager_and_never_moves(bb):
     """``persist_every_step`` does after every step what a CUDA-graph recording does (state into the persistent
     memory): greedy Hawk still equals AR, across two batches, and no tensor a step touches changes address."""
     eager = ar_generate(bb, PROMPTS, GREEDY).tokens
-    dec = SpeculativeDecoder(bb, HawkProposer(random_heads(bb), vsd=1), GreedyAcceptance(), GREEDY,
+    dec = SpeculativeDecoder(bb, hawk(random_heads(bb), vsd=1), GreedyAcceptance(), GREEDY,
                              paths_from_budget(6, 3, 2))
     dec.runner = StepRunner(persist_every_step=True)
     for _ in range(2):
@@ -79,7 +86,7 @@ def test_replay_memory_decodes_like_eager_and_never_moves(bb):
 def test_sampled_steps_with_uniform_buffers_are_reproducible(bb):
     s = SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
     # sampled drafts on a branching tree: siblings tried in order against the residual (the bounded tries walk)
-    dec = SpeculativeDecoder(bb, HawkProposer(random_heads(bb), draft="sample", vsd=1), ExactAcceptance(), s,
+    dec = SpeculativeDecoder(bb, hawk(random_heads(bb), draft="sample", vsd=1), ExactAcceptance(), s,
                              paths_from_budget(6, 3, 2))
     runs = []
     for _ in range(2):
@@ -102,7 +109,8 @@ def test_compiled_steps_decide_like_eager(bb):
     eager = ar_generate(bb, PROMPTS, GREEDY).tokens
     runner = make_runner("step")
     assert torch.equal(ar_generate(bb, PROMPTS, GREEDY, runner=runner).tokens, eager)
-    dec = SpeculativeDecoder(bb, MedusaProposer(random_heads(bb)), GreedyAcceptance(), GREEDY, paths_from_budget(6, 3, 2))
+    medusa = proposer_from_config("medusa", {"horizontal": random_heads(bb)})
+    dec = SpeculativeDecoder(bb, medusa, GreedyAcceptance(), GREEDY, paths_from_budget(6, 3, 2))
     dec.runner = make_runner("step")
     for _ in range(2):
         assert torch.equal(dec.generate(PROMPTS, torch.Generator().manual_seed(0)).tokens, eager)
@@ -123,7 +131,7 @@ def test_compiled_steps_are_lossless(method):
     def decoder(rule, s):
         if method.startswith("hawk"):
             draft = "sample" if method == "hawk_sampled" and not s.greedy else "topk"
-            dec = SpeculativeDecoder(small, HawkProposer(heads, draft=draft, vsd=1), rule, s, paths_from_budget(6, 3, 3))
+            dec = SpeculativeDecoder(small, hawk(heads, draft=draft, vsd=1), rule, s, paths_from_budget(6, 3, 3))
         else:
             dec = SpeculativeDecoder(small, JacobiProposer(), rule, s, paths_from_budget(6, 6, 1))
         dec.runner = make_runner("step")
