@@ -4,8 +4,10 @@ from pathlib import Path
 
 import hydra
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
+
+from hawkspec.testing import compose  # expands the short decoder spellings (decoder=X) as hawkspec-eval does
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))

@@ -18,7 +18,8 @@ from hawkspec.testing import compose, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Presets that own their tree (a Jacobi chain, SJD-PAC's tree) rather than reading the run's.
-OWN_TREE = {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd", "scd_maximal", "scd_gumbel", "sjd_pac"}
+OWN_TREE = {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd", "scd_maximal", "scd_gumbel", "sjd_pac",
+            "sjd_pac_released", "hawk_pac"}
 REAL = ["lumina_mgpt", "lumina_mgpt_512", "lumina_mgpt_768", "lumina_mgpt_1024", "llamagen_xl_256",
         "llamagen_xl_512", "janus_pro_7b", "emu3_gen"]
 
@@ -117,6 +118,8 @@ def test_the_short_spellings_expand_into_hydras():
     assert expand(["decoder.proposer.vsd=1"]) == ["eval.decoders.hawk.proposer.vsd=1"]  # Hawk, as always
     assert expand(["eval.decoders=[ar,sjd]", "decoder=gsd"])[-1] == "+decoder@eval.decoders.gsd=gsd"
     assert expand(["--cfg", "job", "seed=1"]) == ["--cfg", "job", "seed=1"]
+    assert expand(["eval.decoders=[ar]", "eval.decoders=[ar,sjd]"]) == [  # the last list wins, as in Hydra
+        "decoders=none", "+decoder@eval.decoders.ar=ar", "+decoder@eval.decoders.sjd=sjd"]
 
 
 @pytest.mark.parametrize("args, says", [
@@ -169,4 +172,14 @@ def test_every_preset_says_where_it_comes_from(name):
             break
         head.append(line)
     text = " ".join(head)
-    assert any(w in text for w in ("arXiv", "official", "ours", "paper", "Source")), (name, text[:200])
+    assert any(w in text for w in ("arXiv", "official", "ours", "paper", "Source", "released", "CVPR")), (name, text[:200])
+
+
+def test_recorded_commands_read_as_typed():
+    """What Hydra records (the expanded overrides) contracts back to the short list spelling."""
+    from hawkspec.cli.overrides import contract
+
+    typed = ["eval.decoders=[ar,medusa]", "eval.num_prompts=2", "tree.budget=4"]
+    assert contract(expand(typed)) == typed
+    two_names = ["decoders=none", "+decoder@eval.decoders.ar=ar", "+decoder@eval.decoders.h16=hawk"]
+    assert contract(two_names) == ["eval.decoders=[ar]", "+decoder@eval.decoders.h16=hawk"]

@@ -38,7 +38,7 @@ def small_quality(cache_dir) -> list[str]:
 def test_eval_scores_quality_with_its_noise_floor(tmp_path, random_backbone_dir, heads_dir):
     run_dir = tmp_path / "run"
     eval_cli(f"backbone.path={random_backbone_dir}", f"paths.heads_dir={heads_dir}", "eval.decoders=[ar,medusa]",
-             "eval.num_prompts=4", "eval.batch_size=2", "eval.repeats=1", "decoder.tree.budget=4",
+             "eval.num_prompts=4", "eval.batch_size=2", "eval.repeats=1", "tree.budget=4",
              *small_quality(tmp_path / "ref"), f"hydra.run.dir={run_dir}")
     res = json.loads((run_dir / "results.json").read_text())
     rows = {r["decoder"]: r for r in res["rows"]}

@@ -102,7 +102,7 @@ def first_values(arg: str) -> str:
 
 def test_readme_lists_a_sweep_per_ablation_axis():
     cmds = " ".join(readme_sweeps())
-    for axis in ("+decoder@eval.decoders.hawk_no_vertical=medusa", "eval.decoders.hawk.proposer.sources.vertical.vsd=1,2,3",
+    for axis in ("eval.decoders.hawk.proposer.sources.vertical.vsd=1,2,3",
                  "tree.budget=", "eval.decoders.hawk.proposer.order=", "eval.decoders.gsd.acceptance.group=",
                  "eval.decoders.lantern.acceptance.delta=", "sampling.cfg_scale="):
         assert axis in cmds, axis

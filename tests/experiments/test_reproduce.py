@@ -31,7 +31,7 @@ def test_rerunning_the_recorded_command_reproduces_the_table(tmp_path, random_ba
     first = tmp_path / "first"
     run(["hawkspec-eval", f"backbone.path={random_backbone_dir}", f"paths.heads_dir={heads}",
          "eval.decoders=[ar,medusa]", "eval.num_prompts=6", "eval.batch_size=3", "eval.repeats=1",
-         "decoder.tree.budget=4", "eval.quality.fid_features=tiny", "eval.quality.reference.num_images=64",
+         "tree.budget=4", "eval.quality.fid_features=tiny", "eval.quality.reference.num_images=64",
          f"eval.quality.reference.cache_dir={tmp_path / 'ref'}", f"hydra.run.dir={first}"])
     assert tables.main(["hawk", str(first), "--out", str(tmp_path / "committed")]) == 0
     committed = json.loads((tmp_path / "committed" / "hawk_table1.json").read_text())

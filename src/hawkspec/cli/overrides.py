@@ -89,8 +89,9 @@ def expand(args: Sequence[str], conf_dir: str | Path | None = None) -> list[str]
             if value.strip().strip("'\"") == "all":
                 out.append((i, "decoders=all"))
                 continue
-            listed = _names(value, "eval.decoders")
+            listed = _names(value, "eval.decoders")  # given twice: the last one, as Hydra's overrides
             _check_presets(listed, conf_dir, "eval.decoders")
+            out = [(j, a) for j, a in out if a != "\0list"]
             out.append((i, "\0list"))
             continue
         if bare == "decoder" and not key.startswith(("+", "~")):
@@ -130,7 +131,9 @@ def expand(args: Sequence[str], conf_dir: str | Path | None = None) -> list[str]
             prefix, rest = keyed_at[i]
             result.append(f"{prefix}eval.decoders.{target}.{rest}")
             continue
-        item = next(a for j, a in out if j == i)
+        item = next((a for j, a in out if j == i), None)
+        if item is None:  # an earlier eval.decoders= that a later one replaced
+            continue
         if item == "\0list":
             names = list(listed or [])
             if named and named not in names:
@@ -150,6 +153,27 @@ def _refuse_decoder_sweep(value: str):
     raise OverrideError(
         f"`decoder={value}` sweeps over decoders: put them in one run instead ('eval.decoders=[ar,{value}]', the "
         "same prompts and seeds, timed against one AR), or sweep over decoder sets (`decoders=SET1,SET2`)")
+
+
+def contract(args: Sequence[str]) -> list[str]:
+    """The inverse of :func:`expand` for what Hydra records (``.hydra/overrides.yaml``): ``decoders=none`` and the
+    ``+decoder@eval.decoders.N=N`` entries after it become ``'eval.decoders=[...]'`` again, so a recorded command
+    reads as it was typed (and runs the same). Anything else is left alone."""
+    args = list(args)
+    if "decoders=none" not in args:
+        return args
+    names, rest = [], []
+    for a in args:
+        m = re.fullmatch(r"\+decoder@eval\.decoders\.([\w-]+)=([\w-]+)", a)
+        if m and m.group(1) == m.group(2):
+            names.append(m.group(1))
+        else:
+            rest.append(a)
+    if not names:
+        return args
+    at = rest.index("decoders=none")
+    rest[at] = f"eval.decoders=[{','.join(names)}]"
+    return rest
 
 
 def decoder_names(cfg) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from hawkspec.cli.overrides import contract
 from hawkspec.metrics.quality import QUALITY_KEYS
 
 #: Figures of a results row the sweep tables show, in order (those present in some row).
@@ -45,7 +46,7 @@ class Job:
 
     def command(self) -> str:
         """The ``hawkspec-eval`` command that reproduces this job alone (its overrides, quoted where needed)."""
-        args = [f"{k}={v}" for k, v in self.overrides.items()]
+        args = contract([f"{k}={v}" for k, v in self.overrides.items()])  # as typed: 'eval.decoders=[...]'
         args += [h for h in self.hydra if not h.startswith("hydra.sweep.")]
         return " ".join(["hawkspec-eval", *map(_quote, args)])
 
@@ -72,6 +73,7 @@ def commands(jobs: list[Job]) -> list[str]:
         for k in keys:
             values = list(dict.fromkeys(j.overrides.get(k) for j in members if k in j.overrides))
             args.append(f"{k}={','.join(values)}")
+        args = contract(args)
         out.append(" ".join(["hawkspec-eval", "-m", *map(_quote, args), *map(_quote, hydra_args)]))
     return list(dict.fromkeys(out))
 
