@@ -7,7 +7,8 @@ import torch
 from hawkspec.analysis.acceptance import SourceRecorder, acceptance_maps, decode_with_sources
 from hawkspec.decoding.acceptance import ExactAcceptance
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.proposers import HawkProposer, JacobiProposer, MedusaProposer
+from hawkspec.decoding.proposers import JacobiProposer, SpatialProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -33,6 +34,15 @@ def heads(bb):
     return h
 
 
+def hawk(heads, name="hawk", **keys):
+    """``conf/decoder/proposer/<name>.yaml`` with ``heads`` for both sources (``keys``: config keys, dots as ``__``)."""
+    return proposer_from_config(name, {"horizontal": heads, "vertical": heads}, **keys)
+
+
+def medusa(heads):
+    return proposer_from_config("medusa", {"horizontal": heads})
+
+
 def decoder(bb, proposer, paths=None):
     return SpeculativeDecoder(bb, proposer, ExactAcceptance(), SAMPLING, paths or paths_from_budget(12, 3, 3))
 
@@ -42,15 +52,16 @@ def run(dec, seed=0, record=True):
     return decode_with_sources(dec, PROMPTS, g) if record else (dec.generate(PROMPTS, g), {})
 
 
-@pytest.mark.parametrize("kw", [{}, {"order": "horizontal_first", "vertical_candidates": 2}, {"draft": "sample"},
-                                {"jacobi": "fill"}])
+@pytest.mark.parametrize("kw", [{}, {"order": ["horizontal", "vertical"], "sources__vertical__candidates": 2},
+                                {"sources__horizontal__draft": "sample", "sources__vertical__draft": "sample"},
+                                {"name": "hawk_jacobi", "order": ["vertical", "horizontal", "jacobi"]}])
 def test_recording_changes_nothing(bb, heads, kw):
-    dec = decoder(bb, HawkProposer(heads, **kw))
+    dec = decoder(bb, hawk(heads, **kw))
     out, src = run(dec)
     ref, _ = run(dec, record=False)
     assert torch.equal(out.codes, ref.codes) and torch.equal(out.accept_map, ref.accept_map)
     assert out.forwards == ref.forwards
-    assert isinstance(dec.proposer, HawkProposer)  # unwrapped again
+    assert isinstance(dec.proposer, SpatialProposer)  # unwrapped again
     acc = out.accept_map > 0
     assert acc.any()
     assert not (src["vertical"] & ~acc).any()  # only accepted drafts have a source
@@ -60,7 +71,7 @@ def test_recording_changes_nothing(bb, heads, kw):
 
 
 def test_vertical_only_proposer_accepts_only_vertical_drafts(bb, heads):
-    dec = decoder(bb, HawkProposer(heads, horizontal=False))
+    dec = decoder(bb, proposer_from_config("hawk_vertical_only", {"vertical": heads}))
     out, src = run(dec, seed=1)
     acc = out.accept_map > 0
     assert acc.any()
@@ -71,7 +82,7 @@ def test_vertical_only_proposer_accepts_only_vertical_drafts(bb, heads):
 def test_recorded_drafts_are_the_pools(bb, heads):
     """The recorder's vertical drafts at a position are the ones the pool merged there (top-k: the pool starts
     with them, vertical first)."""
-    proposer = HawkProposer(heads)
+    proposer = hawk(heads)
     dec = decoder(bb, proposer)
     rec = SourceRecorder(proposer)
     dec.proposer = rec
@@ -100,7 +111,7 @@ def test_recorded_drafts_are_the_pools(bb, heads):
 
 
 def test_maps_of_several_decoders(bb, heads):
-    decs = {"medusa": decoder(bb, MedusaProposer(heads)), "hawk": decoder(bb, HawkProposer(heads)),
+    decs = {"medusa": decoder(bb, medusa(heads)), "hawk": decoder(bb, hawk(heads)),
             "sjd": decoder(bb, JacobiProposer(), paths_from_budget(6, 6, 1))}
     res = acceptance_maps(decs, PROMPTS, batch_size=2, seed=0)
     assert list(res) == ["medusa", "hawk", "sjd"]
@@ -117,4 +128,4 @@ def test_maps_of_several_decoders(bb, heads):
     direct = decs["hawk"].generate(PROMPTS[:2], g)
     assert torch.equal(res["hawk"].accepted[:2], direct.accept_map)
     with pytest.raises(TypeError, match="no vertical drafts"):
-        SourceRecorder(MedusaProposer(heads))
+        SourceRecorder(medusa(heads))

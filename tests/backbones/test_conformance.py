@@ -15,7 +15,7 @@ What decoders, heads, the cache and the metrics rely on, checked against a from-
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.backbones.base import PromptBatch
 from hawkspec.cli.common import CONF_DIR
@@ -23,7 +23,7 @@ from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
-from hawkspec.testing import available_random_backbones, peaky, random_backbone
+from hawkspec.testing import available_random_backbones, compose, peaky, random_backbone, the_decoder
 
 ADAPTERS = available_random_backbones()
 PROMPTS = ["a large red circle in the center", "a small blue square on the left on a plain white background"]
@@ -162,12 +162,13 @@ def test_prompt_longer_than_the_context_is_an_error(bb, monkeypatch):
 
 
 def _decoder(bb, preset: str, tree: str | None, heads_dir):
-    overrides = [f"decoder={preset}", "decoder/acceptance=greedy", f"paths.heads_dir={heads_dir}"]
+    overrides = [f"decoder={preset}", f"decoder/acceptance@eval.decoders.{preset}.acceptance=greedy",
+                 f"paths.heads_dir={heads_dir}"]
     if tree:
-        overrides.append(f"decoder/tree={tree}")
+        overrides.append(f"tree={tree}")
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=overrides)
-    return build_decoder(cfg.decoder, bb, SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0))
+    return build_decoder(the_decoder(cfg), bb, SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def test_heads_for_another_grid_are_refused(adapter, heads_dir):
 def test_exact_rule_is_lossless_through_the_adapter(name):
     """Hawk (sampled drafts, each with its own q, tried in turn) with the exact rule vs the enumerated target: 2x3 grid, 4 codes."""
     from hawkspec.decoding.engine import SpeculativeDecoder
-    from hawkspec.decoding.proposers import HawkProposer
+    from hawkspec.decoding.proposers.config import proposer_from_config
     from hawkspec.decoding.tree import paths_from_budget
     from hawkspec.metrics.lossless import chi_square, image_distribution
 
@@ -218,6 +219,8 @@ def test_exact_rule_is_lossless_through_the_adapter(name):
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
     heads = random_heads(bb, scale=0.3)
     grids, probs = image_distribution(bb, PROMPTS[0], s)
-    dec = SpeculativeDecoder(bb, HawkProposer(heads, draft="sample", vsd=1), ExactByTries(), s, paths_from_budget(6, 3, 3))
+    hawk = proposer_from_config("hawk", {"horizontal": heads, "vertical": heads}, sources__horizontal__draft="sample",
+                                sources__vertical__draft="sample", sources__vertical__vsd=1)
+    dec = SpeculativeDecoder(bb, hawk, ExactByTries(), s, paths_from_budget(6, 3, 3))
     samples = dec.generate([PROMPTS[0]] * 3000, torch.Generator().manual_seed(123)).codes.flatten(1)
     assert chi_square(samples, grids, probs) > 1e-3

@@ -8,7 +8,7 @@ from hawkspec.decoding.build import seeded
 from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.acceptance import GreedyAcceptance
 from hawkspec.decoding.ar import ar_generate
-from hawkspec.decoding.proposers import MedusaProposer
+from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.heads.draft import DraftHeads, HeadsConfig
@@ -75,7 +75,8 @@ def test_a_batch_whose_rows_accept_differently_decodes_like_each_row_alone(rando
         for p in heads.blocks.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
-    dec = SpeculativeDecoder(bb, MedusaProposer(heads), GreedyAcceptance(), s, paths_from_budget(6, 3, 2))
+    medusa = proposer_from_config("medusa", {"horizontal": heads})
+    dec = SpeculativeDecoder(bb, medusa, GreedyAcceptance(), s, paths_from_budget(6, 3, 2))
     both = dec.generate(prompts, seeded(0)).tokens
     for b, p in enumerate(prompts):
         assert torch.equal(both[b], ar_generate(bb, [p], s).tokens[0])
