@@ -3,6 +3,7 @@
     python experiments/tables.py hawk  RESULTS...   # Hawk Table 1 analogue -> hawk_table1.{md,tex}
     python experiments/tables.py gsd   RESULTS...   # GSD table analogue    -> gsd_table.{md,tex}
     python experiments/tables.py sweep RESULTS...   # any sweep, one row per job x decoder -> sweep_table.{md,tex}
+    python experiments/tables.py leaderboard RESULTS...   # every method in one harness -> leaderboard_tiny.{md,tex}
     python experiments/tables.py check experiments/results/hawk_table1.json FRESH_RUN...   # reproduced?
 
 RESULTS are ``results.json`` files or folders holding them (a multirun folder: every job). Tables go to
@@ -225,6 +226,66 @@ def sweep_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
     return out
 
 
+# The leaderboard (issue 30): every method of the field in one harness, with what its paper reports on Lumina-mGPT 7B
+# at 768 px (SJD-PAC's six-method table on COCO-2017, BRIEF-2026 §2.6: step compression / latency speedup / FID / CLIP;
+# Hawk's and Medusa's latency from the Hawk paper's Table 1; SCD's abstract: "up to ~4.2x"). None: not reported.
+LEADERBOARD = [  # (decoder, method, source of the paper's figures, {step, latency, fid, clip})
+    ("ar", "AR", "SJD-PAC Tab.", {"step": "1.00", "lat": "1.00", "fid": "30.79", "clip": "31.31"}),
+    ("medusa", "Medusa", "Hawk Tab. 1", {"lat": "1.58"}),
+    ("hawk", "Hawk", "Hawk Tab. 1", {"lat": "1.71"}),
+    ("eagle", "EAGLE", "SJD-PAC Tab.", {"step": "2.94", "lat": "2.10", "fid": "30.68", "clip": "31.73"}),
+    ("sjd", "SJD", "SJD-PAC Tab.", {"step": "2.22", "lat": "2.05", "fid": "31.13", "clip": "31.33"}),
+    ("scd_maximal", "SCD, maximal coupling", "SCD abstract", {"lat": "≤ 4.2"}),
+    ("scd_gumbel", "SCD, Gumbel coupling", "SCD abstract", {"lat": "≤ 4.2"}),
+    ("sjd_pac", "SJD-PAC (exact, ours)", "SJD-PAC Tab.", {"step": "4.51", "lat": "3.80", "fid": "30.69", "clip": "31.21"}),
+    ("sjd_pac_released", "SJD-PAC as released (lossy)", "SJD-PAC Tab.", {"step": "4.51", "lat": "3.80", "fid": "30.69",
+                                                                       "clip": "31.21"}),
+    ("gsd", "GSD (lossy)", "SJD-PAC Tab.", {"step": "3.39", "lat": "3.62", "fid": "33.12", "clip": "31.25"}),
+    ("medusa_lanternpp", "LANTERN++ in Medusa (lossy)", "SJD-PAC Tab.", {"step": "3.19", "lat": "2.28", "fid": "29.96",
+                                                                      "clip": "30.11"}),
+    ("hawk_jacobi", "Hawk + Jacobi (ours)", "—", {}),
+    ("hawk_pac", "Hawk on SJD-PAC (ours)", "—", {}),
+    ("hawk_eagle", "Hawk + EAGLE (ours)", "—", {}),
+]
+
+
+def leaderboard_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
+    """(method, decoder, rows) of the leaderboard, in its order; rows of methods not run are left out."""
+    by = rows_by_decoder(jobs)
+    return [(name, dec, by[dec]) for dec, name, _, _ in LEADERBOARD if by.get(dec)]
+
+
+def leaderboard_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
+    """Every method in one harness: step compression, latency speedup, efficiency, FID and alignment with AR's
+    noise floor (mean ± std over seeds), the papers' Lumina-mGPT figures beside."""
+    label = fid_label(jobs)
+    paper = {dec: (src, fig) for dec, _, src, fig in LEADERBOARD}
+    cols = ["method", "lossless", "step compression", "speedup", "efficiency", f"FID ({label})", "alignment",
+            "paper: step", "paper: latency", "paper: FID", "paper: CLIP", "paper source"]
+    rows = []
+    for name, dec, rs in leaderboard_groups(jobs):
+        g = lambda k: stat([r.get(k) for r in rs])  # noqa: E731
+        src, fig = paper[dec]
+        rows.append([name, str(rs[0]["lossless"]), fmt(g("step_compression"), 2, "×"), fmt(g("speedup"), 2, "×"),
+                     fmt(g("efficiency"), 2), fmt(g("fid"), 2), fmt(g("alignment")),
+                     *(fmt(fig.get(k)) for k in ("step", "lat", "fid", "clip")), src])
+    seeds = sorted({j.results.get("seed") for j in jobs}, key=str)
+    n = jobs[0].results.get("num_prompts") if jobs else None
+    md = ["# Leaderboard: every method in one harness (tiny model)", "",
+          f"Ours: the embedded tiny model (12×12 codes, 512-code VQ), {n} procedural prompts per seed, seeds "
+          f"{', '.join(map(str, seeds))} (mean ± standard deviation over seeds), batch 1, one thread, CPU; every "
+          "method decoded and timed in one process per seed against AR. Efficiency = speedup / (step compression × "
+          "t_AR-forward / t_tree-forward). Paper columns: Lumina-mGPT 7B at 768 px on COCO-2017 from the source "
+          "named (their GPUs). Compare ratios, not absolute values: ours FID is in the "
+          f"`{label}` feature space, alignment is the project's attribute classifier (src/hawkspec/metrics/quality.py). "
+          "SJD-PAC's paper figures belong to its released (lossy) sampler; our exact version is the row above it.", "",
+          markdown_table(cols, rows), noise_floor_line(jobs), ""]
+    md += provenance(jobs, table_cmd)
+    tex = latex_table(cols, rows, f"Every method in one harness on the tiny model. FID features: {label}.",
+                      "tab:leaderboard")
+    return "\n".join(md) + "\n", tex
+
+
 def hawk_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
     """Hawk Table 1 analogue: AR, Medusa, Hawk vertical-only, LANTERN++ in Medusa, Hawk."""
     label = fid_label(jobs)
@@ -303,10 +364,11 @@ def sweep_table(jobs: list[Job], table_cmd: str, title: str | None = None) -> tu
 
 
 TABLES = {"hawk": (hawk_table, hawk_groups, "hawk_table1"), "gsd": (gsd_table, gsd_groups, "gsd_table"),
-          "sweep": (sweep_table, sweep_groups, "sweep_table")}
+          "sweep": (sweep_table, sweep_groups, "sweep_table"),
+          "leaderboard": (leaderboard_table, leaderboard_groups, "leaderboard_tiny")}
 #: Figures a reproduction is checked on (within the noise floor); the speed ones are this machine's and reported only.
 CHECKED = ("fid", "diversity", "alignment", "clip_score_100cos", "clip_cosine_lantern")
-REPORTED = ("step_compression", "acceptance_length", "speedup")
+REPORTED = ("step_compression", "acceptance_length", "speedup", "efficiency")
 
 
 def table_data(kind: str, jobs: list[Job], commands_: list[str]) -> dict:

@@ -153,3 +153,27 @@ def test_a_per_decoder_sweep_labels_only_that_decoders_rows(tmp_path):
     loaded = tables.load_jobs(jobs)
     assert plots.setting("gsd", loaded[0], loaded) == "group=1, budget=8"
     assert plots.setting("medusa", loaded[1], loaded) == "budget=16"
+
+
+def test_leaderboard_has_every_method_run_with_the_papers_figures_beside(tmp_path):
+    jobs = []
+    for seed in (0, 1, 2):
+        d = run_dir(tmp_path / str(seed), ["experiment=leaderboard_tiny", f"seed={seed}"],
+                    [row("ar", 1.0, 10.0, acc=1.0), row("sjd", 1.9 + seed / 10, 10.1),
+                     row("sjd_pac", 2.6, 10.2), row("gsd", 2.9, 12.0, lossless=False)])
+        res = json.loads((d / "results.json").read_text())
+        res["seed"] = seed
+        for r in res["rows"]:
+            r["efficiency"] = 0.8
+        (d / "results.json").write_text(json.dumps(res))
+        jobs.append(d)
+    out = tmp_path / "out"
+    assert tables.main(["leaderboard", *map(str, jobs), "--out", str(out)]) == 0
+    md = (out / "leaderboard_tiny.md").read_text()
+    lines = [l for l in md.splitlines() if l.startswith("| ")]
+    assert [l.split("|")[1].strip() for l in lines[1:]] == ["AR", "SJD", "SJD-PAC (exact, ours)", "GSD (lossy)"]
+    pac = next(l for l in lines if l.startswith("| SJD-PAC"))
+    assert "| 4.51 | 3.80 | 30.69 | 31.21 | SJD-PAC Tab. |" in pac  # the paper's COCO figures beside ours
+    sjd = next(l for l in lines if l.startswith("| SJD |"))
+    assert "2.00× ± 0.10" in sjd  # speedup: mean ± std over the 3 seeds
+    assert (out / "leaderboard_tiny.tex").is_file() and json.loads((out / "leaderboard_tiny.json").read_text())["rows"]
