@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.backbones.chameleon import (
     END_OF_TURN_TOKEN,
@@ -23,6 +23,7 @@ from hawkspec.backbones.chameleon import (
 from hawkspec.cli.common import CONF_DIR
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, target_probs
+from hawkspec.testing import compose
 
 PROMPTS = ["a large red circle in the center", "a small blue square"]
 

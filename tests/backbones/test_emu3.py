@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from transformers import LogitsProcessorList
 
 from hawkspec.backbones.emu3 import EOF, EOL, IMAGE_START, IMAGE_WRAPPER, NEGATIVE_PROMPT, Emu3Backbone, generate_size
@@ -16,6 +16,7 @@ from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.testing import peaky, run_cli
+from hawkspec.testing import compose, the_decoder
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left on a plain white background"]
 
@@ -114,7 +115,7 @@ def test_yaml_target_loads_a_saved_model_and_hawk_decodes(bb, saved, tmp_path):
     assert loaded.encode(PROMPTS).cond == bb.encode(PROMPTS).cond and loaded.image_start_ids == bb.image_start_ids
     DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=2), loaded).save(tmp_path / "hawk")
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=3.0)
-    out = build_decoder(cfg.decoder, loaded, s).generate(PROMPTS, torch.Generator().manual_seed(0))
+    out = build_decoder(the_decoder(cfg), loaded, s).generate(PROMPTS, torch.Generator().manual_seed(0))
     assert out.codes.shape == (2, 4, 3) and (out.tokens[:, loaded.grid.forced_mask()] == loaded.eol_token_id).all()
 
 

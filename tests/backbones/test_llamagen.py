@@ -9,12 +9,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.backbones.base import PromptBatch
 from hawkspec.backbones.llamagen import CAPTION_TOKENS, LlamaGenBackbone, LlamaGenT2I, load_vq, vq_config
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.testing import run_cli
+from hawkspec.testing import compose, the_decoder
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left on a plain white background"]
 D, LAYERS, HEADS, FFN, K, DC, SIDE = 64, 2, 4, 96, 48, 32, 4
@@ -219,7 +220,7 @@ def test_yaml_target_loads_official_files_and_hawk_decodes(saved, tmp_path):
     enc = bb.encode(PROMPTS)
     torch.testing.assert_close(loaded.prefill(loaded.encode(PROMPTS), cfg=True)[1], bb.prefill(enc, cfg=True)[1])
     DraftHeads.for_backbone(HeadsConfig(num_horizontal=3, vertical=True, vsd=2), loaded).save(tmp_path / "hawk")
-    out = build_decoder(cfg.decoder, loaded, SamplingConfig(temperature=1.0, top_k=16, cfg_scale=7.5)).generate(
+    out = build_decoder(the_decoder(cfg), loaded, SamplingConfig(temperature=1.0, top_k=16, cfg_scale=7.5)).generate(
         PROMPTS, torch.Generator().manual_seed(0))
     assert out.codes.shape == (2, 4, 4)
     assert loaded.decode_codes(out.codes).shape == (2, 3, 8, 8)

@@ -7,12 +7,13 @@ tokens under the image top-k, at the run's temperature -- and refuses a draw tha
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.backbones.chameleon import TEXT_TOP_K, ChameleonBackbone, size_token
 from hawkspec.cli.common import CONF_DIR
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.testing import compose
 
 PROMPTS = ["a large red circle in the center", "a small blue square"]
 

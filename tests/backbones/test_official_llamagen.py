@@ -6,7 +6,7 @@ worked out by hand from the official code."""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 
 from hawkspec.backbones.llamagen import (
     CAPTION_TOKENS,
@@ -20,6 +20,7 @@ from hawkspec.data.procedural import VOCAB_WORDS
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig, target_probs
+from hawkspec.testing import compose, the_decoder
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left on a plain white background"]
 
@@ -184,6 +185,6 @@ def test_top_p_reaches_every_decoder(bb, preset):
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=[f"decoder={preset}"])
     s = SamplingConfig(temperature=1.0, top_k=0, cfg_scale=7.5, top_p=1e-6, cfg_off_below_one=True).validate(64)
-    got = build_decoder(cfg.decoder, bb, s).generate(PROMPTS, torch.Generator().manual_seed(0))
+    got = build_decoder(the_decoder(cfg), bb, s).generate(PROMPTS, torch.Generator().manual_seed(0))
     want = ar_generate(bb, PROMPTS, SamplingConfig(temperature=0.0, top_k=0, cfg_scale=7.5))
     assert torch.equal(got.codes, want.codes)
