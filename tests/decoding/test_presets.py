@@ -15,7 +15,8 @@ LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True
             "medusa_typical": False, "gsd": False, "hawk_gsd": False, "lantern": False, "medusa_lanternpp": False,
             "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False,
             "eagle": True, "eagle_spatial": True, "hawk_eagle": True, "hawk_eagle_gsd": False, "eagle_gsd": False,
-            "scd_maximal": True, "scd_gumbel": True, "sjd_pac": True, "sjd_pac_released": False}
+            "scd_maximal": True, "scd_gumbel": True, "sjd_pac": True, "sjd_pac_released": False,
+            "hawk_pac": True}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_every_preset_is_known():
 
 # ar has no tree; the Jacobi presets decode a chain window
 TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd",
-                                        "scd_maximal", "scd_gumbel", "sjd_pac", "sjd_pac_released"})
+                                        "scd_maximal", "scd_gumbel", "sjd_pac", "sjd_pac_released", "hawk_pac"})
 
 
 @pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])

@@ -50,7 +50,9 @@ def build_proposer(node: DictConfig, key: str) -> Proposer:
     own = key.split(".")
     target = hydra.utils.get_class(node._target_)
     raw = OmegaConf.to_container(node, resolve=False)
-    sources = node.get("sources") if issubclass(target, SpatialProposer) else None
+    # a composition of draft sources: SpatialProposer, or any proposer taking `sources` (hawk_pac)
+    composed = issubclass(target, SpatialProposer) or "sources" in inspect.signature(target).parameters
+    sources = node.get("sources") if composed else None
     if not isinstance(sources, DictConfig):
         path_key = interpolated_key(raw.get("path"), own) if not raw.get("path_key") else None
         return hydra.utils.instantiate(node, **_extras(target, key, path_key))
