@@ -29,7 +29,7 @@ from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs, uniform
 from hawkspec.decoding.static import ROUND_CAPACITY
 from hawkspec.decoding.tree import TopologyTable, select_subtree
-from hawkspec.decoding.walks import walk_longest
+from hawkspec.decoding.walks import walk_longest, walk_longest_row
 
 
 @dataclass
@@ -351,16 +351,28 @@ class SpeculativeDecoder:
         bonus token. The walk is chosen by what the rule and tree allow (same decisions either way):
 
         * independent rules (Medusa's typical): every node judged on its own, the longest accepted path;
+        * ``longest_row`` rules (SJD-PAC as released): every node tried against its sibling-reduced residual,
+          the longest accepted row (:func:`~hawkspec.decoding.walks.walk_longest_row`; lossy);
         * point-mass trees under a rule with the shortcut: one draw per node (:meth:`_walk_draw`);
         * chains: every node against its parent's untouched target at once (:meth:`_walk_chain`);
         * otherwise children tried in order against the residual (:meth:`_walk_tries`).
         """
         t, tab, rule, active = tree, self.table, self.acceptance, run.active
         shortcut = not rule.independent and t.pools.q is None and rule.point_mass_shortcut
+        shortcut = shortcut and not rule.longest_row
         y = rule.draw(p, generator) if shortcut else None  # None: the rule declines the shortcut
         if rule.independent:
             cur, path, n_path, bonus = walk_longest(rule, p, t.cand, t.forced, t.node_ok, t.parent,
                                                     t.anc, t.depth, active, tab.max_depth, generator)
+        elif rule.longest_row:
+            q = None
+            if t.pools.q is not None:
+                K = p.shape[-1]
+                q = t.pools.q.flatten(1, 2).gather(1, t.slot[..., None].expand(-1, -1, K))  # (B, T, K)
+            full = tab.max_code_depth if getattr(rule, "full_row_bonus", "target") == "uniform" else None
+            cur, path, n_path, r = walk_longest_row(rule, p, t.cand, q, t.forced, t.node_ok, t.children, t.anc,
+                                                    t.depth, active, self.path_width, full, generator)
+            bonus = rule.bonus(r, generator)
         elif y is not None:
             cur, path, n_path, bonus = self._walk_draw(y, t, active, run.arT)
         else:

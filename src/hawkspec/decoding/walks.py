@@ -7,11 +7,17 @@ target probabilities of its candidates); the next token (our bonus) comes from t
 accepted node (the rule's :meth:`~hawkspec.decoding.acceptance.base.AcceptanceRule.bonus`). The recursive
 walk of the exact rule (descend into the first accepted child) would instead stop at the first accepted
 sibling even when a later sibling leads to a longer accepted path.
+
+SJD-PAC's released sampler does the same on top of recursive rejection sampling (:func:`walk_longest_row`, for
+rules with ``longest_row``: ``pac_released``): every node tested against its sibling-reduced residual, the longest
+accepted row wins, the lowest on ties.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hawkspec.decoding.sampling import uniform
 
 
 def walk_longest(rule, p, cand, forced, node_ok, parent, anc, depth, active, max_depth: int, generator=None):
@@ -53,3 +59,60 @@ def walk_longest(rule, p, cand, forced, node_ok, parent, anc, depth, active, max
     path = torch.argsort(key, dim=1)[:, : max_depth + 1]
     n_path = mine.sum(1)
     return cur, path, n_path, rule.bonus(p[ar, cur], generator)
+
+
+def walk_longest_row(rule, p, cand, q, forced, node_ok, children, anc, depth, active, width: int,
+                     full_codes: int | None = None, generator=None):
+    """SJD-PAC's released path choice (``SJDPACSpeculativeSampler.__call__`` L167-178, KangJialiang/SJD-PAC @
+    4fbc099; BRIEF-2026 §2.2, §2.4 (1)): every node is tested with its own uniform against the recursive residual
+    of its parent's target (rank b after the residuals of ranks 0..b-1, whether or not they were accepted) with the
+    q the pool hands it; a row is a root-to-leaf path and its length the run of leading acceptances; the longest
+    row wins, the lowest row on ties. Rows are numbered in rank order, so the lowest row through the deepest
+    accepted nodes ends at the first of them in node order (nodes of one depth are numbered in rank-path order,
+    :func:`hawkspec.decoding.tree.build_topology`). The bonus is drawn from the residual after every child of the
+    last accepted node (all rejected, or the row could go on): the target itself below a leaf; a uniform over
+    the codes when the row accepted all ``full_codes`` code depths (the released code's empty residual is padded
+    with its uniform, L197-206). Lossy: RRS needs the first accepted sibling (:meth:`SpeculativeDecoder._walk_tries`).
+
+    Args:
+        rule: The acceptance rule (its :meth:`try_candidate` judges each node against the running residual).
+        p: (B, T, K) the target at every node.
+        cand: (B, T) the code of every node (-1 none; node 0 is the root).
+        q: (B, T, K) the q each node was drawn from, or None for point masses.
+        forced: (B, T) forced (end-of-line) nodes: accepted without a test, the residual untouched.
+        node_ok: (B, T) nodes taking part. children: (B, T, C) each node's children in rank order, -1 padded.
+        anc: (B, T, T) ancestor-or-self masks. depth: (B, T) body offsets. active: (B,) rows still decoding.
+        width: Path entries returned (the engine's ``path_width``).
+        full_codes: Code depths of an untruncated tree: a row accepting that many draws its bonus uniformly.
+
+    Returns:
+        ``cur`` (B,), ``path`` (B, width), ``n_path`` (B,) and the residual (B, K) the bonus is drawn from.
+    """
+    B, T, K = p.shape
+    dev = p.device
+    ar = torch.arange(B, device=dev)
+    u = uniform((B, T), generator, dev)  # one per node (the root's unused): static draws
+    r = p  # (B, T, K) the running residual below every node
+    acc = torch.zeros((B, T + 1), dtype=torch.bool, device=dev)  # column T takes the writes of missing children
+    for i in range(children.shape[-1]):  # rank i under every parent at once
+        child = children[..., i]
+        c = child.clamp(min=0)
+        live = (child >= 0) & node_ok.gather(1, c) & active[:, None]
+        f = forced.gather(1, c)
+        qc = None if q is None else q.gather(1, c[..., None].expand(-1, -1, K)).reshape(-1, K)
+        ok, r_new = rule.try_candidate(r.reshape(-1, K), cand.gather(1, c).clamp(min=0).reshape(-1), qc,
+                                       u.gather(1, c).reshape(-1))
+        acc.scatter_(1, torch.where(live, child, T), live & (f | ok.view(B, T)))
+        r = torch.where((live & ~f)[..., None], r_new.view(B, T, K), r)
+    acc = acc[:, :T]
+    acc[:, 0] = True
+    on_path = ~(anc & ~acc[:, None, :]).any(-1) & (active[:, None] | (torch.arange(T, device=dev) == 0))
+    cur = torch.where(on_path, depth, -1).argmax(1)  # the deepest; ties: the first in node order (lowest row)
+    mine = anc[ar, cur]
+    path = torch.argsort(torch.where(mine, depth, T + int(depth.max()) + 1), dim=1)[:, :width]
+    n_path = mine.sum(1)
+    r_final = r[ar, cur]
+    if full_codes is not None:
+        full = (mine & ~forced).sum(1) - 1 == full_codes
+        r_final = torch.where(full[:, None], torch.full_like(r_final, 1.0 / K), r_final)
+    return cur, path, n_path, r_final

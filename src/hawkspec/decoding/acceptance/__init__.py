@@ -4,10 +4,11 @@ from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.acceptance.exact import ExactAcceptance, GreedyAcceptance
 from hawkspec.decoding.acceptance.grouped import GroupedAcceptance
 from hawkspec.decoding.acceptance.lantern import LanternAcceptance
+from hawkspec.decoding.acceptance.pac_released import PACReleasedAcceptance
 from hawkspec.decoding.acceptance.typical import TypicalAcceptance
 
 __all__ = ["AcceptanceRule", "ExactAcceptance", "GreedyAcceptance", "TypicalAcceptance", "GroupedAcceptance",
-           "LanternAcceptance", "DECISION_SEMANTICS"]
+           "LanternAcceptance", "PACReleasedAcceptance", "DECISION_SEMANTICS"]
 
 # What every decision of a run rests on beyond each rule's own options (``results.json`` ->
 # ``decision_semantics``; the tables' "Decision semantics" line). Each entry is the official code's behaviour.

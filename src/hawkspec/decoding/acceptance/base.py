@@ -38,11 +38,15 @@ class AcceptanceRule(abc.ABC):
             ancestor's pass, and the longest accepted root-to-leaf path wins
             (:func:`hawkspec.decoding.walks.walk_longest`). False: children are tried in order against the
             residual and the first accepted one is descended into (recursive rejection sampling).
+        longest_row: True for SJD-PAC's released walk (``pac_released``): every node tried against its
+            sibling-reduced residual with its own uniform, the longest accepted root-to-leaf row wins
+            (:func:`hawkspec.decoding.walks.walk_longest_row`). Lossy.
     """
 
     name: str = ""
     lossless: bool = False
     independent: bool = False
+    longest_row: bool = False
     point_mass_shortcut: bool = False
     """Opt-in: :meth:`draw` stands for trying point-mass children with :meth:`try_candidate` (the exact rule's
     identity, see :meth:`draw`). A subclass that overrides ``try_candidate`` without restating this flag gets

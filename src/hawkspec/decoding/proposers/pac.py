@@ -30,6 +30,15 @@ Ranks a p_stale cannot fill (its support is smaller than K, e.g. a greedy target
 
 No plain-AR edges: as the released code, drafting starts at the first generated token.
 
+**As released** (``siblings: residual``, the preset ``sjd_pac_released``; lossy, BRIEF-2026 §2.4 (2), (3),
+``SJDPACSpeculativeSampler.__call__`` L180-220): the K drafts of a carried position are K draws without replacement
+from a residual (:func:`residual_continuation`): rank 0 is kept if its keep test passes and ranks 1..K-1 are then
+the first K-1 draws of the node's own residual ``max(p_stale - q_old, 0)``; on a rejection all K ranks are draws
+of that residual -- or, inside the K-ary part, of the residual after the LAST sibling at that position (RRS through
+every old rank), whichever sibling would have been accepted. Below a side leaf: draws of p_stale itself; below the
+main chain's last node: nothing (the position stays fresh: uniform, as the released code pads it). Ranks >= 1 are
+then not draws from the recorded q less rank 0, which the exact test assumes.
+
 Every step draws the same number of uniforms (static draws).
 """
 
@@ -40,6 +49,8 @@ import torch
 from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.sampling import sample, uniform
 from hawkspec.decoding.tree import TopologyTable, normalize_paths
+
+SIBLINGS = ("without_replacement", "residual")
 
 
 def pac_tree_sizes(nodes: int, width: int, depth: int) -> tuple[int, int]:
@@ -76,6 +87,8 @@ class PACProposer(Proposer):
 
     Args:
         nodes, width, depth: The tree (``decoder.tree.pac``, which the preset also hands the engine): L, K, D.
+        siblings: ``without_replacement`` (exact: rank 0 the keep-or-resample coupling, ranks 1..K-1 without
+            replacement from p_stale) or ``residual`` (the released code, lossy: :func:`residual_continuation`).
     """
 
     name = kind = "pac"
@@ -83,7 +96,11 @@ class PACProposer(Proposer):
     ready_pool = True
     state_names = ("tok", "q", "_bidx", "_topo", "_pool_tok")
 
-    def __init__(self, nodes: int = 64, width: int = 3, depth: int = 3, key: str | None = None):
+    def __init__(self, nodes: int = 64, width: int = 3, depth: int = 3, key: str | None = None,
+                 siblings: str = "without_replacement"):
+        if siblings not in SIBLINGS:
+            raise ValueError(f"{key or 'decoder.proposer'}.siblings must be one of {SIBLINGS}, got {siblings!r}")
+        self.siblings = siblings
         self.key = key
         self.paths = pac_paths(nodes, width, depth)
         if not self.paths:
@@ -174,6 +191,14 @@ class PACProposer(Proposer):
         ok = chosen & self._open[torch.where(valid, target, L)] & (codes.gather(1, tclip) < 0)
         slot = torch.where(ok, target, L)
         p = probs.float()
+        if self.siblings == "residual":  # the released code: lossy (BRIEF-2026 §2.4 (2), (3))
+            kids = (tab.children[topo] >= 0).sum(-1)  # (B, T) children of each predicting node
+            ok &= (kids > 0) | (self.tok[self._bidx, slot, 0] >= 0)  # below the main chain's end: left fresh
+            slot = torch.where(ok, target, L)
+            new = residual_continuation(p, self.q[self._bidx, slot], self.tok[self._bidx, slot], kids, generator)
+            self.tok[self._bidx, slot] = torch.where(ok[..., None], new, -1)
+            self.q[self._bidx, slot] = p
+            return
         # rank 0: keep-or-resample coupling of the old rank-0 draft with p_stale
         old = self.tok[self._bidx, slot, 0]  # (B, T), -1 none
         q_old = self.q[self._bidx, slot]  # (B, T, V)
@@ -196,4 +221,44 @@ class PACProposer(Proposer):
         self.q[self._bidx, slot] = p  # p_stale is the recorded q, kept or not
 
     def describe(self) -> dict:
-        return {"name": self.name, "nodes": self.nodes, "width": self.width, "depth": self.depth, "init_q": "uniform"}
+        out = {"name": self.name, "nodes": self.nodes, "width": self.width, "depth": self.depth, "init_q": "uniform"}
+        if self.siblings != "without_replacement":
+            out["siblings"] = self.siblings
+        return out
+
+
+def residual_continuation(p: torch.Tensor, q_old: torch.Tensor, old: torch.Tensor, kids: torch.Tensor,
+                          generator) -> torch.Tensor:
+    """The released code's drafts for a carried position (``SJDPACSpeculativeSampler.__call__`` L180-214; lossy).
+
+    Args:
+        p: (..., V) p_stale, the target at the node predicting the position.
+        q_old: (..., V) the position's recorded q. old: (..., K) its old ranks (-1 none).
+        kids: (...) children of the predicting node in the tree: 0 below a leaf (no keep test: K draws of p),
+            1 on the chain (the node's own residual), more inside the K-ary part (a rejected rank 0 is resampled
+            from the residual after the LAST sibling, RRS through every old rank).
+
+    Returns:
+        (..., K) the new ranks: the kept rank 0 and the first K-1 draws without replacement of the residual, or
+        its first K draws (-1 where the residual has fewer codes).
+    """
+    K, dev = old.shape[-1], p.device
+    d = old[..., 0]
+    tested = (d >= 0) & (kids > 0)
+    dd = d.clamp(min=0).unsqueeze(-1)
+    p_d, q_d = p.gather(-1, dd).squeeze(-1), q_old.gather(-1, dd).squeeze(-1)
+    keep = tested & (uniform(p_d.shape, generator, dev, p_d.dtype) * q_d < p_d)
+    r, qb = p, q_old  # recursive rejection sampling through the old ranks, each with q less the ranks before it
+    for b in range(K):
+        x = old[..., b : b + 1]
+        rb = (r - qb / qb.sum(-1, keepdim=True).clamp_min(1e-30)).clamp(min=0)
+        r = torch.where(x >= 0, rb / rb.sum(-1, keepdim=True).clamp_min(1e-30), r)
+        qb = torch.where(x >= 0, qb.scatter(-1, x.clamp(min=0), 0.0), qb)
+    res = torch.where(((kids > 1) & ~keep).unsqueeze(-1), r, (p - q_old).clamp(min=0))
+    res = torch.where(tested.unsqueeze(-1), res, p)
+    res = torch.where(res.sum(-1, keepdim=True) > 0, res, p)
+    u = uniform(p.shape, generator, dev).clamp_min(1e-30)  # K draws without replacement: Gumbel-top-K
+    vals, idx = (res.log() - (-u.log()).log()).topk(K, dim=-1)
+    draws = torch.where(vals > float("-inf"), idx, -1)
+    kept = torch.cat([d.unsqueeze(-1), draws[..., : K - 1]], dim=-1)
+    return torch.where(keep.unsqueeze(-1), kept, draws)
