@@ -239,3 +239,11 @@ def test_the_point_mass_shortcut_is_an_explicit_opt_in():
     assert ExactAcceptance.point_mass_shortcut and GreedyAcceptance.point_mass_shortcut
     assert not Custom.point_mass_shortcut and Restated.point_mass_shortcut
     assert not GroupedAcceptance.point_mass_shortcut and not LanternAcceptance.point_mass_shortcut
+
+
+def test_a_proposer_built_from_its_yaml_in_python_names_the_source_key(heads):
+    """proposer_from_config builds the preset's YAML with heads in memory; its errors name the source's own key."""
+    from hawkspec.decoding.proposers.config import proposer_from_config
+
+    with pytest.raises(ValueError, match=r"decoder\.proposer\.sources\.vertical\.vsd=5 exceeds"):
+        proposer_from_config("hawk", {"horizontal": heads, "vertical": heads}, sources__vertical__vsd=5)

@@ -88,16 +88,16 @@ def proposer_from_config(name: str, modules: dict | None = None, **keys) -> Prop
         OmegaConf.update(cfg, k.replace("__", "."), v, merge=False)
     modules = dict(modules or {})
 
-    def make(node: DictConfig, module):
+    def make(node: DictConfig, module, key: str):
         target = hydra.utils.get_class(node._target_)
         kwargs = {k: _plain(node[k]) for k in node if k not in ("_target_", "path")}
         params = inspect.signature(target).parameters
         if module is not None:
             kwargs["heads" if "heads" in params else "drafter"] = module
-        return target(**kwargs)
+        return target(**kwargs, **_extras(target, key, None))  # errors name the key, as build_proposer's
 
     if "sources" not in cfg:
-        return make(cfg, modules.get(""))
-    sources = {str(n): make(node, modules.get(str(n))) for n, node in cfg.sources.items()}
+        return make(cfg, modules.get(""), "decoder.proposer")
+    sources = {str(n): make(node, modules.get(str(n)), f"decoder.proposer.sources.{n}") for n, node in cfg.sources.items()}
     target = hydra.utils.get_class(cfg._target_)
     return target(sources=sources, **{k: _plain(cfg[k]) for k in cfg if k not in ("_target_", "sources")})
