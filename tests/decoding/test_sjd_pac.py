@@ -91,6 +91,21 @@ def test_sjd_pac_is_lossless(setup, nodes, width, depth):
     assert chi_square(out.codes.flatten(1), grids, probs) > ALPHA
 
 
+@pytest.mark.slow  # compiling the step takes a minute or more on 2 shared cores
+def test_sjd_pac_is_lossless_compiled(setup):
+    """``eval.compile=step``: the tree is static, the siblings' draws (Gumbel-top-K without replacement) and the
+    continuation's uniforms come from one block of noise per step, the step compiles as one graph, and the exact
+    rule stays lossless, in a mixed batch too."""
+    from hawkspec.decoding.static import make_runner
+
+    bb, dists = setup
+    dec = pac(bb, 16, 3, 3)
+    dec.runner = make_runner("step")
+    codes = dec.generate(PROMPTS * (N_SAMPLES // 2), torch.Generator().manual_seed(321)).codes.flatten(1)
+    for i, (grids, probs) in enumerate(dists):
+        assert chi_square(codes[i::2], grids, probs) > ALPHA, PROMPTS[i]
+
+
 def test_sjd_pac_is_lossless_in_a_mixed_batch(setup):
     """Two prompts alternating in one batch: rows advance by different amounts (per-row commits, continuations
     and fresh drafts); each prompt's images follow its own distribution."""
