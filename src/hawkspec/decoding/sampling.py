@@ -133,7 +133,7 @@ class Uniforms:
             return torch.rand(shape, generator=self.generator, device=device, dtype=dtype)
         if self.taken > self.buffer.numel():
             raise RuntimeError(f"the step took {self.taken} uniforms, more than the {self.buffer.numel()} its first "
-                               "step took: its random draws are not static (decoder.compile=step needs them to be)")
+                               "step took: its random draws are not static (eval.compile=step needs them to be)")
         return self.buffer[start : self.taken].view(shape).to(dtype)
 
 

@@ -1,4 +1,5 @@
-"""Acceptance rules, by registry name (``decoder.acceptance.name``)."""
+"""Acceptance rules. Each is built from its config node's ``_target_`` (``conf/decoder/acceptance/<rule>.yaml``);
+``name`` is only how results and tables label it."""
 
 from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.acceptance.exact import ExactAcceptance, GreedyAcceptance

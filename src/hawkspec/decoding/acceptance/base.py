@@ -30,7 +30,7 @@ class AcceptanceRule(abc.ABC):
     """Turns target and draft distributions into accept/reject decisions and residuals.
 
     Attributes:
-        name: Registry name (``decoder.acceptance.name``).
+        name: The label results and tables give the rule (built from ``_target_``, not looked up by name).
         lossless: True only if the decoder's output distribution provably equals AR sampling's; every result
             row reports it.
         independent: True for rules that judge each candidate on its own against its parent's full target
