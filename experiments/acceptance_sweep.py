@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.cli.eval import eval_prompts
 from hawkspec.decoding.build import build_decoder
-from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.sampling import SamplingConfig, batch_generator
 from hawkspec.metrics.speed import image_counters, interleaved_passes, summarize
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for i, v in enumerate(variants)]
 
     def gen(i: int) -> torch.Generator:
-        return torch.Generator(device=base.device).manual_seed(args.seed * 100_003 + i)
+        return batch_generator(args.seed, i, base.device)
 
     if args.timed:  # warm-up, then passes in which the decoders take turns on every batch
         passes, outs = interleaved_passes(dict(decoders), batches, gen, repeats=args.timed)

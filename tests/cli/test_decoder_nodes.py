@@ -183,3 +183,12 @@ def test_recorded_commands_read_as_typed():
     assert contract(expand(typed)) == typed
     two_names = ["decoders=none", "+decoder@eval.decoders.ar=ar", "+decoder@eval.decoders.h16=hawk"]
     assert contract(two_names) == ["eval.decoders=[ar]", "+decoder@eval.decoders.h16=hawk"]
+
+
+def test_the_batch_seed_formula_exists_once():
+    """Issue 29: every decoder of every harness decodes batch b of a run seeded s with batch_generator(s, b)."""
+    import re
+
+    hits = [p for p in list((ROOT / "src").rglob("*.py")) + list((ROOT / "experiments").rglob("*.py"))
+            if re.search(r"100_?003", p.read_text())]
+    assert [p.name for p in hits] == ["sampling.py"], hits

@@ -23,7 +23,7 @@ DECODERS = "ar,hawk,sjd"
 
 # What `hawkspec-eval eval.num_prompts=4 eval.batch_size=2 eval.threads=2` decodes, for its second batch only (the
 # one whose AR steps round differently on a team of 1 thread and of 2, with the shipped tiny model): the eval
-# config, the presets' decoders, the procedural prompts, batch i decoded with a generator seeded seed * 100_003 + i.
+# config, the presets' decoders, the procedural prompts, batch i decoded with batch_generator(seed, i).
 # Without hawkspec.cli.eval's imports (Lightning: seconds of CPU per run on a loaded machine).
 DRIVER = r"""
 import json, sys
@@ -34,7 +34,7 @@ from hawkspec.testing import compose, the_decoder
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.data.prompts import PromptSpec, load_prompt_set
 from hawkspec.decoding.build import build_decoder
-from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.sampling import SamplingConfig, batch_generator
 from hawkspec.determinism import thread_settings
 
 out, threads, names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
@@ -50,7 +50,7 @@ prompts = [p.text for p in load_prompt_set(PromptSpec(num=4, seed=cfg.eval.promp
 bi = 1
 res = {"settings": thread_settings(), "codes": {}, "entropy": {}}
 for name, dec in decoders.items():
-    o = dec.generate(prompts[2:4], torch.Generator().manual_seed(cfg.seed * 100_003 + bi), track_entropy=True)
+    o = dec.generate(prompts[2:4], batch_generator(cfg.seed, bi), track_entropy=True)
     res["codes"][name], res["entropy"][name] = o.codes, o.mean_entropy
 torch.save(res, out)
 print(json.dumps({"settings": res["settings"], "entropy": res["entropy"]}))

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from hawkspec.decoding.output import GenerationOutput
+from hawkspec.decoding.sampling import batch_generator
 from hawkspec.decoding.proposers.sources import HorizontalSource, VerticalSource
 
 
@@ -159,13 +160,13 @@ def decode_with_sources(decoder, prompts: Sequence[str], generator: torch.Genera
 def acceptance_maps(decoders: dict, prompts: Sequence[str], batch_size: int = 8, seed: int = 0
                     ) -> dict[str, AcceptanceMaps]:
     """Run every decoder over the same prompts with the same seeds (``hawkspec-eval``'s: batch ``i`` gets
-    ``seed * 100_003 + i``) and collect its maps. Plain AR has no acceptance map and is skipped."""
+    ``batch_generator(seed, i)``) and collect its maps. Plain AR has no acceptance map and is skipped."""
     out = {}
     for name, dec in decoders.items():
         acc, src, fwd = [], {}, []
         for bi, i in enumerate(range(0, len(prompts), batch_size)):
             dev = dec.backbone.code_token_ids.device
-            g = torch.Generator(device=dev).manual_seed(seed * 100_003 + bi)
+            g = batch_generator(seed, bi, dev)
             o, s = decode_with_sources(dec, prompts[i : i + batch_size], g)
             if o.accept_map is None:
                 break

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from hawkspec.backbones.base import Backbone, ImageGrid
-from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.sampling import SamplingConfig, batch_generator
 
 ANCHORS = ("next", "query")
 SHARES = ("prompt", "image_start", "eol", "same_row", "rows_above")
@@ -185,7 +185,7 @@ def self_samples(backbone: Backbone, prompts: Sequence[str], sampling: SamplingC
     sampling = sampling or SamplingConfig()
     out = []
     for i in range(0, len(prompts), batch_size):
-        g = torch.Generator(device=backbone.code_token_ids.device).manual_seed(seed * 100_003 + i)
+        g = batch_generator(seed, i, backbone.code_token_ids.device)
         out.append(ar_generate(backbone, list(prompts[i : i + batch_size]), sampling, g).codes.cpu())
     return torch.cat(out)
 

@@ -28,7 +28,7 @@ from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.acceptance import DECISION_SEMANTICS
 from hawkspec.decoding.build import build_decoder
-from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.sampling import SamplingConfig, batch_generator
 from hawkspec.decoding.static import make_runner
 from hawkspec.determinism import pin_threads, thread_settings
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
@@ -341,14 +341,14 @@ def evaluate(cfg: DictConfig) -> dict:
     def one_pass(dec, keep: bool, seed: int = cfg.seed):
         outs, t0 = [], time.perf_counter()
         for bi, batch in enumerate(batches):
-            g = torch.Generator(device=cfg.device).manual_seed(seed * 100_003 + bi)
+            g = batch_generator(seed, bi, cfg.device)
             out = dec.generate(batch, g)
             if keep:
                 outs.append(out)
         return time.perf_counter() - t0, outs
 
     seconds, outputs = interleaved_passes(
-        decoders, batches, lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi),
+        decoders, batches, lambda bi: batch_generator(cfg.seed, bi, cfg.device),
         repeats=e.repeats, warmup_batches=warmup_batches(e, compile_mode),
     )
 
@@ -356,7 +356,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if e.get("step_accounting"):  # an untimed pass of its own: the clock synchronises every forward
         accounting = step_accounting(
             decoders, backbone, batches,
-            lambda bi: torch.Generator(device=cfg.device).manual_seed(cfg.seed * 100_003 + bi),
+            lambda bi: batch_generator(cfg.seed, bi, cfg.device),
             compiled_forward=compile_mode == "step")
 
     rows, images_of = [], {}

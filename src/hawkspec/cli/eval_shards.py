@@ -8,7 +8,7 @@ Layout of the store (``eval.store``), one folder per decoder::
 
 A record is written after its image (both atomically), so a record means the image is complete. Prompts are
 split into global batches of ``eval.batch_size`` (in prompt order); batch ``b`` belongs to shard
-``b % count`` and is decoded with the generator seeded ``seed * 100_003 + b`` by every decoder, exactly as an
+``b % count`` and is decoded with the generator ``batch_generator(seed, b)`` (hawkspec.decoding.sampling) by every decoder, exactly as an
 unsharded run decodes it: a sharded run makes the same images as a one-process run. A resumed shard skips the
 batches whose records all exist. Speed is measured inside each shard on its own device, decoders taking
 turns per batch; the merged speedup is total AR seconds / total decoder seconds, and each shard's own figures
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hawkspec.data.prompts import Prompt
+from hawkspec.decoding.sampling import batch_generator
 from hawkspec.metrics.speed import summarize
 
 log = logging.getLogger("hawkspec")
@@ -117,12 +118,12 @@ def run_shard(store: Path, prompts: list[Prompt], decoders: dict, decode_images,
     for k, b in enumerate(todo):
         batch = [prompts[i].text for i in batches[b]]
         for name in names[k % len(names):] + names[: k % len(names)]:
-            g = torch.Generator(device=device).manual_seed(seed * 100_003 + b)
+            g = batch_generator(seed, b, device)
             t0 = time.perf_counter()
             out = decoders[name].generate(batch, g)
             write(name, decoders[name], b, out, time.perf_counter() - t0, seed)
         for name, (dec, s) in (extra or {}).items():
-            out = dec.generate(batch, torch.Generator(device=device).manual_seed(s * 100_003 + b))
+            out = dec.generate(batch, batch_generator(s, b, device))
             write(name, dec, b, out, None, s)
     return {"shard": index, "shards": count, "batches_decoded": len(todo), "batches_total": len(mine),
             "device": device}

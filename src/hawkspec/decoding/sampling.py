@@ -173,3 +173,14 @@ def sample(probs: torch.Tensor, generator: "torch.Generator | Uniforms | None" =
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats. (..., K) -> (...)."""
     return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+#: The stride between the seeds of consecutive batches: batch ``b`` of a run with seed ``s`` is decoded with a
+#: generator seeded ``s * BATCH_SEED_STRIDE + b``, by every decoder alike (so AR and each decoder see the same
+#: randomness per batch), in one process, in a shard, in a sweep, in the analysis notebooks.
+BATCH_SEED_STRIDE = 100_003
+
+
+def batch_generator(seed: int, batch: int, device="cpu") -> torch.Generator:
+    """The generator batch ``batch`` of a run seeded ``seed`` is decoded with (:data:`BATCH_SEED_STRIDE`)."""
+    return torch.Generator(device=device).manual_seed(int(seed) * BATCH_SEED_STRIDE + int(batch))
