@@ -35,13 +35,13 @@ both), plus the vertical cache's own draws; static draws, static shapes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from hawkspec.decoding.proposers.base import Pools, Proposer, check_choice
-from hawkspec.decoding.proposers.pac import PACProposer
+from hawkspec.decoding.proposers.pac import PACProposer, rank_pools
 from hawkspec.decoding.proposers.sources import HorizontalSource, VerticalSource
+from hawkspec.decoding.proposers.spatial import load_shared
 from hawkspec.decoding.sampling import target_probs, uniform
 
 FRESH = ("heads", "uniform")
@@ -99,12 +99,7 @@ class HawkPACProposer(PACProposer):
     # ------------------------------------------------------------------------------------------- plumbing
     def load(self, cls, path, key: str, backbone):
         """One load per class and folder, shared by the sources (as :meth:`SpatialProposer.load`)."""
-        if not path:
-            raise ValueError(f"`{key}` is not set: point it at a folder written by hawkspec-train")
-        memo = (cls, str(Path(path)))
-        if memo not in self._loaded:
-            self._loaded[memo] = cls.load(Path(path), backbone, key)
-        return self._loaded[memo]
+        return load_shared(self._loaded, cls, path, key, backbone)
 
     def bind(self, backbone, sampling, owner=None) -> None:
         super().bind(backbone, sampling, owner)
@@ -213,16 +208,7 @@ class HawkPACProposer(PACProposer):
             rest = torch.where(vals > float("-inf"), idx, -1)
             tok = torch.cat([tok[..., :1], torch.where(sib[..., None], rest, tok[..., 1:])], dim=-1)
         # rank b's q: its base q (rank 0: the recorded q; ranks >= 1: the siblings' q) less ranks 0..b-1
-        P = pool_size
-        pool_tok = torch.full((B, J, P), -1, dtype=torch.long, device=dev)
-        pool_q = q.new_zeros((B, J, P, V))
-        qb = q
-        for b in range(min(P, K)):
-            pool_tok[..., b] = tok[..., b]
-            pool_q[..., b, :] = qb / qb.sum(-1, keepdim=True).clamp_min(1e-30)
-            if b == 0:
-                qb = q_sib
-            qb = qb.scatter(-1, tok[..., b : b + 1].clamp(min=0), 0.0)
+        pool_tok, pool_q = rank_pools(tok, q, pool_size, q_rest=q_sib)
         self._pool_tok = pool_tok
         return Pools(pool_tok, pool_q)
 

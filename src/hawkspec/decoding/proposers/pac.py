@@ -82,6 +82,22 @@ def pac_paths(nodes: int, width: int, depth: int) -> list[tuple[int, ...]]:
     return normalize_paths(out) if out else []
 
 
+
+def rank_pools(tok: torch.Tensor, q: torch.Tensor, pool_size: int, q_rest: torch.Tensor | None = None):
+    """Pools of siblings drawn without replacement: rank b's q is its base q (rank 0: ``q``; ranks >= 1: ``q_rest``
+    when given, else ``q``) with ranks 0..b-1 zeroed, renormalised. tok (B, J, K), q (B, J, V) -> (B, J, P), (B, J, P, V)."""
+    B, J, K = tok.shape
+    pool_tok = torch.full((B, J, pool_size), -1, dtype=torch.long, device=tok.device)
+    pool_q = q.new_zeros((B, J, pool_size, q.shape[-1]))
+    qb = q
+    for b in range(min(pool_size, K)):
+        pool_tok[..., b] = tok[..., b]
+        pool_q[..., b, :] = qb / qb.sum(-1, keepdim=True).clamp_min(1e-30)
+        if b == 0 and q_rest is not None:
+            qb = q_rest
+        qb = qb.scatter(-1, tok[..., b : b + 1].clamp(min=0), 0.0)
+    return pool_tok, pool_q
+
 class PACProposer(Proposer):
     """SJD-PAC's drafts, exact (see the module docstring).
 
@@ -148,15 +164,7 @@ class PACProposer(Proposer):
         self.tok[self._bidx, fslot] = torch.where(fresh[..., None], init, -1)
         self.q[self._bidx, fslot] = q
         tok = torch.where(ok[..., None], tok, -1)
-        # rank b's q: the recorded q with ranks 0..b-1 zeroed, renormalised (drawn without replacement)
-        P = pool_size
-        pool_tok = torch.full((B, J, P), -1, dtype=torch.long, device=dev)
-        pool_q = q.new_zeros((B, J, P, V))
-        qb = q
-        for b in range(min(P, K)):
-            pool_tok[..., b] = tok[..., b]
-            pool_q[..., b, :] = qb / qb.sum(-1, keepdim=True).clamp_min(1e-30)
-            qb = qb.scatter(-1, tok[..., b : b + 1].clamp(min=0), 0.0)
+        pool_tok, pool_q = rank_pools(tok, q, pool_size)
         self._pool_tok = pool_tok
         return Pools(pool_tok, pool_q)
 

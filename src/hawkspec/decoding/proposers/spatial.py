@@ -67,6 +67,17 @@ def _groups(order, names: list[str], key: str) -> list[tuple[str, ...]]:
     return groups
 
 
+
+def load_shared(loaded: dict, cls, path, key: str, backbone):
+    """``cls.load(path, backbone, key)`` once per class and folder (memoised in ``loaded``); a missing ``path`` is a
+    ValueError naming ``key``."""
+    if not path:
+        raise ValueError(f"`{key}` is not set: point it at a folder written by hawkspec-train")
+    memo = (cls, str(Path(path)))
+    if memo not in loaded:
+        loaded[memo] = cls.load(Path(path), backbone, key)
+    return loaded[memo]
+
 class SpatialProposer(Proposer):
     """Candidate pools merged from several draft sources (see the module docstring).
 
@@ -124,12 +135,7 @@ class SpatialProposer(Proposer):
     def load(self, cls, path, key: str, backbone):
         """``cls.load(path, backbone, key)``, once per class and folder: sources reading one checkpoint share it.
         A missing path is a ValueError naming ``key``; a missing checkpoint, a FileNotFoundError naming it."""
-        if not path:
-            raise ValueError(f"`{key}` is not set: point it at a folder written by hawkspec-train")
-        memo = (cls, str(Path(path)))
-        if memo not in self._loaded:
-            self._loaded[memo] = cls.load(Path(path), backbone, key)
-        return self._loaded[memo]
+        return load_shared(self._loaded, cls, path, key, backbone)
 
     def bind(self, backbone, sampling, owner=None) -> None:
         super().bind(backbone, sampling, owner)
