@@ -105,6 +105,10 @@ class KVState:
     used: int = 0
     """A host-side upper bound of ``ptr`` (no device read): the room check reads ``ptr`` only when it is exceeded."""
     ptr: torch.Tensor | None = None
+    slot_pos: torch.Tensor | None = None
+    """(N, L) long, the position id of the token each cache slot holds (a large number where none was written):
+    what a block with explicit ``positions`` (several image rows in flight) reads the cache by -- node ``i`` sees
+    the committed slots whose position is at most its own."""
 
     @property
     def batch_size(self) -> int:
@@ -268,6 +272,7 @@ class Backbone(nn.Module, abc.ABC):
         input_ids: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
         depth: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Forward a block of new tokens against the cache.
 
@@ -280,6 +285,13 @@ class Backbone(nn.Module, abc.ABC):
                 :meth:`compact`.
             depth: (T,) or (N, T) long position offsets of the nodes from ``next_pos`` (tree depth). Defaults
                 to ``arange(T)``.
+            positions: (T,) or (N, T) long absolute position ids instead of ``depth``: a block whose tokens sit
+                at non-contiguous raster positions (several image rows in flight, :mod:`hawkspec.decoding.rows`).
+                The cache is then read raster-causally: node ``i`` sees the committed slots whose position is at
+                most ``positions[i]`` (``KVState.slot_pos``), so tokens committed ahead of a lower position stay
+                hidden from it; without ``tree_mask`` it also sees the block's nodes at positions up to its own,
+                and the block is committed (``next_pos`` does not move: it belongs to the raster frontier); a
+                committed token at a position the cache already holds replaces the one there.
 
         Returns:
             Last-layer hidden states, (N, T, d).

@@ -29,6 +29,10 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 
+UNWRITTEN = torch.iinfo(torch.long).max
+"""``KVState.slot_pos`` of a slot no token was written to: after every position, so no block reads it."""
+
+
 def capturing() -> bool:
     """True while ``torch.compile`` traces or a CUDA graph records: host-side checks and bookkeeping (anything
     that reads a device value or a changing Python number) are skipped, the caller guarantees them."""
@@ -200,12 +204,14 @@ class HFBackbone(Backbone):
         cache = row_static_cache(self.transformer.config, capacity)  # reserved once
         cache.writes.slots = torch.arange(P, device=self.device).expand(N, P)
         out = self._run(embeds, self._additive(allowed), pos, cache)
+        slot_pos = torch.full((N, capacity), UNWRITTEN, dtype=torch.long, device=self.device)
+        slot_pos[:, :P] = pos
         state = KVState(cache=cache, key_mask=key_mask, next_pos=pos[:, -1] + 1, streams=2 if cfg else 1, used=P,
-                        ptr=torch.full((N,), P, dtype=torch.long, device=self.device))
+                        ptr=torch.full((N,), P, dtype=torch.long, device=self.device), slot_pos=slot_pos)
         return state, out.last_hidden_state[:, -1].contiguous()  # same strides whatever the prompt length
 
     @torch.no_grad()
-    def forward(self, state, input_ids, tree_mask=None, depth=None):
+    def forward(self, state, input_ids, tree_mask=None, depth=None, positions=None):
         N, T = input_ids.shape
         if not capturing():
             if state.pending:
@@ -213,18 +219,26 @@ class HFBackbone(Backbone):
             self._check_room(state, T)
         dev, C = input_ids.device, state.capacity
         arT = torch.arange(T, device=dev)
-        depth = arT if depth is None else depth.to(dev)
-        pos = state.next_pos[:, None] + depth  # (N, T)
         slots = state.ptr[:, None] + arT  # (N, T) each row's block goes right after its committed tokens
-        block = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if tree_mask is None else tree_mask.to(dev)
-        allowed = state.key_mask[:, None, :].expand(N, T, C).clone()  # (N, T, C): the committed slots
+        if positions is None:  # the block continues the raster frontier: every committed slot is before it
+            pos = state.next_pos[:, None] + (arT if depth is None else depth.to(dev))  # (N, T)
+            block = torch.ones(T, T, dtype=torch.bool, device=dev).tril() if tree_mask is None else tree_mask.to(dev)
+            allowed = state.key_mask[:, None, :].expand(N, T, C).clone()  # (N, T, C): the committed slots
+        else:  # rows in flight: a node sees the committed slots (and, linear, the block's nodes) up to its position
+            pos = positions.to(dev).expand(N, T)
+            block = (pos[:, None, :] <= pos[:, :, None]) if tree_mask is None else tree_mask.to(dev)
+            if tree_mask is None:  # a committed token at a position already held replaces it (ZipAR's stand-in)
+                state.key_mask &= ~(state.slot_pos[:, :, None] == pos[:, None, :]).any(-1)
+            allowed = state.key_mask[:, None, :] & (state.slot_pos[:, None, :] <= pos[:, :, None])
         allowed.scatter_(2, slots[:, None, :].expand(N, T, T), block.expand(N, T, T))  # the block: causal or the tree
+        state.slot_pos.scatter_(1, slots, pos)
         state.cache.writes.slots = slots
-        out = self._run(self.embed(input_ids), self._additive(allowed), pos, state.cache, compiled=True)
+        out = self._run(self.embed(input_ids), self._additive(allowed), pos.contiguous(), state.cache, compiled=True)
         if tree_mask is None:  # committed: in place, so a captured step updates the same tensors
             state.key_mask.scatter_(1, slots, True)
             state.ptr.add_(T)
-            state.next_pos.add_(T)
+            if positions is None:
+                state.next_pos.add_(T)
         if not capturing():
             state.used += T
             state.pending = 0 if tree_mask is None else T
@@ -265,6 +279,7 @@ class HFBackbone(Backbone):
                     src_idx, idx = src[:, None, :, None].expand(shape), dst[:, None, :, None].expand(shape)
                 k.scatter_(2, idx, k.gather(2, src_idx))
                 v.scatter_(2, idx, v.gather(2, src_idx))
+            state.slot_pos.scatter_(1, dst, state.slot_pos.gather(1, src))
         state.key_mask.scatter_(1, dst, torch.arange(A, device=keep.device)[None, :] < count[:, None])
         state.ptr.add_(count)
         state.next_pos.add_(count)

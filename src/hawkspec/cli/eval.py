@@ -468,7 +468,12 @@ def semantics_line(results: dict) -> str:
     fixed = results.get("decision_semantics") or {}
     parts = [f"CFG mixed in {fixed.get('cfg_precision', 'the model dtype')}"]
     for row in results["rows"]:
-        acc = built_of(row).get("acceptance")
+        built = built_of(row)
+        rows = built.get("rows_in_flight")
+        if rows:  # ZipAR: a schedule, every token sampled and committed without a test
+            parts.append(f"`{row['decoder']}`: {rows['method']} ({rows['schedule']} schedule, window {rows['window']}; "
+                         "sampled and committed, no test)")
+        acc = built.get("acceptance")
         if isinstance(acc, dict) and acc.get("name") not in ("exact", "greedy"):
             opts = ", ".join(f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless"))
             parts.append(f"`{row['decoder']}`: {acc.get('name')} ({opts})")

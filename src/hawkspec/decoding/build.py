@@ -8,7 +8,8 @@ A decoder preset (``conf/decoder/<name>.yaml``) looks like::
     heads_path: ...                 # trained heads (the sources' `path` interpolates it)
     tree: {budget: 16, max_depth: 4, max_rank: 4, paths: null, max_nodes: 256}
 
-``proposer: null`` is plain AR (:func:`hawkspec.decoding.ar.ar_generate`, the speed baseline).
+``proposer: null`` is plain AR (:func:`hawkspec.decoding.ar.ar_generate`, the speed baseline); a ``rows:`` node
+(``method: zipar``) is a rows-in-flight decoder (:mod:`hawkspec.decoding.rows`).
 
 A composed proposer (:class:`~hawkspec.decoding.proposers.SpatialProposer`) lists its draft sources, each built
 from its ``_target_``; a source with a checkpoint reads its own ``path``, so one proposer can mix two (``hawk_eagle``:
@@ -105,6 +106,8 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig,
     own = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
     key = key or own or "decoder"
     name = name or cfg.get("name") or key.rsplit(".", 1)[-1]
+    if cfg.get("rows") is not None:  # rows in flight (ZipAR): a schedule of multi-row forwards, no proposer
+        return rows_decoder(cfg.rows, backbone, sampling, name, f"{key}.rows")
     if cfg.get("proposer") is None:
         return ARDecoder(backbone, sampling, name=name)
     # every source loads its checkpoint from its own `path`; its errors name `<key>.proposer.sources.<name>...`
@@ -116,6 +119,19 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig,
         max_tree_nodes=int(cfg.tree.get("max_nodes", 256)),
         dynamic_nodes=None if cfg.tree.get("dynamic") is None else int(cfg.tree.dynamic),
     )
+
+
+def rows_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, name: str, key: str):
+    """The rows-in-flight decoder of a ``rows:`` node (``method: zipar``); errors name ``<key>.<field>``."""
+    from hawkspec.decoding.rows import RowsDecoder
+
+    method = cfg.get("method")
+    if method != "zipar":
+        raise ValueError(f"{key}.method={method!r}: the rows-in-flight methods are ['zipar']")
+    try:
+        return RowsDecoder(backbone, sampling, int(cfg.window), cfg.get("schedule"), name=name)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from err
 
 
 def source_keys(cfg: DictConfig, key: str = "decoder") -> dict[str, str]:
