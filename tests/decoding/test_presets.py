@@ -16,7 +16,7 @@ LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True
             "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False,
             "eagle": True, "eagle_spatial": True, "hawk_eagle": True, "hawk_eagle_gsd": False, "eagle_gsd": False,
             "scd_maximal": True, "scd_gumbel": True, "sjd_pac": True, "sjd_pac_released": False,
-            "hawk_pac": True, "zipar": False}
+            "hawk_pac": True, "zipar": False, "spatial_jacobi": True, "hawk_spatial_jacobi": True}
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,14 @@ def test_every_preset_is_known():
 # ar and zipar (rows in flight) have no tree; the Jacobi presets decode a chain window
 TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd",
                                         "scd_maximal", "scd_gumbel", "sjd_pac", "sjd_pac_released", "hawk_pac",
-                                        "zipar"})
+                                        "zipar", "spatial_jacobi"})
 
 
 @pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])
 def test_preset_builds_decodes_and_labels_itself(setup, name, tree):
     bb, heads_dir = setup
-    overrides = [f"decoder={name}", f"paths.heads_dir={heads_dir}"]
+    # the 4 x 4 test model has 5 tokens a row: a lane of at most 4 (the tiny model's 6 is refused, naming the key)
+    overrides = [f"decoder={name}", f"paths.heads_dir={heads_dir}", "backbone.tuning.spatial_jacobi.lane=3"]
     if tree:
         overrides.append(f"tree={tree}")
     with initialize_config_dir(CONF_DIR, version_base="1.3"):

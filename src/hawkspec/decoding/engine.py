@@ -79,6 +79,7 @@ class SpeculativeDecoder:
         self.dynamic_nodes = dynamic_nodes
         self.runner = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
         self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
+        self.lane = int(getattr(proposer, "lane_width", 0))  # rows in flight: lane nodes after the tree
         self.path_width = min(self.forward_nodes, self.table.max_depth + 1)  # the longest accepted path, root included
         # a chain (every node's parent is the node before it): verified without a loop over levels
         self.is_chain = T > 1 and bool(
@@ -223,7 +224,7 @@ class SpeculativeDecoder:
         says which rows still decode."""
         pools = self.propose(run, generator)
         tree = self.build_tree(run, pools)
-        h, p = self.forward_tree(run, tree)
+        h, p = self.forward_tree(run, tree)  # the tree's nodes (the lane's targets wait in tree.lane_p)
         verdict = self.verify(run, tree, p, generator)
         run.committed = self.commit(run, tree, verdict, h, p, generator)
         return run.committed
@@ -252,7 +253,7 @@ class SpeculativeDecoder:
         code exactly from the prefill's distribution, as AR does."""
         bb, s, grid = self.backbone, self.sampling, self.backbone.grid
         B, L = len(prompts), grid.length
-        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes,
+        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes + self.lane,
                                    round_to=1 if self.runner is None else ROUND_CAPACITY, generator=generator)
         dev = hidden.device
         run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
@@ -302,7 +303,27 @@ class SpeculativeDecoder:
         t.node_tok = torch.where(t.forced, run.eol, self.backbone.code_token_ids[t.cand.clamp(min=0)])
         t.node_tok[:, 0] = run.tokens[ar, run.root_pos]
         t.mask = (t.anc & t.node_ok.unsqueeze(1)) | run.eye
+        if self.lane:
+            self._add_lane(run, t)
         return t
+
+    def _add_lane(self, run: "_Run", t: "_Tree") -> None:
+        """Rows in flight (spatial Jacobi): append the proposer's lane -- nodes one row below the root -- to the
+        block. A lane node sees the root and the lane nodes before it, never the tree's drafts (row-causal); no tree
+        node sees the lane, so the tree's targets are those of the tree alone. (B, T + M) tokens and depths."""
+        B, T, M, dev = run.B, t.node_tok.shape[1], self.lane, run.device
+        pos, code = self.proposer.lane(run.root_pos, run.codes[:, : run.L])  # (B, M) each
+        ok = (pos >= 0) & run.active[:, None]
+        t.lane_pos = torch.where(ok, pos, -1)
+        tok = torch.where(code >= 0, self.backbone.code_token_ids[code.clamp(min=0)], run.eol)
+        block_tok = torch.cat([t.node_tok, tok], dim=1)
+        block_depth = torch.cat([t.depth, torch.where(ok, pos - run.root_pos[:, None], 0)], dim=1)
+        mask = torch.zeros((B, T + M, T + M), dtype=torch.bool, device=dev)
+        mask[:, :T, :T] = t.mask
+        lane = torch.ones(M, M, dtype=torch.bool, device=dev).tril() & ok[:, None, :]
+        mask[:, T:, T:] = lane | torch.eye(M, dtype=torch.bool, device=dev)
+        mask[:, T:, 0] = ok  # the root: committed, forwarded in this block
+        t.block = (block_tok, mask, block_depth)
 
     def _dynamic_subtree(self, t: "_Tree") -> "_Tree":
         """Keep each row's ``dynamic_nodes`` best nodes (by cumulative draft log-probability) of the superset tree,
@@ -338,9 +359,12 @@ class SpeculativeDecoder:
         (S*B, T, d) and the verification target at every node (B, T, K): AR's target (CFG, top-k,
         temperature), then the acceptance rule's view of it."""
         bb, s, S = self.backbone, self.sampling, run.S
-        h = bb.forward(run.state, tree.node_tok.repeat(S, 1), tree_mask=tree.mask.repeat(S, 1, 1),
-                       depth=tree.depth.repeat(S, 1))
+        tok, mask, depth = tree.block if tree.block is not None else (tree.node_tok, tree.mask, tree.depth)
+        h = bb.forward(run.state, tok.repeat(S, 1), tree_mask=mask.repeat(S, 1, 1), depth=depth.repeat(S, 1))
         p = target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)  # (B, T, K)
+        if self.lane:  # the lane's targets are its drafts' q, the tree's verify
+            T = h.shape[1] - self.lane
+            h, p, tree.lane_p = h[:, :T], p[:, :T], p[:, T:]
         if run.track_entropy:  # on the device: no read-back in the step
             run.ent_sum += torch.where(run.active, entropy(p[:, 0]), 0.0).sum()
             run.ent_n += run.active.sum()
@@ -421,7 +445,9 @@ class SpeculativeDecoder:
 
         if self.proposer.wants_tree_outputs:
             node_pos = torch.where(t.node_ok & active[:, None], run.root_pos[:, None] + t.depth, -1)
-            self.proposer.observe_tree(p, node_pos, run.codes[:, :L], generator, chain=self.is_chain)
+            if self.lane:  # the tree's nodes first: where both predict a position, the tree's draft is kept
+                p, node_pos = torch.cat([p, t.lane_p], dim=1), torch.cat([node_pos, t.lane_pos], dim=1)
+            self.proposer.observe_tree(p, node_pos, run.codes[:, :L], generator, chain=self.is_chain and not self.lane)
         count = torch.where(active, v.n_path, 0)
         bb.compact(run.state, v.path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
         h_cond = h[:B]
@@ -501,6 +527,9 @@ class _Tree:
     node_ok: torch.Tensor | None = None  # node takes part (valid, has a candidate, row active)
     node_tok: torch.Tensor | None = None  # the node's input id
     mask: torch.Tensor | None = None  # (B, T, T) the tree attention mask
+    block: tuple | None = None  # with a lane: what is forwarded, tokens (B, T + M), mask and depths
+    lane_pos: torch.Tensor | None = None  # (B, M) body positions of the lane nodes, -1 none (rows in flight)
+    lane_p: torch.Tensor | None = None  # (B, M, K) the target at each lane node (its prediction's q)
 
 
 @dataclass

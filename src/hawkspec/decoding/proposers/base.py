@@ -110,6 +110,9 @@ class Proposer(abc.ABC):
     #: Its pools are already compact and ``pool_size`` wide (a composed proposer of this source alone returns
     #: them as they are).
     ready_pool: bool = False
+    #: Rows in flight (spatial Jacobi): nodes of the row below that every verification forward also runs, after the
+    #: tree (:meth:`lane`); their outputs reach :meth:`observe_tree` after the tree's. 0: none.
+    lane_width: int = 0
 
     def where(self, sub: str = "") -> str:
         """The config key ``<key>.<sub>`` (``<key>`` when ``sub`` is empty)."""
@@ -168,6 +171,17 @@ class Proposer(abc.ABC):
             generator: For drafts drawn from ``probs``.
             chain: The tree is a chain (at most one node per position), so no two nodes predict one position.
         """
+
+    def lane(self, root_pos: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lane of the next forward (``lane_width`` > 0): (B, M) body positions, -1 for none, and (B, M) their
+        codes, -1 at a forced position. Lane node ``i`` sees the committed tokens, the root and lane nodes before it
+        -- never the tree's unverified drafts (PJD's row-causal rule) -- and predicts position ``pos + 1``.
+
+        Args:
+            root_pos: (B,) the root's body position.
+            codes: (B, L) the committed codes, -1 where not committed (or forced).
+        """
+        raise TypeError(f"{type(self).__name__} has no lane (lane_width = 0)")
 
     #: The attributes (dotted paths below it) holding the tensors it keeps from step to step of a batch: what
     #: :meth:`state` returns by default. Tensors made once at :meth:`bind` never move and are not listed.

@@ -111,6 +111,20 @@ def gumbel_noise(seed: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, num_c
     return -torch.log(-torch.log(u))
 
 
+def check_lane(lane, key: str) -> int:
+    """A lane width (spatial Jacobi's nodes of the row below per forward) >= 0, else a ValueError naming ``key``."""
+    if int(lane) < 0:
+        raise ValueError(f"{key} must be >= 0 (0: no lane), got {lane}")
+    return int(lane)
+
+
+def fit_lane(lane: int, W: int, key: str) -> None:
+    """A lane must end one row below the root and start after it: at most W - 1 nodes (W tokens a row)."""
+    if lane > W - 1:
+        raise ValueError(f"{key}={lane}: the lane holds at most W - 1 = {W - 1} nodes on this backbone "
+                         f"({W} tokens a row)")
+
+
 class JacobiDrafts:
     """The carried drafts of Jacobi iteration, keyed by body position: after each verification forward, every
     position a tree node predicted and that is still uncommitted gets a fresh draft from that node's output,
@@ -141,6 +155,21 @@ class JacobiDrafts:
         slot = torch.where(where & (code_pos >= 0), code_pos, self.L)
         self.tok.scatter_(1, slot, torch.where(slot < self.L, tokens, -1))
         self.q[self._bidx, slot] = q
+
+    def lane(self, root_pos: torch.Tensor, codes: torch.Tensor, width: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spatial Jacobi's lane (:meth:`~hawkspec.decoding.proposers.Proposer.lane`): the ``width`` positions that
+        end one row below the root (``root + W - width + 1 .. root + W``, minus one: each node predicts the next),
+        each holding its carried draft, else the committed code one row above it, else code 0. (B, M), (B, M)."""
+        M, dev = width, root_pos.device
+        pos = root_pos[:, None] + (W - M) + torch.arange(M, device=dev)  # (B, M)
+        inside = pos < self.L
+        pos = torch.where(inside, pos, -1)
+        carried = self.tok[self._bidx, torch.where(inside, pos, self.L)]
+        above = pos - W
+        code_above = torch.where(above >= 0, codes.gather(1, above.clamp(min=0)), -1)
+        code = torch.where(carried >= 0, carried, code_above.clamp(min=0))
+        forced = ~self._open[torch.where(inside, pos, self.L)] & inside
+        return pos, torch.where(forced, -1, code)
 
     def lookup(self, code_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, J) positions (-1 none) -> carried tokens (B, J) (-1 where none) and their q (B, J, K)."""
@@ -207,8 +236,9 @@ class JacobiProposer(Proposer):
     state_names = tuple(f"drafts.{n}" for n in JacobiDrafts.state_names)
 
     def __init__(self, init: str = "uniform", init_q: str = "onehot", ar_edges: dict | None = None,
-                 coupling: str = "none", key: str | None = None):
+                 coupling: str = "none", lane: int = 0, key: str | None = None):
         self.key = key
+        self.lane_width = check_lane(lane, self.where("lane"))
         edges = dict(ar_edges or {})
         unknown = set(edges) - {"head", "tail"}
         if unknown or any(int(edges.get(k, 0)) < 0 for k in ("head", "tail")):
@@ -226,6 +256,10 @@ class JacobiProposer(Proposer):
         if self.head + self.tail >= self.L:
             raise ValueError(f"{self.where('ar_edges')}={{head: {self.head}, tail: {self.tail}}} leaves no body "
                              f"position of this backbone's {self.L} to draft")
+        fit_lane(self.lane_width, self.W, self.where("lane"))
+
+    def lane(self, root_pos, codes):
+        return self.drafts.lane(root_pos, codes, self.lane_width, self.W)
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.drafts.start(batch_size, device)
@@ -268,4 +302,6 @@ class JacobiProposer(Proposer):
         out = {"name": self.name, "init": self.init, "init_q": self.init_q}
         if self.coupling != "none":
             out["coupling"] = self.coupling
+        if self.lane_width:
+            out["lane"] = self.lane_width
         return {**out, "ar_edges": {"head": self.head, "tail": self.tail}} if self.head or self.tail else out

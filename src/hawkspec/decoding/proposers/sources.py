@@ -34,7 +34,7 @@ import torch
 from hawkspec.backbones.base import check_identity
 from hawkspec.decoding.proposers.base import DRAFTS, Pools, Proposer, check_choice
 from hawkspec.decoding.proposers.eagle import EagleProposer
-from hawkspec.decoding.proposers.jacobi import COUPLINGS, JacobiDrafts
+from hawkspec.decoding.proposers.jacobi import COUPLINGS, JacobiDrafts, check_lane, fit_lane
 from hawkspec.decoding.sampling import sample, target_probs
 from hawkspec.heads.draft import DraftHeads
 
@@ -259,14 +259,20 @@ class JacobiSource(DraftSource):
     wants_tree_outputs = True
     state_names = tuple(f"drafts.{n}" for n in JacobiDrafts.state_names)
 
-    def __init__(self, coupling: str = "none", key: str | None = None):
+    def __init__(self, coupling: str = "none", lane: int = 0, key: str | None = None):
         self.key, self.name = key, self.kind
         self.coupling = check_choice(coupling, COUPLINGS, self.where("coupling"))
+        self.lane_width = check_lane(lane, self.where("lane"))
 
     def bind(self, backbone, sampling, owner=None) -> None:
         super().bind(backbone, sampling, owner)
         self.drafts = JacobiDrafts(backbone.grid, backbone.num_codes, next(iter(backbone.buffers())).device,
                                    self.coupling)
+        self.W = backbone.grid.tokens_per_row
+        fit_lane(self.lane_width, self.W, self.where("lane"))
+
+    def lane(self, root_pos, codes):
+        return self.drafts.lane(root_pos, codes, self.lane_width, self.W)
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.drafts.start(batch_size, device)
@@ -279,7 +285,8 @@ class JacobiSource(DraftSource):
         return Pools(tok.unsqueeze(-1), q.unsqueeze(2))
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "coupling": self.coupling} if self.coupling != "none" else {"kind": self.kind}
+        out = {"kind": self.kind, "coupling": self.coupling} if self.coupling != "none" else {"kind": self.kind}
+        return {**out, "lane": self.lane_width} if self.lane_width else out
 
 
 def load_checkpoint(owner, cls, path, key: str, backbone):

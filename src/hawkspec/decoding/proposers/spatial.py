@@ -132,6 +132,16 @@ class SpatialProposer(Proposer):
     def wants_tree_outputs(self) -> bool:
         return any(s.wants_tree_outputs for s in self.sources.values())
 
+    @property
+    def lane_width(self) -> int:
+        return sum(s.lane_width for s in self.sources.values())
+
+    def lane(self, root_pos, codes):
+        lanes = [s for s in self.sources.values() if s.lane_width]
+        if len(lanes) != 1:
+            raise ValueError(f"{self.where('sources')}: one source at most may run a lane, here {len(lanes)}")
+        return lanes[0].lane(root_pos, codes)
+
     def load(self, cls, path, key: str, backbone):
         """``cls.load(path, backbone, key)``, once per class and folder: sources reading one checkpoint share it.
         A missing path is a ValueError naming ``key``; a missing checkpoint, a FileNotFoundError naming it."""
