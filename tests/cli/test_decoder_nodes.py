@@ -19,7 +19,7 @@ from hawkspec.testing import compose, run_cli
 ROOT = Path(__file__).resolve().parents[2]
 #: Presets that own their tree (a Jacobi chain, SJD-PAC's tree) rather than reading the run's.
 OWN_TREE = {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd", "scd_maximal", "scd_gumbel", "sjd_pac",
-            "sjd_pac_released", "hawk_pac", "zipar", "spatial_jacobi"}  # zipar: no tree (rows in flight)
+            "sjd_pac_released", "hawk_pac", "zipar", "spatial_jacobi", "pjd"}  # zipar, pjd: no tree
 REAL = ["lumina_mgpt", "lumina_mgpt_512", "lumina_mgpt_768", "lumina_mgpt_1024", "llamagen_xl_256",
         "llamagen_xl_512", "janus_pro_7b", "emu3_gen"]
 

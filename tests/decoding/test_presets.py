@@ -16,7 +16,7 @@ LOSSLESS = {"ar": True, "medusa": True, "hawk": True, "hawk_vertical_only": True
             "hawk_jacobi": True, "hawk_jacobi_gsd": False, "gsd_window": False,
             "eagle": True, "eagle_spatial": True, "hawk_eagle": True, "hawk_eagle_gsd": False, "eagle_gsd": False,
             "scd_maximal": True, "scd_gumbel": True, "sjd_pac": True, "sjd_pac_released": False,
-            "hawk_pac": True, "zipar": False, "spatial_jacobi": True, "hawk_spatial_jacobi": True}
+            "hawk_pac": True, "zipar": False, "spatial_jacobi": True, "hawk_spatial_jacobi": True, "pjd": False}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_every_preset_is_known():
 # ar and zipar (rows in flight) have no tree; the Jacobi presets decode a chain window
 TREE_DECODERS = sorted(set(LOSSLESS) - {"ar", "sjd", "gsd", "gsd_window", "hawk_jacobi", "hawk_jacobi_gsd",
                                         "scd_maximal", "scd_gumbel", "sjd_pac", "sjd_pac_released", "hawk_pac",
-                                        "zipar", "spatial_jacobi"})
+                                        "zipar", "spatial_jacobi", "pjd"})
 
 
 @pytest.mark.parametrize("name, tree", [(n, None) for n in sorted(LOSSLESS)] + [(n, "gpu") for n in TREE_DECODERS])

@@ -179,3 +179,89 @@ def test_preset_takes_the_backbones_window_and_refuses_whole_step_compiling():
     dec.runner = object()
     with pytest.raises(ValueError, match="eval.compile=step"):
         dec.generate(PROMPTS[:1])
+
+
+# --------------------------------------------------------------------------------------------------------- PJD
+def _record_forwards(bb):
+    """Wrap bb.forward: every call's body positions (relative to body position 0) and block mask."""
+    calls, forward = [], bb.forward
+
+    def recorded(state, input_ids, tree_mask=None, depth=None, positions=None):
+        if positions is not None:
+            calls.append(((positions[0] - recorded.base[0]).tolist(), tree_mask.clone()))
+        return forward(state, input_ids, tree_mask=tree_mask, depth=depth, positions=positions)
+
+    return calls, recorded
+
+
+def _pjd_run(bb, dec, prompts, generator=None):
+    calls, recorded = _record_forwards(bb)
+    prefill = bb.prefill
+
+    def prefill_and_base(*a, **k):
+        state, h = prefill(*a, **k)
+        recorded.base = state.next_pos.clone()
+        return state, h
+
+    bb.forward, bb.prefill = recorded, prefill_and_base
+    try:
+        out = dec.generate(prompts, generator)
+    finally:
+        del bb.forward, bb.prefill
+    return out, calls
+
+
+def test_pjd_with_rows_opening_only_when_the_row_above_is_done_is_greedy_ar():
+    from hawkspec.decoding.rows import PJDDecoder
+
+    bb = random_backbone("tiny", rows=4, cols=5, num_codes=32, seed=0)
+    dec = PJDDecoder(bb, GREEDY, window=3, open_at=bb.grid.tokens_per_row)
+    out = dec.generate(PROMPTS)
+    assert torch.equal(out.tokens, ar_generate(bb, PROMPTS, GREEDY).tokens)
+
+
+@pytest.mark.parametrize("window, open_at", [(3, 3), (4, 5), (8, 9)])
+def test_pjd_schedule(window, open_at):
+    """What every forward holds: the first forward row 0's window from code 0; row r + 1 joins (with row r's end-of-line
+    token) only once row r holds open_at tokens; a lower row sees the upper rows' committed tokens, never their drafts,
+    and never drafts past the column the row above has committed; windows at most `window` nodes."""
+    from hawkspec.decoding.rows import PJDDecoder
+
+    bb = random_backbone("tiny", rows=5, cols=8, num_codes=32, seed=0)
+    W = bb.grid.tokens_per_row  # 9
+    dec = PJDDecoder(bb, SamplingConfig(temperature=1.0, top_k=None, cfg_scale=2.0), window=window,
+                     open_at=min(open_at, W))
+    out, calls = _pjd_run(bb, dec, PROMPTS, torch.Generator().manual_seed(0))
+    assert out.forwards == 1 + len(calls) < bb.grid.length and not dec.lossless
+    assert calls[0][0] == list(range(min(window, W - 2)))
+    seen_rows = {0}
+    for pos, mask in calls:
+        rows = [p // W if p % W != W - 1 else p // W + 1 for p in pos]  # an end-of-line token leads the next row
+        groups = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r, []).append(i)
+        for r, idx in groups.items():
+            if r not in seen_rows:  # a new row: led by the end-of-line token of the row above, which holds open_at
+                assert pos[idx[0]] == r * W - 1 and r - 1 in groups
+                assert pos[groups[r - 1][0]] - (r - 1) * W >= open_at - 2 or r * W - 1 in pos[:1]
+                seen_rows.add(r)
+            assert len(idx) <= window + (1 if len(idx) == 1 else 0)
+            assert [pos[i] for i in idx] == list(range(pos[idx[0]], pos[idx[0]] + len(idx)))  # contiguous
+            if r - 1 in groups and len(groups[r - 1]) > 1:  # below an open row
+                upper = groups[r - 1]
+                assert not mask[idx][:, upper[1:]].any()  # never the drafts above
+                assert mask[idx[-1], upper[0]]  # the last committed token above (before it in raster order)
+                assert pos[idx[-1]] + 1 - r * W <= pos[upper[0]] - (r - 1) * W  # not past the column above
+    assert seen_rows == set(range(bb.grid.rows))
+
+
+def test_pjd_preset_takes_the_backbones_values():
+    bb = random_backbone("tiny", rows=6, cols=6, num_codes=32, seed=0)
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", ["eval.decoders=[ar,pjd]"])
+        lumina = compose("eval", ["backbone=lumina_mgpt", "eval.decoders=[ar,pjd]"])
+    dec = build_decoder(the_decoder(cfg, "pjd"), bb, GREEDY)
+    assert (dec.window, dec.open_at, dec.reuse) == (4, 5, 0.5) and not dec.lossless
+    assert dict(lumina.eval.decoders.pjd.rows) == {"method": "pjd", "window": 8, "open_at": 9, "reuse": 0.5}
+    out = dec.generate(PROMPTS, torch.Generator().manual_seed(0))
+    assert out.forwards < bb.grid.length and (out.codes >= 0).all()

@@ -471,8 +471,10 @@ def semantics_line(results: dict) -> str:
         built = built_of(row)
         rows = built.get("rows_in_flight")
         if rows:  # ZipAR: a schedule, every token sampled and committed without a test
+            how = ("sampled and committed, no test" if rows["method"] == "zipar" else
+                   f"open at {rows.get('open_at')}, reuse {rows.get('reuse')}; lower rows residual-free")
             parts.append(f"`{row['decoder']}`: {rows['method']} ({rows['schedule']} schedule, window {rows['window']}; "
-                         "sampled and committed, no test)")
+                         f"{how})")
         acc = built.get("acceptance")
         if isinstance(acc, dict) and acc.get("name") not in ("exact", "greedy"):
             opts = ", ".join(f"{k}={v}" for k, v in acc.items() if k not in ("name", "lossless"))

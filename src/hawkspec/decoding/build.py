@@ -9,7 +9,7 @@ A decoder preset (``conf/decoder/<name>.yaml``) looks like::
     tree: {budget: 16, max_depth: 4, max_rank: 4, paths: null, max_nodes: 256}
 
 ``proposer: null`` is plain AR (:func:`hawkspec.decoding.ar.ar_generate`, the speed baseline); a ``rows:`` node
-(``method: zipar``) is a rows-in-flight decoder (:mod:`hawkspec.decoding.rows`).
+(``method: zipar | pjd``) is a rows-in-flight decoder (:mod:`hawkspec.decoding.rows`).
 
 A composed proposer (:class:`~hawkspec.decoding.proposers.SpatialProposer`) lists its draft sources, each built
 from its ``_target_``; a source with a checkpoint reads its own ``path``, so one proposer can mix two (``hawk_eagle``:
@@ -122,13 +122,15 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig,
 
 
 def rows_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, name: str, key: str):
-    """The rows-in-flight decoder of a ``rows:`` node (``method: zipar``); errors name ``<key>.<field>``."""
-    from hawkspec.decoding.rows import RowsDecoder
+    """The rows-in-flight decoder of a ``rows:`` node (``method: zipar | pjd``); errors name ``<key>.<field>``."""
+    from hawkspec.decoding.rows import PJDDecoder, RowsDecoder
 
     method = cfg.get("method")
-    if method != "zipar":
-        raise ValueError(f"{key}.method={method!r}: the rows-in-flight methods are ['zipar']")
+    if method not in ("zipar", "pjd"):
+        raise ValueError(f"{key}.method={method!r}: the rows-in-flight methods are ['zipar', 'pjd']")
     try:
+        if method == "pjd":
+            return PJDDecoder(backbone, sampling, int(cfg.window), int(cfg.open_at), float(cfg.reuse), name=name)
         return RowsDecoder(backbone, sampling, int(cfg.window), cfg.get("schedule"), name=name)
     except ValueError as err:
         raise ValueError(f"{key}: {err}") from err
