@@ -19,7 +19,7 @@ R=${REGEN_DIR:-outputs/regen}
 RES=${RESULTS_DIR:-experiments/results}
 HEADS_OUT=${HEADS_OUT:-outputs/heads}
 SEEDS=${SEEDS:-0,1,2}
-ALL="grid bench eagle hawk_table lantern_sweep gsd_table gsd_window hawk_vs_medusa fig4 vsd_sweep cpu_sweep figures"
+ALL="grid bench eagle hawk_table lantern_sweep gsd_table gsd_window hawk_vs_medusa fig4 vsd_sweep cpu_sweep figures spatial"
 STEPS=${STEPS:-$ALL}
 export PATH="$BIN:$PATH"
 
@@ -37,6 +37,7 @@ fig4            head_accuracy.{md,png} (Hawk heads n=6, VSD 4 on 2,048 self-dist
 vsd_sweep       vsd_sweep.{md,json} (acceptance_sweep on fig4's heads, untimed)
 cpu_sweep       hawk_cpu_sweep.{md,json} (Hawk heads with VSD 3 on make heads' cache, timed, 3 passes)
 figures         attention_offsets.png, heads_by_distance.png, acceptance_maps.png (analysis_figures.py)
+spatial         spatial_tiny.{md,json,tex} (experiment=spatial_tiny: ZipAR, PJD, Hawk, spatial Jacobi; 64 prompts, 1 thread, seeds $SEEDS)
 EOF
 }
 if [[ "${1:-}" == "--list" ]]; then describe; exit 0; fi
@@ -83,6 +84,11 @@ step_eagle() {
   hawkspec-eval -m experiment=eagle_tiny seed="$SEEDS" logger=none hydra.sweep.dir="$1/sweep"
   python experiments/tables.py sweep "$1/sweep" --name eagle_comparison --out "$RES" \
     --title "EAGLE vs Medusa vs Hawk heads on the tiny model"
+}
+
+step_spatial() {
+  hawkspec-eval -m experiment=spatial_tiny seed="$SEEDS" hydra.sweep.dir="$1/sweep"
+  python experiments/tables.py spatial "$1/sweep" --out "$RES"
 }
 
 step_hawk_table() {

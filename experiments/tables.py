@@ -4,6 +4,7 @@
     python experiments/tables.py gsd   RESULTS...   # GSD table analogue    -> gsd_table.{md,tex}
     python experiments/tables.py sweep RESULTS...   # any sweep, one row per job x decoder -> sweep_table.{md,tex}
     python experiments/tables.py leaderboard RESULTS...   # every method in one harness -> leaderboard_tiny.{md,tex}
+    python experiments/tables.py spatial RESULTS...       # rows in flight and the row below -> spatial_tiny.{md,tex}
     python experiments/tables.py check experiments/results/hawk_table1.json FRESH_RUN...   # reproduced?
 
 RESULTS are ``results.json`` files or folders holding them (a multirun folder: every job). Tables go to
@@ -286,6 +287,57 @@ def leaderboard_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
     return "\n".join(md) + "\n", tex
 
 
+# The spatial comparison (issue 31): rows in flight (ZipAR, PJD; lossy), Hawk's vertical heads and spatial Jacobi (ours,
+# lossless), with what the papers report (BRIEF-2026 §4.5, §5.4).
+SPATIAL = [  # (decoder, method, the paper's claim)
+    ("ar", "AR", "—"),
+    ("zipar_w3", "ZipAR, window 3 (lossy)", "—"),
+    ("zipar", "ZipAR, window 5 (lossy)", "ZipAR: up to 91% fewer forwards (Emu3), window 16 on Lumina-mGPT"),
+    ("zipar_w9", "ZipAR, window 9 (lossy)", "—"),
+    ("pjd", "PJD (lossy)", "PJD: 4.8× latency on Lumina-mGPT, up to 6.8× fewer steps"),
+    ("hawk", "Hawk", "Hawk: 1.71× latency on Lumina-mGPT"),
+    ("sjd", "SJD", "SJD-PAC Tab.: 2.22× fewer steps on Lumina-mGPT"),
+    ("hawk_jacobi", "Hawk + Jacobi (ours)", "—"),
+    ("spatial_jacobi", "Spatial Jacobi (ours)", "—"),
+    ("hawk_spatial_jacobi", "Hawk + spatial Jacobi (ours)", "—"),
+]
+
+
+def spatial_groups(jobs: list[Job]) -> list[tuple[str, str, list[dict]]]:
+    """(method, decoder, rows) of the spatial comparison, in its order; rows of methods not run are left out."""
+    by = rows_by_decoder(jobs)
+    return [(name, dec, by[dec]) for dec, name, _ in SPATIAL if by.get(dec)]
+
+
+def spatial_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
+    """The decoders that use the row below: step compression, speedup, efficiency, FID and alignment with AR's noise
+    floor (mean ± std over seeds), the papers' claims beside."""
+    label = fid_label(jobs)
+    claim = {dec: c for dec, _, c in SPATIAL}
+    cols = ["method", "lossless", "step compression", "speedup", "efficiency", f"FID ({label})", "alignment",
+            "diversity", "paper"]
+    rows = []
+    for name, dec, rs in spatial_groups(jobs):
+        g = lambda k: stat([r.get(k) for r in rs])  # noqa: E731
+        rows.append([name, str(rs[0]["lossless"]), fmt(g("step_compression"), 2, "×"), fmt(g("speedup"), 2, "×"),
+                     fmt(g("efficiency"), 2), fmt(g("fid"), 2), fmt(g("alignment")), fmt(g("diversity")), claim[dec]])
+    seeds = sorted({j.results.get("seed") for j in jobs}, key=str)
+    n = jobs[0].results.get("num_prompts") if jobs else None
+    md = ["# Rows in flight and the row below: the spatial comparison (tiny model)", "",
+          f"Ours: the embedded tiny model (12×12 codes, 13 tokens a row with the end-of-line token), {n} procedural "
+          f"prompts per seed, seeds {', '.join(map(str, seeds))} (mean ± standard deviation over seeds), batch 1, one "
+          "thread, CPU; every method decoded and timed in one process per seed against AR. ZipAR's window counts a "
+          "row's tokens with its leading one (the official Lumina-mGPT code's); PJD at the tiny model's window 4, "
+          "opening a row at 5 tokens; spatial Jacobi: a chain of 8 and a lane of 6 nodes one row below. Lossy rows "
+          "(ZipAR, PJD) change the images: read their FID and alignment against AR's noise floor below. Paper claims "
+          "are on their models and GPUs (BRIEF-2026 §4.5, §5.4): compare ratios, not absolute values.", "",
+          markdown_table(cols, rows), noise_floor_line(jobs), ""]
+    md += provenance(jobs, table_cmd)
+    tex = latex_table(cols[:-1], [r[:-1] for r in rows], f"Spatial decoders on the tiny model. FID features: {label}.",
+                      "tab:spatial")
+    return "\n".join(md) + "\n", tex
+
+
 def hawk_table(jobs: list[Job], table_cmd: str) -> tuple[str, str]:
     """Hawk Table 1 analogue: AR, Medusa, Hawk vertical-only, LANTERN++ in Medusa, Hawk."""
     label = fid_label(jobs)
@@ -365,7 +417,8 @@ def sweep_table(jobs: list[Job], table_cmd: str, title: str | None = None) -> tu
 
 TABLES = {"hawk": (hawk_table, hawk_groups, "hawk_table1"), "gsd": (gsd_table, gsd_groups, "gsd_table"),
           "sweep": (sweep_table, sweep_groups, "sweep_table"),
-          "leaderboard": (leaderboard_table, leaderboard_groups, "leaderboard_tiny")}
+          "leaderboard": (leaderboard_table, leaderboard_groups, "leaderboard_tiny"),
+          "spatial": (spatial_table, spatial_groups, "spatial_tiny")}
 #: Figures a reproduction is checked on (within the noise floor); the speed ones are this machine's and reported only.
 CHECKED = ("fid", "diversity", "alignment", "clip_score_100cos", "clip_cosine_lantern")
 REPORTED = ("step_compression", "acceptance_length", "speedup", "efficiency")

@@ -177,3 +177,23 @@ def test_leaderboard_has_every_method_run_with_the_papers_figures_beside(tmp_pat
     sjd = next(l for l in lines if l.startswith("| SJD |"))
     assert "2.00× ± 0.10" in sjd  # speedup: mean ± std over the 3 seeds
     assert (out / "leaderboard_tiny.tex").is_file() and json.loads((out / "leaderboard_tiny.json").read_text())["rows"]
+
+
+def test_spatial_table_orders_the_methods_and_names_the_papers_claims(tmp_path):
+    jobs = []
+    for seed in (0, 1):
+        d = run_dir(tmp_path / str(seed), ["experiment=spatial_tiny", f"seed={seed}"],
+                    [row("ar", 1.0, 10.0, acc=1.0), row("hawk_spatial_jacobi", 1.8, 10.1), row("pjd", 2.5, 11.0, False),
+                     row("zipar_w3", 3.0 + seed, 14.0, lossless=False), row("hawk", 1.3, 10.2)])
+        res = json.loads((d / "results.json").read_text())
+        res["seed"] = seed
+        (d / "results.json").write_text(json.dumps(res))
+        jobs.append(d)
+    out = tmp_path / "out"
+    assert tables.main(["spatial", *map(str, jobs), "--out", str(out)]) == 0
+    lines = [l for l in (out / "spatial_tiny.md").read_text().splitlines() if l.startswith("| ")]
+    assert [l.split("|")[1].strip() for l in lines[1:]] == [
+        "AR", "ZipAR, window 3 (lossy)", "PJD (lossy)", "Hawk", "Hawk + spatial Jacobi (ours)"]
+    z = next(l for l in lines if l.startswith("| ZipAR"))
+    assert "3.50× ± 0.71" in z  # speedup: mean ± std over the seeds
+    assert "PJD: 4.8× latency" in next(l for l in lines if l.startswith("| PJD"))
