@@ -265,3 +265,54 @@ def test_pjd_preset_takes_the_backbones_values():
     assert dict(lumina.eval.decoders.pjd.rows) == {"method": "pjd", "window": 8, "open_at": 9, "reuse": 0.5}
     out = dec.generate(PROMPTS, torch.Generator().manual_seed(0))
     assert out.forwards < bb.grid.length and (out.codes >= 0).all()
+
+
+def _case():
+    """Two drafts (codes 0, 1, one-hot q) and three nodes' targets over K = 3 codes, worked out by hand below."""
+    pt = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]])
+    c = torch.tensor([[0, 1]])
+    q = torch.nn.functional.one_hot(c, 3).float()
+    return pt, c, q
+
+
+def _argmax(probs):
+    return probs.argmax(-1)
+
+
+def test_pjd_top_row_commits_the_residual_after_the_first_rejection():
+    from hawkspec.decoding.rows import pjd_row
+
+    pt, c, q = _case()
+    # draft 0: min(1, 0.5 / 1) = 0.5 > u 0.4, accepted; draft 1: 0.6 < u 0.9, rejected; the residual at it is
+    # max(p - q, 0) = (0.1, 0, 0.3): its draw (argmax here) 2. The last node drafts the next position from p = pt[2].
+    out, carried = pjd_row(pt, c, q, torch.tensor([[0.4, 0.9]]), True, 0.5, True, _argmax)
+    assert [int(x) for x in out] == [0, 2]
+    assert len(carried) == 1 and int(carried[0][0]) == 2 and torch.equal(carried[0][1], pt[:, 2])
+    out, carried = pjd_row(pt, c, q, torch.tensor([[0.1, 0.1]]), True, 0.5, True, _argmax)  # both pass
+    assert [int(x) for x in out] == [0, 1, 2] and carried == []  # the last node's draw is committed, not carried
+
+
+def test_pjd_lower_row_commits_no_residual_and_reuses_by_the_threshold():
+    from hawkspec.decoding.rows import pjd_row
+
+    pt, c, q = _case()
+    out, carried = pjd_row(pt, c, q, torch.tensor([[0.4, 0.9]]), False, 0.5, True, _argmax)
+    assert [int(x) for x in out] == [0]  # the accepted draft only
+    # the rejected draft 1 stays: min(1, p/q) = 0.6 > 0.5, with its old (one-hot) q; then the next position from pt[2]
+    assert int(carried[0][0]) == 1 and torch.equal(carried[0][1], q[:, 1])
+    assert int(carried[1][0]) == 2 and torch.equal(carried[1][1], pt[:, 2])
+    pt2 = pt.clone()
+    pt2[0, 1] = torch.tensor([0.5, 0.4, 0.1])  # min(1, p/q) = 0.4 <= 0.5: replaced by y ~ p (argmax 0), q = p
+    _, carried = pjd_row(pt2, c, q, torch.tensor([[0.4, 0.9]]), False, 0.5, False, _argmax)
+    assert len(carried) == 1 and int(carried[0][0]) == 0 and torch.equal(carried[0][1], pt2[:, 1])
+
+
+def test_pjd_batch_commits_its_smallest_count():
+    from hawkspec.decoding.rows import pjd_row
+
+    pt, c, q = _case()
+    pt, c, q = pt.repeat(2, 1, 1), c.repeat(2, 1), q.repeat(2, 1, 1)
+    # image 0 passes both drafts, image 1 only the first: the batch commits one draft, then the top row's extra
+    # token -- image 0 its own accepted draft 1, image 1 the residual's draw 2
+    out, _ = pjd_row(pt, c, q, torch.tensor([[0.1, 0.1], [0.1, 0.9]]), True, 0.5, True, _argmax)
+    assert torch.stack(out, 1).tolist() == [[0, 1], [0, 2]]

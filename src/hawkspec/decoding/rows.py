@@ -232,6 +232,50 @@ class RowsDecoder:
 
 
 # --------------------------------------------------------------------------------------------------------- PJD
+def pjd_row(pt: torch.Tensor, c: torch.Tensor, q: torch.Tensor, u: torch.Tensor | None, top: bool, reuse: float,
+            room: bool, draw) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One open row's PJD decision for a batch (BRIEF-2026 §4.2).
+
+    Args:
+        pt: (B, n, K) the target at the window's nodes; node j predicts the position after it (draft j, then, for
+            the last node, the position after the window).
+        c, q: (B, n - 1) the drafts and (B, n - 1, K) the q each was drawn from (one-hot for fresh random drafts).
+        u: (B, n - 1) uniforms for SJD's test u < min(1, p/q); None: greedy (a draft passes iff it is p's argmax).
+        top: The top open row (a residual token after the first rejection, the last node's draw when all pass).
+        reuse: After the first rejection a draft is kept iff min(1, p/q) > reuse (its old q), else y ~ p (q = p).
+        room: The position after the window belongs to this row (the last node's output drafts it).
+        draw: probs (B, K) -> (B,) codes.
+
+    Returns:
+        The codes committed, in order (each (B,)): the batch's smallest run of accepted drafts (an image that
+        accepted further commits its own accepted draft at the top row's extra position), plus one token on the top
+        row; and the drafts carried to the positions after them, as (code (B,), q (B, K)).
+    """
+    nd = c.shape[1]
+    pd = pt[:, :nd].gather(-1, c[..., None]).squeeze(-1)
+    qd = q.gather(-1, c[..., None]).squeeze(-1)
+    ratio = torch.where(qd > 0, pd / qd.clamp_min(1e-30), torch.zeros_like(pd)).clamp(max=1.0)
+    ok = (pt[:, :nd].argmax(-1) == c) if u is None else (u < ratio)
+    acc = ok.long().cumprod(1).sum(1)  # (B,) leading acceptances
+    a = int(acc.min()) if nd else 0
+    out = [c[:, j] for j in range(a)]
+    if top:
+        if a < nd:  # the first rejection: the residual's draw, or the image's own accepted draft
+            res = (pt[:, a] - q[:, a]).clamp(min=0)
+            res = torch.where(res.sum(-1, keepdim=True) > 0, res, pt[:, a])
+            out.append(torch.where(acc > a, c[:, a], draw(res)))
+        else:  # every draft passed: the last node's draw
+            out.append(draw(pt[:, a]))
+    carried = []
+    for j in range(len(out), nd):  # after the commit point (a lower row: from its rejected draft on)
+        y = draw(pt[:, j])
+        stay = ratio[:, j] > reuse
+        carried.append((torch.where(stay, c[:, j], y), torch.where(stay[:, None], q[:, j], pt[:, j])))
+    if room and len(out) <= nd:  # the position after the window, unless the top row just committed it
+        carried.append((draw(pt[:, nd]), pt[:, nd]))
+    return out, carried
+
+
 class PJDDecoder:
     """PJD (Parallel Jacobi Decoding, arXiv 2606.05703, CVPR 2026; boyaliao/PJD) behind the decoder interface: a
     Jacobi window on every open row, all rows in one forward under the row-causal mask. LOSSY (``lossless = False``).
@@ -358,35 +402,15 @@ class PJDDecoder:
                 pt = p[:, idx]  # (B, n, K): node j predicts position last + 1 + j
                 if track_entropy:
                     ent_sum += entropy(pt[:, 0]).mean()
-                pd = pt[:, :nd].gather(-1, c[..., None]).squeeze(-1)
-                qd = q.gather(-1, c[..., None]).squeeze(-1)
-                ratio = torch.where(qd > 0, pd / qd.clamp_min(1e-30), torch.zeros_like(pd)).clamp(max=1.0)
-                ok = (uniform(ratio.shape, generator, dev) < ratio) if not s.greedy else (pt[:, :nd].argmax(-1) == c)
-                acc = ok.long().cumprod(1).sum(1)  # (B,) leading acceptances
-                a = int(acc.min()) if nd else 0
-                for j in range(a):
-                    commit(last + 1 + j, c[:, j])
+                u = None if s.greedy else uniform((B, nd), generator, dev)
+                draw = (lambda probs: probs.argmax(-1)) if s.greedy else (lambda probs: sample(probs, generator))  # noqa: E731
+                room = last + nd + 1 <= r * W + grid.cols - 1  # the position after the window is this row's
+                new_codes, carried = pjd_row(pt, c, q, u, top, self.reuse, room, draw)
+                a = len(new_codes) - (1 if top else 0)  # accepted drafts (the top row commits one more token)
+                for j, code in enumerate(new_codes):
+                    commit(last + 1 + j, code)
                 keep += idx[1 : 1 + a]
-                n_new = a
-                if top and last + 1 + a <= r * W + grid.cols - 1:  # the top row commits one more token
-                    if a < nd:
-                        res = (pt[:, a] - q[:, a]).clamp(min=0)
-                        res = torch.where(res.sum(-1, keepdim=True) > 0, res, pt[:, a])
-                        draw = res.argmax(-1) if s.greedy else sample(res, generator)
-                        commit(last + 1 + a, torch.where(acc > a, c[:, a], draw))
-                    else:
-                        commit(last + 1 + a, pt[:, a].argmax(-1) if s.greedy else sample(pt[:, a], generator))
-                    n_new += 1
-                # the drafts after the commit point: kept iff min(1, p/q) > reuse (old q), else y ~ p (q = p)
-                carried = []
-                for j in range(a + (1 if top else 0), nd):
-                    y = pt[:, j].argmax(-1) if s.greedy else sample(pt[:, j], generator)
-                    stay = ratio[:, j] > self.reuse
-                    carried.append((torch.where(stay, c[:, j], y), torch.where(stay[:, None], q[:, j], pt[:, j])))
-                nxt = last + nd + 1  # the last node's output drafts the position after the window
-                if last + n_new < nxt <= r * W + grid.cols - 1:
-                    y = pt[:, nd].argmax(-1) if s.greedy else sample(pt[:, nd], generator)
-                    carried.append((y, pt[:, nd]))
+                n_new = len(new_codes)
                 drafts[r] = carried
                 count[r] += n_new
                 # the top row's extra token has no keys and values yet; a lower row's last committed token is an
