@@ -16,7 +16,7 @@ from hawkspec.data.prompts import load_prompt_set
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TINY = ["hawk_table1_tiny", "gsd_table_tiny", "sjd_tiny"]
 REAL = {"hawk_table1_coco": "coco", "hawk_table1_flickr30k": "flickr30k", "gsd_table_coco": "coco", "sjd_coco": "coco",
-        "sjd_pac_coco": "coco", "sjd_pac_parti": "parti"}
+        "sjd_pac_coco": "coco", "sjd_pac_parti": "parti", "pjd_parti": "parti", "zipar_coco": "coco"}
 
 
 def eval_cfg(experiment: str, *overrides: str):
@@ -51,6 +51,15 @@ def test_paper_configs_set_the_lumina_protocol(name, source):
         assert (acc.window, acc.embed_metric, acc.floor, acc.prob_threshold, acc.embed_threshold) == (
             "official", "squared", False, 0.15, 0.5)
         assert cfg.eval.decoders.gsd.tree.budget == 15
+    if name in ("pjd_parti", "zipar_coco"):  # the rows-in-flight protocols: the official windows on Lumina-mGPT
+        rows = {n: OmegaConf.to_container(d.rows, resolve=True) for n, d in cfg.eval.decoders.items() if "rows" in d}
+        if name == "pjd_parti":
+            assert rows == {"pjd": {"method": "pjd", "window": 8, "open_at": 9, "reuse": 0.5}}
+            assert cfg.eval.num_prompts == 200 and cfg.sampling.top_k == 2000
+        else:
+            assert {n: r["window"] for n, r in rows.items()} == {"zipar": 16, "zipar_w8": 8, "zipar_w32": 32}
+            assert cfg.seed == 3407 and cfg.sampling.cfg_scale == 3.0
+        assert cfg.eval.decoders.spatial_jacobi.proposer.lane == 8
     if name.startswith("sjd_pac"):  # SJD-PAC's protocol: the code's tree, every COCO image / Parti row, seed 1
         assert OmegaConf.to_container(cfg.eval.decoders.sjd_pac.tree.pac, resolve=True) == {
             "nodes": 64, "width": 3, "depth": 3}
