@@ -13,6 +13,10 @@ tokens; the last one, the *root*, is committed but not yet forwarded):
    come from the hidden state at the last accepted node — no extra forward.
 
 The first token of every image is sampled exactly from the prefill's distribution, like AR.
+
+Rows in flight (spatial Jacobi): a proposer with a lane (``Proposer.lane_width``) gets ``M`` more nodes in step 3's
+forward, one row below the root, that see the committed tokens and each other but no tree node; their targets go
+to the proposer with the tree's (step 5) and never to the walk.
 """
 
 from __future__ import annotations

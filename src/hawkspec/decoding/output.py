@@ -38,8 +38,9 @@ class GenerationOutput:
 
 @runtime_checkable
 class Decoder(Protocol):
-    """What a run decodes with: plain AR (``hawkspec.decoding.build.ARDecoder``) and every speculative decoder
-    (:class:`~hawkspec.decoding.engine.SpeculativeDecoder`, ``build.NamedDecoder``) alike.
+    """What a run decodes with: plain AR (``hawkspec.decoding.build.ARDecoder``), every speculative decoder
+    (:class:`~hawkspec.decoding.engine.SpeculativeDecoder`, ``build.NamedDecoder``) and the rows-in-flight decoders
+    (:mod:`hawkspec.decoding.rows`: ZipAR, PJD) alike.
 
     Attributes:
         name: The row name in results (the preset's, or its key in ``eval.decoders``).
