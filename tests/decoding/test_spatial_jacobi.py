@@ -152,3 +152,17 @@ def test_presets_and_a_lane_too_wide():
     assert dec.describe()["proposer"]["lane"] == 6
     with pytest.raises(ValueError, match=r"eval.decoders.spatial_jacobi.proposer.lane=13: the lane holds at most"):
         build_decoder(the_decoder(wide, "spatial_jacobi"), bb, SAMPLING)
+
+
+@pytest.mark.slow
+def test_lane_runs_inside_a_compiled_step():
+    """The lane has a fixed width, so the whole step (tree + lane) compiles: greedy still equals AR."""
+    from hawkspec.decoding.static import make_runner
+
+    bb = random_backbone("tiny", rows=3, cols=4, num_codes=32, seed=0)
+    s = SamplingConfig(temperature=0, top_k=None, cfg_scale=2.0)
+    prompts = ["a large red circle in the center", "a small blue square on the left"]
+    dec = spatial(bb, lane=2, window=2, rule=GreedyAcceptance(), s=s)
+    dec.runner = make_runner("step", False)
+    out = dec.generate(prompts, torch.Generator().manual_seed(0))
+    assert torch.equal(out.tokens, ar_generate(bb, prompts, s).tokens)
