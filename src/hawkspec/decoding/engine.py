@@ -91,6 +91,9 @@ class SpeculativeDecoder:
         ) and self.table.max_depth == T - 1
         device = backbone.code_token_ids.device
         self.table.to(device)
+        if self.lane:  # the lane's causal block, made once (each step masks it by the nodes that exist)
+            self._lane_tril = torch.ones(self.lane, self.lane, dtype=torch.bool, device=device).tril()
+            self._lane_eye = torch.eye(self.lane, dtype=torch.bool, device=device)
         proposer.bind(backbone, sampling)
         acceptance.bind(backbone)
         # body offset of each code depth j in each topology (-1 if absent): (n_topos, J)
@@ -324,8 +327,7 @@ class SpeculativeDecoder:
         block_depth = torch.cat([t.depth, torch.where(ok, pos - run.root_pos[:, None], 0)], dim=1)
         mask = torch.zeros((B, T + M, T + M), dtype=torch.bool, device=dev)
         mask[:, :T, :T] = t.mask
-        lane = torch.ones(M, M, dtype=torch.bool, device=dev).tril() & ok[:, None, :]
-        mask[:, T:, T:] = lane | torch.eye(M, dtype=torch.bool, device=dev)
+        mask[:, T:, T:] = (self._lane_tril & ok[:, None, :]) | self._lane_eye
         mask[:, T:, 0] = ok  # the root: committed, forwarded in this block
         t.block = (block_tok, mask, block_depth)
 

@@ -154,6 +154,30 @@ def _llamagen(grid: ImageGrid, window: int) -> list[RowsForward]:
     return out
 
 
+def _check_call(name: str, runner, prompts: list[str]) -> None:
+    """What every rows-in-flight decoder refuses: a step runner (its blocks change size) and no prompts."""
+    if runner is not None:
+        raise ValueError(f"{name}: rows-in-flight decoders run their forwards eagerly or compiled "
+                         "(eval.compile=none|forward); whole compiled steps and CUDA graphs "
+                         "(eval.compile=step, eval.cuda_graphs) are not supported for them")
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+
+
+def _output(grid: ImageGrid, codes: torch.Tensor, tokens: torch.Tensor, forwards: int,
+            ent_sum: torch.Tensor | None) -> GenerationOutput:
+    """The batch's output from (B, L) body codes and tokens. Counted as the speculative decoders count: body tokens
+    after the first per forward after the prefill (the acceptance length), none of them a verified draft."""
+    B = codes.shape[0]
+    return GenerationOutput(
+        codes=codes[:, grid.code_positions().to(codes.device)].view(B, grid.rows, grid.cols), tokens=tokens,
+        forwards=forwards, forwards_per_image=torch.full((B,), forwards),
+        accepted_tokens=torch.zeros(B, dtype=torch.long),
+        mean_entropy=None if ent_sum is None else float(ent_sum) / grid.num_codes,
+        extras={"steps": torch.full((B,), forwards - 1), "committed": torch.full((B,), grid.length - 1)},
+    )
+
+
 class RowsDecoder:
     """ZipAR behind the decoder interface: a precomputed schedule, one committed multi-row forward per step.
 
@@ -174,13 +198,15 @@ class RowsDecoder:
         self.schedule_name = schedule or ("lumina" if backbone.grid.eol else "llamagen")
         self.schedule = zipar_schedule(backbone.grid, self.window, self.schedule_name)
         self.runner = None
-        grid = backbone.grid
         self._fed = sum(len(f.feed) for f in self.schedule[1:])  # KV slots the image needs past the prompt
-        self._code_index = {p: (p // grid.tokens_per_row) * grid.cols + p % grid.tokens_per_row
-                            for p in grid.code_positions().tolist()}
         emitted = sorted(e for f in self.schedule for e in f.emit if e is not None)
-        if emitted != sorted(self._code_index):  # every code exactly once: a schedule bug must not pass silently
+        if emitted != backbone.grid.code_positions().tolist():  # every code exactly once, or a schedule bug
             raise AssertionError("the ZipAR schedule does not sample every code position exactly once")
+        # each forward's index tensors, made once: (fed sources, fed positions, outputs sampled, positions sampled)
+        dev = backbone.code_token_ids.device
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        self._plan = [(as_t(f.source), as_t(f.feed), as_t([i for i, e in enumerate(f.emit) if e is not None]),
+                       as_t([e for e in f.emit if e is not None])) for f in self.schedule]
 
     def describe(self) -> dict:
         return {"name": self.name, "proposer": None, "acceptance": "zipar (sampled and committed, no test)",
@@ -190,12 +216,7 @@ class RowsDecoder:
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
                  track_entropy: bool = False) -> GenerationOutput:
-        if self.runner is not None:
-            raise ValueError(f"{self.name}: rows-in-flight decoders run their forwards eagerly or compiled "
-                             "(eval.compile=none|forward); whole compiled steps and CUDA graphs "
-                             "(eval.compile=step, eval.cuda_graphs) are not supported for them")
-        if not prompts:
-            raise ValueError("prompts is empty: give at least one prompt")
+        _check_call(self.name, self.runner, prompts)
         bb, grid, sampling = self.backbone, self.backbone.grid, self.sampling
         B, L = len(prompts), grid.length
         state, hidden = bb.prefill(bb.encode(prompts), cfg=sampling.use_cfg, reserve=self._fed, generator=generator)
@@ -204,31 +225,21 @@ class RowsDecoder:
         tokens = torch.zeros((B, L), dtype=torch.long, device=device)
         if grid.eol:
             tokens[:, grid.forced_mask().to(device)] = bb.eol_token_id
-        codes = torch.zeros((B, grid.num_codes), dtype=torch.long, device=device)
-        ent_sum = torch.zeros((), device=device)
-        for k, fw in enumerate(tqdm(self.schedule, disable=not progress, desc=self.name, leave=False)):
+        codes = torch.zeros((B, L), dtype=torch.long, device=device)
+        ent_sum = torch.zeros((), device=device) if track_entropy else None
+        for k, (source, feed, sel, at) in enumerate(tqdm(self._plan, disable=not progress, desc=self.name,
+                                                         leave=False)):
             if k == 0:  # the prefill's output samples body position 0
                 h = hidden[:, None]
             else:
-                ids = tokens[:, list(fw.source)].repeat(streams, 1)
-                h = bb.forward(state, ids, positions=base[:, None] + torch.tensor(fw.feed, device=device))
-            sel = [i for i, e in enumerate(fw.emit) if e is not None]
-            at = [fw.emit[i] for i in sel]
+                h = bb.forward(state, tokens[:, source].repeat(streams, 1), positions=base[:, None] + feed)
             probs = target_probs(combine_cfg(bb.code_logits(h[:, sel]), streams, sampling.cfg_scale), sampling)
             if track_entropy:
                 ent_sum += entropy(probs).mean(0).sum()
             code = probs.argmax(-1) if sampling.greedy else sample(probs, generator)  # (B, len(at))
             tokens[:, at] = bb.code_token_ids[code]
-            codes[:, [self._code_index[p] for p in at]] = code
-        n = len(self.schedule)
-        # as the speculative decoders count: body tokens after the first per forward after the prefill (the
-        # acceptance length), none of them a verified draft
-        return GenerationOutput(
-            codes=codes.view(B, grid.rows, grid.cols), tokens=tokens, forwards=n,
-            forwards_per_image=torch.full((B,), n), accepted_tokens=torch.zeros(B, dtype=torch.long),
-            mean_entropy=float(ent_sum) / grid.num_codes if track_entropy else None,
-            extras={"steps": torch.full((B,), n - 1), "committed": torch.full((B,), L - 1)},
-        )
+            codes[:, at] = code
+        return _output(grid, codes, tokens, len(self.schedule), ent_sum)
 
 
 # --------------------------------------------------------------------------------------------------------- PJD
@@ -327,12 +338,7 @@ class PJDDecoder:
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
                  track_entropy: bool = False) -> GenerationOutput:
-        if self.runner is not None:
-            raise ValueError(f"{self.name}: rows-in-flight decoders run their forwards eagerly or compiled "
-                             "(eval.compile=none|forward); whole compiled steps and CUDA graphs "
-                             "(eval.compile=step, eval.cuda_graphs) are not supported for them")
-        if not prompts:
-            raise ValueError("prompts is empty: give at least one prompt")
+        _check_call(self.name, self.runner, prompts)
         bb, grid, s = self.backbone, self.backbone.grid, self.sampling
         B, L, W, K = len(prompts), grid.length, grid.tokens_per_row, bb.num_codes
         state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + grid.rows * self.window + 1,
@@ -342,7 +348,7 @@ class PJDDecoder:
         tokens = torch.zeros((B, L), dtype=torch.long, device=dev)
         tokens[:, grid.forced_mask().to(dev)] = bb.eol_token_id
         codes = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        ent_sum = torch.zeros((), device=dev)
+        ent_sum = torch.zeros((), device=dev) if track_entropy else None
 
         def target(h):  # (N, n, d) -> (B, n, K)
             return target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)
@@ -431,11 +437,4 @@ class PJDDecoder:
             if not ongoing and finished_last is not None:
                 finished_last = None
         bar.close()
-        forwards = 1 + steps
-        code_positions = grid.code_positions().to(dev)
-        return GenerationOutput(
-            codes=codes[:, code_positions].view(B, grid.rows, grid.cols), tokens=tokens, forwards=forwards,
-            forwards_per_image=torch.full((B,), forwards), accepted_tokens=torch.zeros(B, dtype=torch.long),
-            mean_entropy=float(ent_sum) / grid.num_codes if track_entropy else None,
-            extras={"steps": torch.full((B,), steps), "committed": torch.full((B,), L - 1)},
-        )
+        return _output(grid, codes, tokens, 1 + steps, ent_sum)
