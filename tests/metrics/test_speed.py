@@ -57,7 +57,8 @@ def test_drift_within_a_pass_hits_every_decoder_alike(monkeypatch):
 def test_step_accounting_counts_every_backbone_forward_and_restores_the_method():
     from hawkspec.decoding.build import ARDecoder
     from hawkspec.decoding.sampling import SamplingConfig
-    from hawkspec.metrics.speed import ForwardClock, efficiency, step_accounting
+    from hawkspec.metrics.accounting import ForwardClock, step_accounting
+    from hawkspec.metrics.speed import efficiency
     from hawkspec.testing import build_random_backbone
 
     bb = build_random_backbone(rows=2, cols=3, num_codes=16)

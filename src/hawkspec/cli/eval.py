@@ -33,7 +33,8 @@ from hawkspec.decoding.static import make_runner
 from hawkspec.determinism import pin_threads, thread_settings
 from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
 from hawkspec.metrics.sweep import built_of
-from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, step_accounting, summarize
+from hawkspec.metrics.accounting import step_accounting
+from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, summarize
 
 log = logging.getLogger("hawkspec")
 
