@@ -282,7 +282,7 @@ def test_backbone_configs_carry_the_paper_sampling(res):
 
 
 def test_footprint_of_lumina_7b_from_its_config():
-    from hawkspec.backbones.footprint import main
+    from hawkspec.cli.footprint import main
 
     f = main(["backbone=lumina_mgpt_768", "cache.num_samples=6000", "cache.val_samples=0", "batch=2"])
     assert 7.0e9 < f["parameters"] < 7.1e9 and f["weights_bytes"] == 2 * f["parameters"]  # bf16
@@ -294,7 +294,7 @@ def test_footprint_of_lumina_7b_from_its_config():
 
 
 def test_footprint_reads_a_local_checkpoint(lumina_checkpoint):
-    from hawkspec.backbones.footprint import main
+    from hawkspec.cli.footprint import main
 
     bb, root = lumina_checkpoint
     f = main([f"backbone=lumina_mgpt_768", f"backbone.path={root / 'model'}", "backbone.resolution=16",

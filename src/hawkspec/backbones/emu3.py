@@ -29,7 +29,7 @@ import torch
 
 from hawkspec.backbones.base import ImageGrid, PromptBatch
 from hawkspec.backbones.hf import HFBackbone
-from hawkspec.backbones.janus import require_dir, resolve_dtype, to_uint8, weights_hash, word_tokenizer
+from hawkspec.backbones.loading import require_dir, resolve_dtype, to_uint8, weights_hash, word_tokenizer
 
 log = logging.getLogger(__name__)
 

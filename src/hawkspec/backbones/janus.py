@@ -23,9 +23,7 @@ the begin-of-image token too). Official defaults: CFG 5, temperature 1, no top-k
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +31,7 @@ from torch import nn
 
 from hawkspec.backbones.base import ImageGrid, PromptBatch
 from hawkspec.backbones.hf import HFBackbone
+from hawkspec.backbones.loading import require_dir, resolve_dtype, to_uint8, weights_hash, word_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,68 +41,6 @@ BEGIN_OF_IMAGE = "<begin_of_image>"
 #: The DeepSeek chat template (sft_format "deepseek", empty system prompt) of one user turn and an empty assistant
 #: turn, as ``VLChatProcessor.apply_sft_template_for_multi_turn_prompts`` writes it.
 PROMPT_TEMPLATE = "<|User|>: {caption}\n\n<|Assistant|>:"
-
-
-# ------------------------------------------------------------------------------------------------ shared helpers
-def word_tokenizer(words, specials: list[str], bos: str | None, pad: str, unk: str = "<unk>", extra=(),
-                   eos: str | None = None):
-    """A word-level ``PreTrainedTokenizerFast`` for tiny random models (no downloads): ``specials`` first (as
-    special tokens, matched before splitting), then ``unk``, punctuation, digits and ``words``; text is split into
-    words and punctuation runs; ``bos`` (if given) is prepended and ``eos`` (if given) appended by
-    ``tokenizer(text)``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab: dict[str, int] = {}
-    for tok in [*specials, unk, *":,.*!?'-\n", *"0123456789", *extra, *words]:
-        vocab.setdefault(tok, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-    if bos is not None or eos is not None:
-        single = " ".join(([bos] if bos else []) + ["$A"] + ([eos] if eos else []))
-        tok.post_processor = processors.TemplateProcessing(
-            single=single, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t is not None])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, bos_token=bos, eos_token=eos)
-    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (bos, pad, eos)]})
-    return fast
-
-
-def weights_hash(model: nn.Module, extra: bytes = b"") -> str:
-    """A short hash of a model's weights (names, shapes and the first bytes of every tensor)."""
-    h = hashlib.sha256(extra)
-    for k, v in sorted(model.state_dict().items()):
-        h.update(f"{k}{tuple(v.shape)}".encode())
-        h.update(v.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) pixels in [-1, 1] -> uint8, as the official scripts write them (``clip((x+1)/2*255)``, cast)."""
-    return ((images.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
-
-
-def require_dir(path, key: str, files: tuple[str, ...] = ("config.json",)) -> Path:
-    """``path`` as a Path, or a FileNotFoundError naming the config ``key`` when it (or one of ``files``) is missing."""
-    if path is None or str(path) in ("", "???"):
-        raise FileNotFoundError(f"`{key}` is not set: point it at a local folder (weights are never downloaded)")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"`{key}`={path} is not a folder")
-    for name in files:
-        if not (p / name).exists():
-            raise FileNotFoundError(f"`{key}`={path} has no {name}")
-    return p
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"backbone.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 # ------------------------------------------------------------------------------------------------ the adapter

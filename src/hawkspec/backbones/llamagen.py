@@ -46,7 +46,7 @@ from torch import nn
 
 from hawkspec.backbones.base import ImageGrid, PromptBatch
 from hawkspec.backbones.hf import HFBackbone
-from hawkspec.backbones.janus import require_dir, resolve_dtype, weights_hash, word_tokenizer
+from hawkspec.backbones.loading import require_dir, resolve_dtype, weights_hash, word_tokenizer
 
 log = logging.getLogger(__name__)
 

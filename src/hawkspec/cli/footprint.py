@@ -1,6 +1,6 @@
 """Memory and disk a backbone needs, computed from its config (no weights loaded, nothing downloaded).
 
-    python -m hawkspec.backbones.footprint backbone=lumina_mgpt_768 [backbone.path=/ckpt/Lumina-mGPT-7B-768] \\
+    python -m hawkspec.cli.footprint backbone=lumina_mgpt_768 [backbone.path=/ckpt/Lumina-mGPT-7B-768] \\
         [cache.num_samples=6000 cache.topk=0] [prompt_tokens=64 tree_nodes=64 batch=8] [--json]
 
 Arguments are Hydra overrides of the ``cache`` config (so ``backbone=...``, ``backbone.*``, ``cache.*`` and
@@ -15,13 +15,17 @@ default 64) and ``batch`` (images decoded together, default 1).
   slots = prompt + image start + body (rows x W) + image end + ``tree_nodes`` (what the backbone reserves once).
 * **Hidden-state cache** (``hawkspec-cache``): samples x (rows x W + 1) x hidden x 2 bytes (float16), plus the
   int16 codes and, with ``cache.topk``, float16 probabilities + int16 indices per position; train + val splits.
+
+The model side (the transformers config, the grid, the parameter count) is read by
+:mod:`hawkspec.backbones.loading`, behind the backbone boundary; this command adds it up.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+
+from hawkspec.backbones.loading import count_parameters, grid_of, model_config
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OWN_KEYS = {"prompt_tokens": 64, "tree_nodes": 64, "batch": 1}
@@ -29,56 +33,6 @@ OWN_KEYS = {"prompt_tokens": 64, "tree_nodes": 64, "batch": 1}
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
-
-
-def model_config(backbone_cfg) -> tuple[object, str]:
-    """The transformers config of the backbone and where it came from."""
-    from transformers import AutoConfig, ChameleonConfig
-
-    target = str(backbone_cfg.get("_target_", ""))
-    path = backbone_cfg.get("path")
-    if target.startswith("hawkspec.backbones.tiny.") and not path:
-        from hawkspec.backbones.tiny import DEFAULT_ASSET
-
-        path = str(DEFAULT_ASSET)
-    if path and (Path(str(path)).expanduser() / "config.json").is_file():
-        return AutoConfig.from_pretrained(Path(str(path)).expanduser()), f"{Path(str(path)) / 'config.json'}"
-    if ".chameleon." in target:
-        return ChameleonConfig(vocabulary_map={}), ("transformers' ChameleonConfig defaults (the Chameleon / Lumina-mGPT 7B "
-                                   "architecture; set backbone.path to a local checkpoint to read its config.json)")
-    raise ValueError(f"cannot read the model config of backbone {target}: set backbone.path to a local folder with "
-                     "config.json")
-
-
-def grid_of(backbone_cfg, config) -> tuple[int, int, int, int]:
-    """(rows, cols, tokens per row W, image-start tokens) without loading the model."""
-    target = str(backbone_cfg.get("_target_", ""))
-    if ".chameleon." in target:
-        from hawkspec.backbones.chameleon import parse_resolution
-
-        h, w = parse_resolution(backbone_cfg.get("resolution", 768))
-        down = 2 ** (len(config.vq_config.channel_multiplier) - 1)
-        return h // down, w // down, w // down + 1, 3
-    if target.startswith("hawkspec.backbones.tiny."):
-        path = Path(str(backbone_cfg.get("path") or "")) if backbone_cfg.get("path") else None
-        if path is None:
-            from hawkspec.backbones.tiny import DEFAULT_ASSET
-
-            path = DEFAULT_ASSET
-        lay = json.loads((path / "hawkspec.json").read_text())
-        return lay["rows"], lay["cols"], lay["cols"] + 1, 1
-    raise ValueError(f"footprint does not know the layout of {target}")
-
-
-def count_parameters(config) -> int:
-    """Parameters of the model built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM, ChameleonForConditionalGeneration, LlamaForCausalLM
-
-    cls = {"chameleon": ChameleonForConditionalGeneration, "llama": LlamaForCausalLM}.get(config.model_type)
-    with torch.device("meta"):
-        model = cls(config) if cls else AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def footprint(cfg, prompt_tokens: int = 64, tree_nodes: int = 64, batch: int = 1) -> dict:
