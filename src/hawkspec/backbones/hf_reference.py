@@ -2,6 +2,10 @@
 
 This is the reference our AR baseline is checked against: greedy outputs must match token for token, and
 our seconds per image must be within 10% of these (``make bench``). Supported without CFG only.
+
+Only tests and ``experiments/bench_ar.py`` use it, but it stays in ``backbones/``: it drives the backbone's
+transformers model itself (``backbone.model.generate``), which nothing outside ``backbones/`` may touch
+(``tests/backbones/test_boundary.py``).
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ from hawkspec.cli.validate import validate_pretrain
 from hawkspec.io import copy_dir
 from hawkspec.data.procedural import VOCAB_WORDS, ProceduralDataset, caption
 from hawkspec.data.render import save_grid
-from hawkspec.data.tokens import PretrainDataModule, render_images
 from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.metrics.captions import parse_caption
 from hawkspec.metrics.evaluator import TinyEvaluator
 from hawkspec.metrics.quality import caption_alignment
 from hawkspec.training.pretrain import TinyPretrainModule
+from hawkspec.training.pretrain_data import PretrainDataModule, render_images
 from hawkspec.vq.patch_vq import PatchVQ
 
 log = logging.getLogger("hawkspec")

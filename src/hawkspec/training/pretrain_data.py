@@ -1,4 +1,5 @@
-"""Tokenized text-image pairs for pretraining the tiny backbone (images -> VQ codes -> sequences)."""
+"""Tokenized text-image pairs for pretraining the tiny backbone (images -> VQ codes -> sequences): what
+``hawkspec-pretrain`` feeds :class:`~hawkspec.training.pretrain.TinyPretrainModule`."""
 
 from __future__ import annotations
 
