@@ -1,14 +1,18 @@
 """Proposers (``<decoder>.proposer._target_``) and the draft sources a composed proposer is made of.
 
 One protocol, :class:`Proposer` (``DraftSource`` is the same class): what the engine drives and what a
-:class:`SpatialProposer` is composed of. Medusa, Hawk, Hawk + Jacobi, Hawk's vertical-only ablation and Hawk +
-EAGLE are :class:`SpatialProposer` compositions of the :mod:`~hawkspec.decoding.proposers.sources` written in
-``conf/decoder/proposer/*.yaml``; SJD's :class:`JacobiProposer`, SJD-PAC's :class:`PACProposer` and
-:class:`EagleProposer` draft on their own (and any of them can be a source too).
+:class:`SpatialProposer` is composed of. Each is built from its config node's ``_target_``
+(``conf/decoder/proposer/<proposer>.yaml``, chosen by a preset's defaults list); nothing is looked up by name.
+Medusa, Hawk, Hawk + Jacobi, Hawk's vertical-only ablation and Hawk + EAGLE are :class:`SpatialProposer`
+compositions of the :mod:`~hawkspec.decoding.proposers.sources`; SJD's :class:`JacobiProposer` (SCD's couplings and
+the spatial lane are its options), SJD-PAC's :class:`PACProposer`, Hawk + SJD-PAC's :class:`HawkPACProposer` and
+:class:`EagleProposer` draft on their own (Jacobi and EAGLE can be sources too). The rows-in-flight decoders (ZipAR,
+PJD) have no proposer: :mod:`hawkspec.decoding.rows`.
 """
 
 from hawkspec.decoding.proposers.base import DRAFTS, Pools, Proposer
 from hawkspec.decoding.proposers.eagle import EagleProposer
+from hawkspec.decoding.proposers.hawk_pac import HawkPACProposer
 from hawkspec.decoding.proposers.jacobi import JacobiProposer
 from hawkspec.decoding.proposers.pac import PACProposer
 from hawkspec.decoding.proposers.sources import (DraftSource, EagleSource, HorizontalSource, JacobiSource,
@@ -16,4 +20,4 @@ from hawkspec.decoding.proposers.sources import (DraftSource, EagleSource, Horiz
 from hawkspec.decoding.proposers.spatial import SpatialProposer
 
 __all__ = ["DRAFTS", "Pools", "Proposer", "SpatialProposer", "JacobiProposer", "EagleProposer", "PACProposer",
-           "DraftSource", "HorizontalSource", "VerticalSource", "JacobiSource", "EagleSource"]
+           "HawkPACProposer", "DraftSource", "HorizontalSource", "VerticalSource", "JacobiSource", "EagleSource"]

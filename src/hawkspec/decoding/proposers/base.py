@@ -2,7 +2,12 @@
 
 The engine asks a proposer for a *pool* of candidates per speculated code (code depth ``j`` = the ``j``-th
 image code after the root, end-of-line tokens skipped) and, after verification, tells it which tokens were
-accepted with their hidden states, so proposers with memory (Hawk's vertical speculation cache) can update.
+accepted with their hidden states, so proposers with memory (Hawk's vertical speculation cache) can update, and
+hands the tree's (and the lane's) target distributions to those that draft from them (Jacobi).
+
+Every proposer and draft source is built from its config node's ``_target_`` (``conf/decoder/proposer/*.yaml``,
+through :func:`hawkspec.decoding.proposers.config.build_proposer`), never looked up by name: :attr:`Proposer.name`
+only labels it.
 """
 
 from __future__ import annotations
