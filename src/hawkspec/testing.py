@@ -196,8 +196,7 @@ class ExactByTries(ExactAcceptance):
     """The exact rule without the point-mass shortcut: every child is tried with ``try_candidate`` (the lossless
     tests' second reading of the exact rule)."""
 
-    def draw(self, p, generator):
-        return None
+    point_mass_shortcut = False  # the walk is chosen once, from this flag (hawkspec.decoding.walks.choose_walk)
 
 
 class ForgetfulResidual(ExactByTries):
