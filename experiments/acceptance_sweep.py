@@ -10,7 +10,9 @@ machine-independent and fast: for ablations where the forward count is the quest
 benchmark of variants that presets cannot name (a VSD, a tree size): AR is added, every decoder decodes one
 warm-up batch, then R passes run with AR and the variants taking turns on every batch, and each decoder's seconds are its
 median pass, so ``speedup`` = AR seconds / variant seconds comes from one run (``make bench`` does the same for
-the presets). Use ``--batch-size 1`` for latency, as the papers report.
+the presets); the table says under it when the passes spread or the machine was busy
+(:class:`hawkspec.evaluation.Evaluation`, the library ``hawkspec-eval`` times with). Use ``--batch-size 1`` for
+latency, as the papers report.
 
     python experiments/acceptance_sweep.py --prompts 16 --out experiments/results/vsd_sweep.md \\
         --variant "decoder=medusa decoder.heads_path=HAWK_HEADS" \\
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,8 +37,8 @@ from omegaconf import OmegaConf
 from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.cli.eval import eval_prompts
 from hawkspec.decoding.build import build_decoder
-from hawkspec.decoding.sampling import SamplingConfig, batch_generator
-from hawkspec.metrics.speed import image_counters, interleaved_passes, summarize
+from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.evaluation import Evaluation
 
 
 def variant_overrides(variant: str, node: str) -> list[str]:
@@ -86,47 +87,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        [f"eval.num_prompts={args.prompts}"])
     backbone = instantiate(base.backbone, "backbone").to(base.device).eval()
     sampling = SamplingConfig(**base.sampling).validate(backbone.num_codes)
-    prompts = eval_prompts(base)
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    decoders = [(v, build_decoder(base.eval.decoders[f"v{i}"], backbone, sampling, name=v))
-                for i, v in enumerate(variants)]
-
-    def gen(i: int) -> torch.Generator:
-        return batch_generator(args.seed, i, base.device)
-
-    if args.timed:  # warm-up, then passes in which the decoders take turns on every batch
-        passes, outs = interleaved_passes(dict(decoders), batches, gen, repeats=args.timed)
-        seconds = {v: [x / len(prompts) for x in passes[v]] for v in passes}
-    else:
-        outs = {v: [d.generate(b, gen(i)) for i, b in enumerate(batches)] for v, d in decoders}
-    L = backbone.grid.length
-    ar_sec = statistics.median(seconds["decoder=ar"]) if args.timed else None
-    for variant, decoder in decoders:
-        stats = summarize([image_counters(o, L) for o in outs[variant]], L)
-        row = {"variant": variant, "lossless": bool(decoder.lossless), **stats,
-               "config": OmegaConf.to_container(base.eval.decoders[f"v{variants.index(variant)}"], resolve=True)}
-        msg = f"{variant}: acceptance {stats['acceptance_length']:.3f}, step compression {stats['step_compression']:.3f}"
-        if args.timed:
-            row["seconds_per_image"] = statistics.median(seconds[variant])
-            row["seconds_per_pass"] = [x * len(prompts) for x in seconds[variant]]
-            row["speedup"] = ar_sec / row["seconds_per_image"]
+    decoders = {v: build_decoder(base.eval.decoders[f"v{i}"], backbone, sampling, name=v) for i, v in enumerate(variants)}
+    ev = Evaluation(backbone, decoders, eval_prompts(base), seed=args.seed, batch_size=args.batch_size,
+                    device=base.device, repeats=args.timed, warmup_batches=1, baseline="decoder=ar")
+    timing = ev.time() if args.timed else None  # warm-up, then passes in which the decoders take turns per batch
+    outs = timing.outputs if timing else {v: ev.decode(v) for v in variants}
+    for i, row in enumerate(ev.rows(outs, timing)):
+        row = {"variant": row.pop("decoder"), **row, "config": OmegaConf.to_container(base.eval.decoders[f"v{i}"],
+                                                                                       resolve=True)}
+        msg = f"{row['variant']}: acceptance {row['acceptance_length']:.3f}, step compression {row['step_compression']:.3f}"
+        if timing:
             msg += f", {row['seconds_per_image']:.3f} s/image, speedup {row['speedup']:.2f}"
+            msg += f" (passes spread {row['pass_spread']:.1%})" if row["pass_spread"] is not None else ""
         rows.append(row)
         print(msg, flush=True)
+    warnings = timing.warnings() if timing else []
     if args.out:
         cmd = "python experiments/acceptance_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        timing = (f" Timed: 1 warm-up batch, then {args.timed} passes, the decoders taking turns on every batch; seconds = the "
-                  f"median pass; device {base.device}, {torch.get_num_threads()} threads." if args.timed else "")
+        timed = (f" Timed: 1 warm-up batch, then {args.timed} passes, the decoders taking turns on every batch; seconds = the "
+                 f"median pass, spread = (max - min) / median of the passes; device {base.device}, "
+                 f"{torch.get_num_threads()} threads." if args.timed else "")
         lines = [f"Made by: `{cmd}`", "", f"{args.prompts} procedural prompts, batch {args.batch_size}, seed "
-                 f"{args.seed}; sampling: {dict(base.sampling)}.{timing}", ""]
+                 f"{args.seed}; sampling: {dict(base.sampling)}.{timed}", ""]
         head = "| variant | lossless | acceptance length | forwards/image | step compression |"
-        lines += [head + (" s/image | speedup |" if args.timed else ""), "|---" * (7 if args.timed else 5) + "|"]
+        lines += [head + (" s/image | speedup | pass spread |" if args.timed else ""), "|---" * (8 if args.timed else 5) + "|"]
         for r in rows:
             line = (f"| `{r['variant']}` | {r['lossless']} | {r['acceptance_length']:.3f} | "
                     f"{r['forwards_per_image']:.2f} | {r['step_compression']:.3f} |")
             if args.timed:
-                line += f" {r['seconds_per_image']:.3f} | {r['speedup']:.2f} |"
+                spread = "n/a" if r["pass_spread"] is None else f"{r['pass_spread']:.1%}"
+                line += f" {r['seconds_per_image']:.3f} | {r['speedup']:.2f} | {spread} |"
             lines.append(line)
+        lines += [f"\n**Timing warning**: {w}." for w in warnings]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -1,7 +1,9 @@
 """Is our AR baseline as fast as transformers' own ``generate``? (The baseline every speedup divides by.)
 
 Same model, prompts, batch and sampling settings (no CFG: ``generate`` has no CFG stream); warm-up, then
-``repeats`` timed passes in which the two take turns on every batch; medians reported. Writes ``results.json`` and prints a table.
+``repeats`` timed passes in which the two take turns on every batch (:class:`hawkspec.evaluation.Evaluation`, batch
+``b`` seeded ``batch_generator(seed, b)``); medians reported with the spread of the passes, and a warning when they
+spread or the machine was busy. Writes ``results.json`` and prints a table.
 ``compile=none`` compares eager with eager (ours: the static cache; theirs: ``cache_implementation="static"``),
 ``compile=forward`` compiled with compiled (``HFBackbone.compile_steps`` vs transformers' own compile of ``generate``),
 ``compile=graphs`` (CUDA) CUDA graphs with CUDA graphs (ours: each step recorded and replayed, ``eval.cuda_graphs``;
@@ -27,9 +29,9 @@ from hawkspec.decoding.ar import ar_generate
 from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.static import make_runner
-from hawkspec.metrics.speed import interleaved_passes
+from hawkspec.evaluation import Evaluation
 
-DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0,
+DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0, "seed": 0,
             "backbone_path": None, "device": "cpu", "compile": "none", "out": "outputs/bench/ar_vs_generate.json"}
 
 
@@ -43,7 +45,6 @@ def main() -> dict:
     theirs_mode = {"none": "static", "forward": "forward", "graphs": "graphs"}[cfg.compile]
     ds = ProceduralDataset(cfg.num_prompts, seed=1234)
     prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
-    batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     s = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, cfg_scale=1.0)
 
     class Ours:
@@ -55,25 +56,28 @@ def main() -> dict:
             torch.manual_seed(generator.initial_seed())  # generate draws from the global generator
             return hf_generate(bb, batch, s, compile=theirs_mode)
 
-    # the two take turns on every batch, so the machine's drift slows both alike
-    passes, _ = interleaved_passes(
-        {"hawkspec_ar": Ours(), "transformers_generate": Theirs()}, batches,
-        lambda i: torch.Generator(device=cfg.device).manual_seed(i), repeats=cfg.repeats,
-    )
-    times = {k: [t / len(prompts) for t in v] for k, v in passes.items()}
+    # the two take turns on every batch, so the machine's drift slows both alike; batch b: batch_generator(seed, b)
+    timing = Evaluation(bb, {"hawkspec_ar": Ours(), "transformers_generate": Theirs()}, prompts, seed=cfg.seed,
+                        batch_size=cfg.batch_size, device=cfg.device, repeats=cfg.repeats,
+                        baseline="hawkspec_ar").time()
+    times = {k: [t / len(prompts) for t in v] for k, v in timing.seconds.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "backbone": bb.name, "revision": bb.revision, "num_prompts": len(prompts), "batch_size": cfg.batch_size,
         "device": cfg.device if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
         "threads": torch.get_num_threads(), "compile": cfg.compile, "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
-        "seconds_per_image": med, "all_runs": times,
+        "seed": cfg.seed, "seconds_per_image": med, "all_runs": times,
+        "pass_spread": {k: timing.spread(k) for k in times}, "timing": timing.describe(),
         "ratio_ours_over_generate": med["hawkspec_ar"] / med["transformers_generate"],
     }
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=1))
-    print(f"| runner | s/image (median of {cfg.repeats}) |\n|---|---|")
+    print(f"| runner | s/image (median of {cfg.repeats}) | pass spread |\n|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.4f} |")
+        spread = result["pass_spread"][k]
+        print(f"| {k} | {v:.4f} | {'n/a' if spread is None else f'{spread:.1%}'} |")
+    for warning in result["timing"]["warnings"]:
+        print(f"**Timing warning**: {warning}.")
     print(f"ours / generate = {result['ratio_ours_over_generate']:.3f} (must be <= 1.10) -> {cfg.out}")
     return result
 

@@ -51,6 +51,23 @@ def test_eval_writes_the_results_contract(tmp_path, random_backbone_dir, heads_d
     assert rows["hawk"]["config"]["tree"]["budget"] == 6 and rows["medusa"]["config"]["tree"]["budget"] == 8
     assert rows["ar"]["config"] == {"proposer": None} and rows["hawk"]["built"]["tree_nodes"] > 1
     assert "Settings in which the decoders differ" in md and "- `tree.budget`: medusa 8, hawk 6" in md
+    # one timed pass: no spread measured, said in results.json and right under the table
+    assert all(r["pass_spread"] is None and len(r["seconds_per_pass"]) == 1 for r in rows.values())
+    assert any("no spread was measured" in w for w in res["timing"]["warnings"])
+    assert "| speedup | pass_spread |" in md and "**Timing warning**: only one timed pass" in md
+
+
+def test_the_table_puts_the_spread_beside_the_speedup_and_the_warnings_under_it():
+    from hawkspec.cli.eval import markdown_table, timing_note
+
+    rows = [{"decoder": "ar", "lossless": True, "speedup": 1.0, "pass_spread": 0.02},
+            {"decoder": "hawk", "lossless": True, "speedup": 3.27, "pass_spread": 0.31}]
+    table = markdown_table(rows)
+    assert "| speedup | pass_spread |" in table.splitlines()[0] and "| 3.270 | 31.0% |" in table
+    assert "pass_spread" not in markdown_table([{k: v for k, v in r.items() if k != "pass_spread"} for r in rows])
+    note = timing_note({"timing": {"warnings": ["timed passes spread more than 10%: hawk 31%", "the machine was busy"]}})
+    assert note.count("**Timing warning**") == 2 and "hawk 31%" in note
+    assert timing_note({"timing": {"warnings": []}}) == "" and timing_note({}) == ""
 
 
 def test_unknown_decoder_is_named(tmp_path, random_backbone_dir, heads_dir):

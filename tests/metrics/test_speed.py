@@ -1,12 +1,13 @@
-"""interleaved_passes: the decoders take turns on every batch, with the same seeds, and drift hits them alike."""
+"""interleaved_passes (hawkspec.evaluation): the decoders take turns on every batch, with the same seeds, and drift
+hits them alike; step accounting and efficiency."""
 
 import itertools
 
 import pytest
 import torch
 
-from hawkspec.metrics import speed
-from hawkspec.metrics.speed import interleaved_passes
+from hawkspec import evaluation
+from hawkspec.evaluation import interleaved_passes
 
 
 class Recorder:
@@ -22,8 +23,9 @@ def test_decoders_take_turns_per_batch_with_the_same_seed_per_batch():
     log = []
     decs = {n: Recorder(n, log) for n in ("ar", "a", "b")}
     batches = [["p0"], ["p1"], ["p2"], ["p3"]]
-    seconds, outs = interleaved_passes(decs, batches, lambda i: torch.Generator().manual_seed(i), repeats=2,
-                                       warmup_batches=1, progress=False)
+    timing = interleaved_passes(decs, batches, lambda i: torch.Generator().manual_seed(i), repeats=2,
+                                warmup_batches=1, progress=False)
+    seconds, outs = timing.seconds, timing.outputs
     timed = log[3:]  # after one warm-up batch per decoder
     assert len(timed) == 2 * 4 * 3
     first = timed[:12]
@@ -47,10 +49,10 @@ def test_drift_within_a_pass_hits_every_decoder_alike(monkeypatch):
             ticks["t"] += 1.0 if next(clock) < 12 else 3.0  # same work; the machine slows after 12 calls
             return None
 
-    monkeypatch.setattr(speed.time, "perf_counter", lambda: ticks["t"])
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: ticks["t"])
     decs = {"ar": Equal(), "hawk": Equal()}
-    seconds, _ = interleaved_passes(decs, [["p"]] * 12, lambda i: None, repeats=1, warmup_batches=0,
-                                    progress=False)
+    seconds = interleaved_passes(decs, [["p"]] * 12, lambda i: None, repeats=1, warmup_batches=0,
+                                 progress=False).seconds
     assert seconds["ar"] == seconds["hawk"]
 
 

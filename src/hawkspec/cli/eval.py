@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import statistics
-import time
 from pathlib import Path
 
 import hydra
@@ -28,13 +26,12 @@ from hawkspec.data.prompts import Prompt, PromptSpec, load_prompt_set
 from hawkspec.data.render import save_grid
 from hawkspec.decoding.acceptance import DECISION_SEMANTICS
 from hawkspec.decoding.build import build_decoder
-from hawkspec.decoding.sampling import SamplingConfig, batch_generator
+from hawkspec.decoding.sampling import SamplingConfig
 from hawkspec.decoding.static import make_runner
 from hawkspec.determinism import pin_threads, thread_settings
-from hawkspec.metrics.quality import QUALITY_KEYS, QualityMeter, QualitySettings, noise_floor
+from hawkspec.evaluation import Evaluation, noise_floor_seed, score_quality
+from hawkspec.metrics.quality import QUALITY_KEYS, QualitySettings
 from hawkspec.metrics.sweep import built_of
-from hawkspec.metrics.accounting import step_accounting
-from hawkspec.metrics.speed import efficiency, image_counters, interleaved_passes, summarize
 
 log = logging.getLogger("hawkspec")
 
@@ -181,18 +178,30 @@ ACCOUNTING_COLUMNS = ["seconds_per_forward", "forward_share", "efficiency"]  # e
 
 
 def table_columns(rows: list[dict]) -> list[str]:
-    """The speed columns (with step accounting when it ran), then the quality figures present in any row."""
+    """The speed columns, ``pass_spread`` beside the speedup when passes were timed (a one-process run), step
+    accounting when it ran, then the quality figures present in any row."""
+    speed = list(SPEED_COLUMNS)
+    if any("pass_spread" in r for r in rows):
+        speed.insert(speed.index("speedup") + 1, "pass_spread")
     accounting = [k for k in ACCOUNTING_COLUMNS if any(r.get(k) is not None for r in rows)]
-    return SPEED_COLUMNS + accounting + [k for k in QUALITY_KEYS if any(r.get(k) is not None for r in rows)]
+    return speed + accounting + [k for k in QUALITY_KEYS if any(r.get(k) is not None for r in rows)]
+
+
+def table_cell(column: str, value) -> str:
+    """One cell of results.md: floats to 3 decimals, ``pass_spread`` as a percentage, None as ``n/a``."""
+    if value is None:
+        return "n/a"
+    if column == "pass_spread":
+        return f"{value:.1%}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(rows: list[dict], quality: dict | None = None) -> str:
     """The results table; with ``quality``, FID is labelled with its feature space and the noise floor follows."""
     cols = table_columns(rows)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
     head = [f"fid ({quality['fid_features']})" if c == "fid" and quality else c for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cell(c, r.get(c)) for c in cols) + " |" for r in rows]
     if quality:
         ref = quality["reference"]
         lines += ["", f"Quality over {rows[0].get('quality_images')} images per decoder; FID features: "
@@ -291,118 +300,100 @@ def resume_hint(cfg: DictConfig) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """The body of :func:`run`, once the config is validated."""
+    """The body of :func:`run`, once the config is validated: the prompts, the backbone and the decoders, then a
+    one-process run (:func:`evaluate_here`) or a shard of a sharded one (:func:`decode_shard`, :func:`merge_store`)."""
     e = cfg.eval
     names = decoder_names(cfg)  # AR first when the run does not list it: speedups are against AR in this run
     L.seed_everything(cfg.seed, workers=True)
     pin_threads(e.get("threads"))  # every parallel region on exactly this many threads, however loaded the machine
-    out_dir = Path(cfg.paths.output_dir)
     prompt_set = eval_prompt_set(cfg)
-    prompts = [p.text for p in prompt_set]
     shortfall = prompt_shortfall(cfg, prompt_set)
     if shortfall:  # said here, in results.json (prompt_shortfall) and at the head of results.md
         log.warning("%s", shortfall["note"])
-    quality = quality_settings(cfg, len(prompts))
-    if e.get("store"):  # sharded: decode this shard's batches into the store, and/or merge the union
-        merge = e.get("merge", "auto")
-        if merge is True:
-            return merge_store(cfg, names, prompt_set, quality, shortfall)
-    elif e.get("merge") is True or int((e.get("shard") or {}).get("count", 1)) > 1:
+    quality = quality_settings(cfg, len(prompt_set))
+    if e.get("store") and e.get("merge", "auto") is True:  # sharded, merge only: no model is loaded
+        return merge_store(cfg, names, prompt_set, quality, shortfall)
+    if not e.get("store") and (e.get("merge") is True or int((e.get("shard") or {}).get("count", 1)) > 1):
         raise ValueError("sharded evaluation needs eval.store: a folder every shard (and the merge) can reach")
     backbone: Backbone = instantiate(cfg.backbone, "backbone").to(cfg.device).eval()
-    compile_mode = e.get("compile") or "none"
-    backbone.compile_steps("forward" if compile_mode == "forward" else "none")  # AR and every decoder alike
-    sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
-    decodable, undecoded_why = backbone.can_decode()
-    if not decodable:  # e.g. Lumina-mGPT without backbone.vqgan_path: codes only, no image-quality metrics
-        log.warning("images will not be decoded: %s; code grids are saved (codes_<decoder>.pt / .npy) and the "
-                    "image-quality metrics are skipped", undecoded_why)
+    undecoded_why = undecodable(backbone)
+    if undecoded_why:
         quality = None
+    decoders, skipped = build_decoders(cfg, backbone, names)
+    _apply_execution_mode(backbone, decoders, e)
+    if not e.get("store"):
+        return evaluate_here(cfg, backbone, decoders, prompt_set, quality,
+                             {"skipped_decoders": skipped, "prompt_shortfall": shortfall}, undecoded_why)
+    decode_shard(cfg, backbone, decoders, prompt_set, quality)
+    if e.get("merge", "auto") == "auto" and int(e.shard.count) == 1:
+        return merge_store(cfg, names, prompt_set, quality, shortfall)
+    return {"shard": int(e.shard.index), "shards": int(e.shard.count), "store": str(e.store)}
+
+
+def undecodable(backbone: Backbone) -> str | None:
+    """Why the backbone's codes cannot be decoded to images (said in the log), or None when they can."""
+    decodable, why = backbone.can_decode()
+    if decodable:
+        return None
+    log.warning("images will not be decoded: %s; code grids are saved (codes_<decoder>.pt / .npy) and the "
+                "image-quality metrics are skipped", why)  # e.g. Lumina-mGPT without backbone.vqgan_path
+    return why
+
+
+def build_decoders(cfg: DictConfig, backbone: Backbone, names: list[str]) -> tuple[dict, dict]:
+    """Every decoder of the run, bound to ``backbone``; with ``eval.missing_drafter=skip`` (``decoders=all``), those
+    whose drafter is not trained here are skipped, loudly: ``(decoders, {skipped name: why})``."""
+    sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
     decoders, skipped = {}, {}
     for name in names:
-        dcfg = decoder_config(cfg, name)
         log.info("Instantiating decoder %s", name)
         try:
-            decoders[name] = build_decoder(dcfg, backbone, sampling, name=name, key=f"eval.decoders.{name}")
-        except FileNotFoundError as err:  # decoders=all: a preset whose drafter is not trained here is skipped, loudly
-            if e.get("missing_drafter", "error") != "skip":
+            decoders[name] = build_decoder(decoder_config(cfg, name), backbone, sampling, name=name,
+                                           key=f"eval.decoders.{name}")
+        except FileNotFoundError as err:
+            if cfg.eval.get("missing_drafter", "error") != "skip":
                 raise
             log.warning("eval.missing_drafter=skip: skipping %s (%s)", name, err)
             skipped[name] = str(err)
-    for dec in decoders.values():  # whole steps compiled / graph-captured: AR and every decoder alike
-        dec.runner = make_runner(compile_mode, bool(e.get("cuda_graphs", False)))
-    ar_forwards = backbone.grid.length
-    if e.get("store"):
-        decode_shard(cfg, backbone, decoders, prompt_set, quality)
-        if e.get("merge", "auto") == "auto" and int(e.shard.count) == 1:
-            return merge_store(cfg, names, prompt_set, quality, shortfall)
-        return {"shard": int(e.shard.index), "shards": int(e.shard.count), "store": str(e.store)}
-    batches = [prompts[i : i + e.batch_size] for i in range(0, len(prompts), e.batch_size)]
+    return decoders, skipped
 
-    def one_pass(dec, keep: bool, seed: int = cfg.seed):
-        outs, t0 = [], time.perf_counter()
-        for bi, batch in enumerate(batches):
-            g = batch_generator(seed, bi, cfg.device)
-            out = dec.generate(batch, g)
-            if keep:
-                outs.append(out)
-        return time.perf_counter() - t0, outs
 
-    seconds, outputs = interleaved_passes(
-        decoders, batches, lambda bi: batch_generator(cfg.seed, bi, cfg.device),
-        repeats=e.repeats, warmup_batches=warmup_batches(e, compile_mode),
-    )
+def compile_mode(e: DictConfig) -> str:
+    """``eval.compile``: none | forward | step."""
+    return e.get("compile") or "none"
 
+
+def _apply_execution_mode(backbone: Backbone, decoders: dict, e: DictConfig) -> None:
+    """``eval.compile`` and ``eval.cuda_graphs`` for AR and every decoder alike: the backbone's forwards compiled,
+    or each decoder's whole steps compiled / graph-captured by its runner."""
+    backbone.compile_steps("forward" if compile_mode(e) == "forward" else "none")
+    for dec in decoders.values():
+        dec.runner = make_runner(compile_mode(e), bool(e.get("cuda_graphs", False)))
+
+
+def evaluation_of(cfg: DictConfig, backbone: Backbone, decoders: dict, prompts: list[str]) -> Evaluation:
+    """The run's :class:`~hawkspec.evaluation.Evaluation` (``eval.batch_size``, ``eval.repeats``, the warm-up)."""
+    e = cfg.eval
+    return Evaluation(backbone, decoders, prompts, seed=cfg.seed, batch_size=e.batch_size, device=cfg.device,
+                      repeats=e.repeats, warmup_batches=warmup_batches(e, compile_mode(e)))
+
+
+def evaluate_here(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_set: list[Prompt],
+                  quality: QualitySettings | None, notes: dict, undecoded_why: str | None) -> dict:
+    """A one-process run: every decoder timed against AR, taking turns per batch; step accounting when
+    ``eval.step_accounting``; grids, heatmaps and codes written; then the quality scored (the speed results are on
+    disk first). ``notes``: results.json keys said only when set (skipped decoders, a prompt shortfall)."""
+    e, out_dir = cfg.eval, Path(cfg.paths.output_dir)
+    prompts = [p.text for p in prompt_set]
+    ev = evaluation_of(cfg, backbone, decoders, prompts)
+    timing = ev.time()
     accounting = None
     if e.get("step_accounting"):  # an untimed pass of its own: the clock synchronises every forward
-        accounting = step_accounting(
-            decoders, backbone, batches,
-            lambda bi: batch_generator(cfg.seed, bi, cfg.device),
-            compiled_forward=compile_mode == "step")
-
-    rows, images_of = [], {}
-    ar_sec = statistics.median(seconds["ar"]) / len(prompts)
-    for name, dec in decoders.items():
-        outs = outputs[name]
-        sec = statistics.median(seconds[name]) / len(prompts)
-        row = {"decoder": name, "lossless": bool(dec.lossless),
-               **summarize([image_counters(o, ar_forwards) for o in outs], ar_forwards),
-               "seconds_per_image": sec, "speedup": ar_sec / sec,
-               "seconds_per_pass": seconds[name], "config": decoder_settings(cfg, name), "built": dec.describe()}
-        codes = torch.cat([o.codes for o in outs])
-        row["grid"] = None
-        if decodable:
-            images = backbone.decode_codes(codes)  # (N, 3, H, W) uint8
-            if e.grid_images > 0:  # eval.grid_images=0: no grid
-                row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images[: e.grid_images]),
-                                            prompts[: e.grid_images]))
-            images_of[name] = images  # scored below (quality), once every decoder is timed
-        maps = [o.accept_map for o in outs if o.accept_map is not None]
-        if maps:
-            accept_heatmap(out_dir / f"accept_map_{name}.png", torch.cat(maps), f"{name}: acceptance by position")
-            row["accept_map"] = str(out_dir / f"accept_map_{name}.png")
-        torch.save(codes, out_dir / f"codes_{name}.pt")
-        np.save(out_dir / f"codes_{name}.npy", codes.cpu().numpy())
-        row["images_per_second"] = 1.0 / sec
-        if accounting is not None:
-            acc = accounting[name]
-            row["seconds_per_forward"] = acc["seconds_per_forward"]
-            row["forward_share"] = acc["forward_seconds"] / acc["seconds"]
-            row["efficiency"] = efficiency(row["speedup"], row["step_compression"],
-                                           accounting["ar"]["seconds_per_forward"], acc["seconds_per_forward"])
-        rows.append(row)
-
-    results = {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": len(prompts),
-               "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-               "batch_size": e.batch_size, "repeats": e.repeats, "compile": compile_mode,
-               "cuda_graphs": bool(e.get("cuda_graphs", False)),
-               "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
-               "decision_semantics": dict(DECISION_SEMANTICS), "threads": thread_settings()}
-    if skipped:
-        results["skipped_decoders"] = skipped
-    if shortfall:
-        results["prompt_shortfall"] = shortfall
-    if not decodable:
+        accounting = ev.account(compiled_forward=compile_mode(e) == "step")
+    rows = ev.rows(timing.outputs, timing, accounting)
+    images_of = write_outputs(cfg, backbone, decoders, rows, timing.outputs, prompts, undecoded_why is None)
+    results = {**run_description(cfg, backbone, rows, len(prompts)), **{k: v for k, v in notes.items() if v}}
+    if undecoded_why:
         results["images_decoded"] = False
         results["quality_skipped"] = f"images were not decoded: {undecoded_why}"
         print(f"Images were NOT decoded ({undecoded_why}): code grids saved as codes_<decoder>.pt / .npy in "
@@ -410,13 +401,51 @@ def evaluate(cfg: DictConfig) -> dict:
     results["prompts"] = prompt_description(cfg, prompt_set)
     results["speed_note"] = ("Speed measured within this one process on one device; decoders take turns per batch, "
                              f"seconds = median of {e.repeats} timed passes; backbone forwards "
-                             + speed_mode(compile_mode, bool(e.get("cuda_graphs", False))))
+                             + speed_mode(compile_mode(e), bool(e.get("cuda_graphs", False))))
+    results["timing"] = timing.describe()
     if quality is not None:
-        results["quality"] = scored_after_speed(
-            cfg, out_dir, results,
-            lambda: score_quality(cfg, quality, backbone, decoders["ar"], one_pass, rows, images_of, prompts))
+        floor = configured_floor_seed(cfg)
+        again = lambda: backbone.decode_codes(torch.cat([o.codes for o in ev.decode("ar", seed=floor)]))  # noqa: E731
+        results["quality"] = scored_after_speed(cfg, out_dir, results, lambda: score_quality(
+            quality, cfg.device, rows, images_of, prompts, base_seed=cfg.seed, floor_seed=floor, ar_again=again))
     results["resources"] = resources(cfg.device)
     return write_results(cfg, out_dir, results)
+
+
+def run_description(cfg: DictConfig, backbone: Backbone, rows: list[dict], num_prompts: int) -> dict:
+    """results.json's head of a one-process run: backbone, prompts, device, batching, execution mode, target, seed,
+    the rows, the decision semantics and the thread settings."""
+    e = cfg.eval
+    return {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": num_prompts,
+            "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+            "batch_size": e.batch_size, "repeats": e.repeats, "compile": compile_mode(e),
+            "cuda_graphs": bool(e.get("cuda_graphs", False)),
+            "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
+            "decision_semantics": dict(DECISION_SEMANTICS), "threads": thread_settings()}
+
+
+def write_outputs(cfg: DictConfig, backbone: Backbone, decoders: dict, rows: list[dict], outputs: dict,
+                  prompts: list[str], decodable: bool) -> dict[str, torch.Tensor]:
+    """Each row's settings (``config``, ``built``), image grid and acceptance heatmap; every decoder's codes as
+    ``codes_<decoder>.pt`` / ``.npy``. Returns decoder -> its images (N, 3, H, W) uint8 when ``decodable``."""
+    e, out_dir = cfg.eval, Path(cfg.paths.output_dir)
+    images_of = {}
+    for row in rows:
+        name, outs = row["decoder"], outputs[row["decoder"]]
+        row.update(config=decoder_settings(cfg, name), built=decoders[name].describe(), grid=None)
+        codes = torch.cat([o.codes for o in outs])
+        if decodable:
+            images_of[name] = backbone.decode_codes(codes)  # scored later (quality), once every decoder is timed
+            if e.grid_images > 0:  # eval.grid_images=0: no grid
+                row["grid"] = str(save_grid(out_dir / f"grid_{name}.png", list(images_of[name][: e.grid_images]),
+                                            prompts[: e.grid_images]))
+        maps = [o.accept_map for o in outs if o.accept_map is not None]
+        if maps:
+            accept_heatmap(out_dir / f"accept_map_{name}.png", torch.cat(maps), f"{name}: acceptance by position")
+            row["accept_map"] = str(out_dir / f"accept_map_{name}.png")
+        torch.save(codes, out_dir / f"codes_{name}.pt")
+        np.save(out_dir / f"codes_{name}.npy", codes.cpu().numpy())
+    return images_of
 
 
 def scored_after_speed(cfg: DictConfig, out_dir: Path, results: dict, score) -> dict:
@@ -486,13 +515,20 @@ def semantics_line(results: dict) -> str:
     return "Decision semantics (README \"Decoding, precisely\"): " + "; ".join(parts) + "."
 
 
+def timing_note(results: dict) -> str:
+    """results.md's lines, right under the table, of what makes its speedups doubtful (results.json
+    ``timing.warnings``: passes that spread, a single pass, a busy machine); empty when nothing does."""
+    warnings = (results.get("timing") or {}).get("warnings") or []
+    return "".join(f"\n**Timing warning**: {w}.\n" for w in warnings)
+
+
 def write_results(cfg: DictConfig, out_dir: Path, results: dict, final: bool = True) -> dict:
     """results.json / .csv / .md and (``final``) the printed table and the loggers."""
     rows = results["rows"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(out_dir / "results.csv", rows)
-    table = markdown_table(rows, results.get("quality")) + f"\n{results['speed_note']}\n"
+    table = markdown_table(rows, results.get("quality")) + timing_note(results) + f"\n{results['speed_note']}\n"
     table += "\n" + semantics_line(results) + "\n"
     note = settings_note(rows)
     if note:
@@ -519,20 +555,22 @@ def decode_shard(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_set
     store = Path(e.store)
     extra = {}
     if quality is not None and quality.noise_floor:
-        extra["ar_reseed"] = (decoders["ar"], noise_floor_seed(cfg))
+        extra["ar_reseed"] = (decoders["ar"], configured_floor_seed(cfg))
     meta = {"backbone": backbone.name, "revision": backbone.revision, "ar_forwards": backbone.grid.length}
     report = eval_shards.run_shard(
         store, prompt_set, decoders, backbone.decode_codes, seed=cfg.seed, batch_size=e.batch_size,
         index=int(e.shard.index), count=int(e.shard.count), device=str(cfg.device),
-        warmup_batches=e.warmup_batches, max_batches=e.shard.get("max_batches"), extra=extra, meta=meta)
+        warmup_batches=warmup_batches(e, compile_mode(e)), max_batches=e.shard.get("max_batches"), extra=extra,
+        meta=meta)
     report["resources"] = resources(cfg.device)
     eval_shards.write_shard_report(store, report)
     return report
 
 
-def noise_floor_seed(cfg: DictConfig) -> int:
-    seed = cfg.eval.quality.get("noise_floor_seed")
-    return cfg.seed + 1 if seed is None else int(seed)
+def configured_floor_seed(cfg: DictConfig) -> int:
+    """AR's noise-floor seed of this run (:func:`hawkspec.evaluation.noise_floor_seed` of
+    ``eval.quality.noise_floor_seed``)."""
+    return noise_floor_seed(cfg.seed, cfg.eval.quality.get("noise_floor_seed"))
 
 
 def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], quality: QualitySettings | None,
@@ -560,45 +598,15 @@ def merge_store(cfg: DictConfig, names: list[str], prompt_set: list[Prompt], qua
     if shortfall:
         results["prompt_shortfall"] = shortfall
     if quality is not None:
-        side = int(images["ar"].shape[-1])
-        meter = QualityMeter(quality, side, cfg.device)
-        for row in rows:
-            row.update(meter.measure(images[row["decoder"]], prompts))
-        out = meter.describe()
-        if quality.noise_floor:
-            again = eval_shards.load_images(store, "ar_reseed", prompt_set)
-            ar_row = next(r for r in rows if r["decoder"] == "ar")
-            reseed = meter.measure(again, prompts)
-            out["noise_floor"] = {"base_seed": cfg.seed, "seed": noise_floor_seed(cfg), "ar_reseed": reseed,
-                                  "delta": noise_floor(ar_row, reseed), "fid_ar_vs_ar": meter.fid_between(images["ar"], again)}
-        results["quality"] = out
+        results["quality"] = score_quality(
+            quality, cfg.device, rows, images, prompts, base_seed=cfg.seed, floor_seed=configured_floor_seed(cfg),
+            ar_again=lambda: eval_shards.load_images(store, "ar_reseed", prompt_set))
     results["prompts"] = prompt_description(cfg, prompt_set)
     results["speed_note"] = eval_shards.SPEED_NOTE
+    results["timing"] = eval_shards.merged_timing(rows, by_shard)
     results["resources"] = {"merge": resources(cfg.device),
                             "shards": {k: (v["calls"][-1]["resources"] if v["calls"] else None) for k, v in by_shard.items()}}
     return write_results(cfg, out_dir, results)
-
-
-def score_quality(cfg, settings: QualitySettings, backbone: Backbone, ar, one_pass, rows: list[dict],
-                  images: dict[str, torch.Tensor], prompts: list[str]) -> dict:
-    """Add the quality figures to every row; AR sampled again with another seed (untimed) gives the noise floor."""
-    side = int(images["ar"].shape[-1])
-    log.info("Instantiating quality meter <hawkspec.metrics.quality.QualityMeter>")
-    meter = QualityMeter(settings, side, cfg.device)
-    for row in rows:
-        row.update(meter.measure(images[row["decoder"]], prompts))
-    out = meter.describe()
-    if settings.noise_floor:
-        seed = cfg.eval.quality.get("noise_floor_seed")
-        seed = cfg.seed + 1 if seed is None else int(seed)
-        log.info("Noise floor: AR again with seed %d (untimed)", seed)
-        _, outs = one_pass(ar, keep=True, seed=seed)
-        again = backbone.decode_codes(torch.cat([o.codes for o in outs]))
-        ar_row = next(r for r in rows if r["decoder"] == "ar")
-        reseed = meter.measure(again, prompts)
-        out["noise_floor"] = {"base_seed": cfg.seed, "seed": seed, "ar_reseed": reseed,
-                              "delta": noise_floor(ar_row, reseed), "fid_ar_vs_ar": meter.fid_between(images["ar"], again)}
-    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="eval")

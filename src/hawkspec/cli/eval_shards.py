@@ -11,8 +11,10 @@ split into global batches of ``eval.batch_size`` (in prompt order); batch ``b`` 
 ``b % count`` and is decoded with the generator ``batch_generator(seed, b)`` (hawkspec.decoding.sampling) by every decoder, exactly as an
 unsharded run decodes it: a sharded run makes the same images as a one-process run. A resumed shard skips the
 batches whose records all exist. Speed is measured inside each shard on its own device, decoders taking
-turns per batch; the merged speedup is total AR seconds / total decoder seconds, and each shard's own figures
-are kept (``results.json`` → ``speed_by_shard``).
+turns per batch (:func:`hawkspec.evaluation.take_turns`, the loop a one-process run times with); the merged speedup
+is total AR seconds / total decoder seconds, and each shard's own figures are kept (``results.json`` →
+``speed_by_shard``). Every batch is timed once, so no spread is measured: the merged table says so, and names
+the shards whose machine was busy while they timed (:func:`merged_timing`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from hawkspec.data.prompts import Prompt
 from hawkspec.decoding.sampling import batch_generator
+from hawkspec.evaluation import busy_warning, machine_load, take_turns, timing_warnings, warm_up
 from hawkspec.metrics.speed import summarize
 
 log = logging.getLogger("hawkspec")
@@ -94,10 +96,8 @@ def run_shard(store: Path, prompts: list[Prompt], decoders: dict, decode_images,
     log.info("Shard %d/%d: %d of its %d batches to decode (%d already in %s%s)", index, count, len(todo), len(mine),
              finished, store, f"; {len(mine) - finished - len(todo)} left for a later call (eval.shard.max_batches="
              f"{max_batches})" if len(mine) - finished > len(todo) else "")
-    names = list(decoders)
-    if todo and warmup_batches:
-        for name in names:
-            decoders[name].generate([prompts[i].text for i in batches[todo[0]]], torch.Generator().manual_seed(0))
+    texts = [[prompts[i].text for i in batches[b]] for b in todo]
+    warm_up(decoders, texts, lambda k: batch_generator(seed, todo[k], device), warmup_batches)
 
     def write(name, dec, b, out, sec, run_seed):
         images = decode_images(out.codes)
@@ -115,18 +115,14 @@ def run_shard(store: Path, prompts: list[Prompt], decoders: dict, decode_images,
                           out.extras["committed"]), ("accepted", out.accepted_tokens))} if "steps" in out.extras else {})}
             _atomic(rec, lambda p: p.write_text(json.dumps(record)))
 
+    before = machine_load()
     for k, b in enumerate(todo):
-        batch = [prompts[i].text for i in batches[b]]
-        for name in names[k % len(names):] + names[: k % len(names)]:
-            g = batch_generator(seed, b, device)
-            t0 = time.perf_counter()
-            out = decoders[name].generate(batch, g)
-            write(name, decoders[name], b, out, time.perf_counter() - t0, seed)
+        for name, out, sec in take_turns(decoders, texts[k], lambda: batch_generator(seed, b, device), k):  # noqa: B023
+            write(name, decoders[name], b, out, sec, seed)
         for name, (dec, s) in (extra or {}).items():
-            out = dec.generate(batch, batch_generator(s, b, device))
-            write(name, dec, b, out, None, s)
+            write(name, dec, b, dec.generate(texts[k], batch_generator(s, b, device)), None, s)
     return {"shard": index, "shards": count, "batches_decoded": len(todo), "batches_total": len(mine),
-            "device": device}
+            "device": device, "load_average": [before, machine_load()], "threads": torch.get_num_threads()}
 
 
 def write_shard_report(store: Path, report: dict) -> None:
@@ -198,6 +194,22 @@ def merged_rows(store: Path, names: list[str], prompts: list[Prompt], ar_forward
     for s in by_shard.values():
         s["speedup"] = {n: s["seconds"]["ar"] / v for n, v in s["seconds"].items()}
     return rows, by_shard
+
+
+def merged_timing(rows: list[dict], by_shard: dict) -> dict:
+    """results.json's ``timing`` of a merge: one timed pass per batch (so no spread measured) and, per shard, the
+    load averages around each call that decoded batches (``by_shard[k]["calls"]``: the shard reports), with
+    :func:`hawkspec.evaluation.timing_warnings`' sentences."""
+    warnings = timing_warnings({r["decoder"]: [r["seconds_per_image"]] for r in rows})
+    loads = {}
+    for shard, v in by_shard.items():
+        for call in v.get("calls", []):
+            if call.get("batches_decoded") and call.get("load_average"):
+                loads.setdefault(shard, []).append(call["load_average"])
+                busy = busy_warning(call["load_average"], int(call.get("threads", 1)), where=f" in shard {shard}")
+                if busy and busy not in warnings:
+                    warnings.append(busy)
+    return {"passes": 1, "load_average_by_shard": loads, "warnings": warnings}
 
 
 def codes_of(store: Path, decoder: str, prompts: list[Prompt]) -> torch.Tensor:

@@ -8,8 +8,9 @@
   body token, sampled from the prefill, is not part of any verification step.
 * ``accepted_drafts_per_step``: draft tokens accepted per verification forward (bonus and forced excluded).
 * ``seconds_per_image`` and ``speedup`` = AR seconds per image / the decoder's, measured in the same run by
-  :func:`interleaved_passes`: every batch is decoded by every decoder in turn before the next batch, so a
-  machine whose speed drifts (shared CPUs, GPU clocks) slows every decoder alike.
+  :func:`hawkspec.evaluation.interleaved_passes`: every batch is decoded by every decoder in turn before the next
+  batch, so a machine whose speed drifts (shared CPUs, GPU clocks) slows every decoder alike. Beside each speedup,
+  ``pass_spread`` = (max - min) / median of the decoder's timed passes (:func:`hawkspec.evaluation.pass_spread`).
 * Step accounting (:class:`~hawkspec.metrics.accounting.ForwardClock`, an untimed pass of its own): ``seconds_per_forward`` (the mean
   backbone forward of the decoder: one token for AR, one tree for the others), ``forward_share`` (the part of
   the decoder's time spent in backbone forwards) and ``efficiency`` = measured speedup / (step_compression x
@@ -19,11 +20,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
-
 import torch
-from tqdm.auto import tqdm
 
 from hawkspec.decoding.output import GenerationOutput
 
@@ -52,41 +49,6 @@ def summarize(counters: list[dict[str, torch.Tensor]], ar_forwards: int) -> dict
         "forwards_per_image": fwd,
         "step_compression": ar_forwards / fwd,
     }
-
-
-def interleaved_passes(
-    decoders: Mapping[str, object], batches: list[list[str]], generator: Callable[[int], torch.Generator],
-    repeats: int, warmup_batches: int = 1, progress: bool = True,
-) -> tuple[dict[str, list[float]], dict[str, list[GenerationOutput]]]:
-    """Time every decoder over the same batches: warm-up, then ``repeats`` timed passes.
-
-    Within a pass the decoders take turns *per batch* (the order rotates from batch to batch, so no decoder
-    always follows the same one): drift on the scale of seconds hits all of them alike, which per-decoder
-    passes (minutes apart on a CPU) do not. Batch ``i`` is decoded with ``generator(i)`` by every decoder.
-
-    Returns:
-        Seconds of each pass per decoder (sum over the batches), and each decoder's outputs of the first pass.
-    """
-    names = list(decoders)
-    for name in names:
-        for w in range(warmup_batches if batches else 0):  # cycles through the batches when there are fewer
-            i = w % len(batches)
-            decoders[name].generate(batches[i], generator(i))
-    seconds = {name: [] for name in names}
-    outputs = {name: [] for name in names}
-    for rep in tqdm(range(max(1, repeats)), desc="timed passes", disable=not progress):
-        spent = dict.fromkeys(names, 0.0)
-        for i, batch in enumerate(batches):
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                gen = generator(i)
-                t0 = time.perf_counter()
-                out = decoders[name].generate(batch, gen)
-                spent[name] += time.perf_counter() - t0
-                if rep == 0:
-                    outputs[name].append(out)
-        for name in names:
-            seconds[name].append(spent[name])
-    return seconds, outputs
 
 
 def efficiency(speedup: float, step_compression: float, ar_forward_seconds: float,
