@@ -21,6 +21,7 @@ from hawkspec.cli.common import CONF_DIR, instantiate
 from hawkspec.cli.eval import decoder_config, eval_prompt_set
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.evaluation import Evaluation, pass_spread
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 8
@@ -32,10 +33,10 @@ def main():
     initialize_config_dir(CONF_DIR, version_base="1.3")
     cfg = compose("eval", overrides=[f"eval.num_prompts={N}"])
     backbone = instantiate(cfg.backbone, "backbone").eval()
-    backbone.compile_steps("none")
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
     prompts = [p.text for p in eval_prompt_set(cfg)][:N]
-    build = lambda name: build_decoder(decoder_config(cfg, name), backbone, sampling)  # noqa: E731
+    def build(name: str, mode: ExecutionMode = EAGER):
+        return build_decoder(decoder_config(cfg, name), backbone, sampling, mode=mode)
 
     def evaluation(decoders: dict, baseline: str) -> Evaluation:  # batch 1; warmed up by the caller
         return Evaluation(backbone, decoders, prompts, seed=0, batch_size=1, repeats=PASSES, warmup_batches=0,
@@ -43,9 +44,7 @@ def main():
 
     def compiled_steps(own_code):  # AR and the other bench decoders, every step compiled, each warmed up twice
         static._own_code = own_code
-        decoders = {n: build(n) for n in ["ar"] + OTHERS}
-        for d in decoders.values():
-            d.runner = static.make_runner("step")
+        decoders = {n: build(n, ExecutionMode("step")) for n in ["ar"] + OTHERS}
         ev = evaluation(decoders, "ar")
         for name in decoders:  # warm-up: compile (the 2 first batches are eager / first variant)
             for _ in range(2):
@@ -68,8 +67,8 @@ def main():
         "own": [len(_debug_get_cache_entry_list(c._torchdynamo_orig_callable.__code__))
                 for c in mine["ar"].runner._compiled.values()],
     }
-    backbone.compile_steps("forward")  # the backbone's, for every decoder on it: timed on its own, after the rest
-    forwards = evaluation({"forwards compiled": build("ar")}, "forwards compiled")
+    # compiled forwards are the backbone's, for every decoder on it: timed on their own, after the rest
+    forwards = evaluation({"forwards compiled": build("ar", ExecutionMode("forward"))}, "forwards compiled")
     for _ in range(2):
         forwards.decode("forwards compiled")
     seconds = {**timing.seconds, **(compiled := forwards.time()).seconds}

@@ -25,10 +25,10 @@ from omegaconf import OmegaConf
 
 from hawkspec.backbones.tiny import TinyBackbone
 from hawkspec.data.procedural import ProceduralDataset
-from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.ar import ARDecoder
 from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.sampling import SamplingConfig
-from hawkspec.decoding.static import make_runner
+from hawkspec.decoding.static import ExecutionMode
 from hawkspec.evaluation import Evaluation
 
 DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0, "seed": 0,
@@ -40,16 +40,14 @@ def main() -> dict:
     if cfg.compile not in ("none", "forward", "graphs"):
         raise ValueError(f"compile must be none, forward or graphs, got {cfg.compile!r}")
     bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval()
-    bb.compile_steps("forward" if cfg.compile == "forward" else "none")
-    runner = make_runner("none", cuda_graphs=True) if cfg.compile == "graphs" else None
+    # the same vocabulary as eval.compile / eval.cuda_graphs: forwards compiled, or steps replayed from CUDA graphs
+    mode = ExecutionMode("forward" if cfg.compile == "forward" else "none", cuda_graphs=cfg.compile == "graphs")
     theirs_mode = {"none": "static", "forward": "forward", "graphs": "graphs"}[cfg.compile]
     ds = ProceduralDataset(cfg.num_prompts, seed=1234)
     prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
     s = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, cfg_scale=1.0)
 
-    class Ours:
-        def generate(self, batch, generator):
-            return ar_generate(bb, batch, s, generator, runner=runner)
+    ours = ARDecoder(bb, s, name="hawkspec_ar", mode=mode)
 
     class Theirs:
         def generate(self, batch, generator):
@@ -57,7 +55,7 @@ def main() -> dict:
             return hf_generate(bb, batch, s, compile=theirs_mode)
 
     # the two take turns on every batch, so the machine's drift slows both alike; batch b: batch_generator(seed, b)
-    timing = Evaluation(bb, {"hawkspec_ar": Ours(), "transformers_generate": Theirs()}, prompts, seed=cfg.seed,
+    timing = Evaluation(bb, {"hawkspec_ar": ours, "transformers_generate": Theirs()}, prompts, seed=cfg.seed,
                         batch_size=cfg.batch_size, device=cfg.device, repeats=cfg.repeats,
                         baseline="hawkspec_ar").time()
     times = {k: [t / len(prompts) for t in v] for k, v in timing.seconds.items()}

@@ -271,11 +271,10 @@ class Evaluation:
             log.warning("Timing: %s", warning)
         return timing
 
-    def account(self, compiled_forward: bool = False) -> dict[str, dict[str, float]]:
+    def account(self) -> dict[str, dict[str, float]]:
         """Step accounting (:func:`~hawkspec.metrics.accounting.step_accounting`): an untimed pass per decoder in
-        which every backbone forward is clocked."""
-        return step_accounting(self.decoders, self.backbone, self.batches, self.generator,
-                               compiled_forward=compiled_forward)
+        which its runner clocks every backbone forward."""
+        return step_accounting(self.decoders, self.batches, self.generator)
 
     def rows(self, outputs: Mapping[str, list[GenerationOutput]], timing: Timing | None = None,
              accounting: Mapping[str, dict] | None = None) -> list[dict]:

@@ -17,6 +17,7 @@ from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.proposers.hawk_pac import HawkPACProposer
 from hawkspec.decoding.proposers.pac import pac_paths
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.metrics.lossless import chi_square, image_distribution
 from hawkspec.testing import compose, random_heads, the_decoder
 
@@ -42,9 +43,9 @@ def proposer(drafter, nodes=16, width=3, depth=3, **keys):
                                 depth=depth, **keys)
 
 
-def hawk_pac(bb, drafter, nodes=16, width=3, depth=3, rule=None, s=SAMPLING, **keys):
+def hawk_pac(bb, drafter, nodes=16, width=3, depth=3, rule=None, s=SAMPLING, mode=EAGER, **keys):
     return SpeculativeDecoder(bb, proposer(drafter, nodes, width, depth, **keys), rule or ExactAcceptance(), s,
-                              pac_paths(nodes, width, depth))
+                              pac_paths(nodes, width, depth), mode=mode)
 
 
 # --------------------------------------------------------------------------------------------- lossless
@@ -80,11 +81,8 @@ def test_hawk_pac_is_lossless_in_a_mixed_batch(setup):
 def test_hawk_pac_is_lossless_compiled(setup):
     """``eval.compile=step``: static draws and shapes (the vertical cache a ring buffer, one block of Gumbel noise
     per step), the step compiles as one graph, and the exact rule stays lossless."""
-    from hawkspec.decoding.static import make_runner
-
     bb, heads, [(grids, probs), _] = setup
-    dec = hawk_pac(bb, heads)
-    dec.runner = make_runner("step")
+    dec = hawk_pac(bb, heads, mode=ExecutionMode("step"))
     out = dec.generate([PROMPTS[0]] * N_SAMPLES, torch.Generator().manual_seed(123))
     assert chi_square(out.codes.flatten(1), grids, probs) > ALPHA
 

@@ -1,6 +1,6 @@
 """The one proposer protocol and the Decoder protocol: every proposer and draft source is a Proposer; AR and the
 speculative decoders are Decoders; a proposer's per-batch state is what it declares (state()), and a step that
-keeps that memory in place (StepRunner with persist_every_step, what CUDA graphs need) decides as eager."""
+keeps that memory in place (ExecutionMode(persist_every_step=True), what CUDA graphs need) decides as eager."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from hawkspec.decoding.proposers import (DRAFTS, DraftSource, EagleProposer, Eag
                                          VerticalSource)
 from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
-from hawkspec.decoding.static import StepRunner
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.testing import build_random_backbone, random_heads
 
@@ -72,15 +72,14 @@ def test_declared_state_is_what_a_persistent_step_keeps(bb, name):
     chain = name in ("hawk_jacobi", "sjd")
     paths = paths_from_budget(6, 6, 1) if chain else paths_from_budget(8, 3, 3)
 
-    def run(runner):
-        dec = SpeculativeDecoder(bb, make(), ExactAcceptance(), SAMPLING, paths)
-        dec.runner = runner
+    def run(mode):
+        dec = SpeculativeDecoder(bb, make(), ExactAcceptance(), SAMPLING, paths, mode=mode)
         out = dec.generate(PROMPTS, torch.Generator().manual_seed(7))
         return dec, out
 
-    _, eager = run(None)
-    runner = StepRunner(persist_every_step=True)
-    dec, kept = run(runner)
+    _, eager = run(EAGER)
+    dec, kept = run(ExecutionMode(persist_every_step=True))
+    runner = dec.runner
     assert torch.equal(eager.tokens, kept.tokens) and torch.equal(eager.accept_map, kept.accept_map)
     state = dec.proposer.state()
     assert (bool(state) != (name == "medusa")) and all(isinstance(t, torch.Tensor) for t in state.values())

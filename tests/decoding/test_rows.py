@@ -18,6 +18,7 @@ from hawkspec.decoding.ar import ar_generate
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.rows import RowsDecoder, RowsForward, zipar_schedule
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg
+from hawkspec.decoding.static import ExecutionMode
 from hawkspec.testing import compose, random_backbone, the_decoder
 
 PROMPTS = ["a large red circle in the center", "a small blue square on the left on a plain white background"]
@@ -176,9 +177,8 @@ def test_preset_takes_the_backbones_window_and_refuses_whole_step_compiling():
                                                 "forwards": 4 * 11 + 12}
     with pytest.raises(ValueError, match=r"eval.decoders.zipar.rows: window=1"):
         build_decoder(the_decoder(bad, "zipar"), bb, GREEDY)
-    dec.runner = object()
     with pytest.raises(ValueError, match="eval.compile=step"):
-        dec.generate(PROMPTS[:1])
+        build_decoder(node, bb, GREEDY, mode=ExecutionMode("step"))
 
 
 # --------------------------------------------------------------------------------------------------------- PJD

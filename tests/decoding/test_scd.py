@@ -17,6 +17,7 @@ from hawkspec.decoding.proposers import JacobiProposer
 from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.proposers.jacobi import JacobiDrafts, gumbel_noise
 from hawkspec.decoding.sampling import SamplingConfig, sample
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.metrics.lossless import chi_square, image_distribution
 from hawkspec.testing import compose, the_decoder
@@ -37,9 +38,9 @@ def setup():
     return bb, [image_distribution(bb, prompt, SAMPLING) for prompt in PROMPTS]
 
 
-def scd(bb, coupling, rule=None, s=SAMPLING, window=4):
+def scd(bb, coupling, rule=None, s=SAMPLING, window=4, mode=EAGER):
     return SpeculativeDecoder(bb, JacobiProposer(coupling=coupling), rule or ExactAcceptance(), s,
-                              paths_from_budget(window, window, 1))
+                              paths_from_budget(window, window, 1), mode=mode)
 
 
 # --------------------------------------------------------------------------------------------- lossless
@@ -90,11 +91,8 @@ def test_coupled_jacobi_source_in_hawks_pool_is_lossless(setup, coupling):
 def test_scd_is_lossless_compiled(setup, coupling):
     """``eval.compile=step``: the couplings' draws are static (two uniforms per node for maximal, two per step
     for the Gumbel seed), the step compiles as one graph, and the exact rule stays lossless."""
-    from hawkspec.decoding.static import make_runner
-
     bb, [(grids, probs), _] = setup
-    dec = scd(bb, coupling)
-    dec.runner = make_runner("step")
+    dec = scd(bb, coupling, mode=ExecutionMode("step"))
     out = dec.generate([PROMPTS[0]] * N_SAMPLES, torch.Generator().manual_seed(123))
     assert chi_square(out.codes.flatten(1), grids, probs) > ALPHA
 

@@ -17,6 +17,7 @@ from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.proposers import PACProposer
 from hawkspec.decoding.proposers.pac import pac_paths, pac_tree_sizes
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.metrics.lossless import chi_square, image_distribution
 from hawkspec.testing import compose, the_decoder
 
@@ -35,9 +36,9 @@ def setup():
     return bb, [image_distribution(bb, prompt, SAMPLING) for prompt in PROMPTS]
 
 
-def pac(bb, nodes=10, width=3, depth=2, rule=None, s=SAMPLING):
+def pac(bb, nodes=10, width=3, depth=2, rule=None, s=SAMPLING, mode=EAGER):
     return SpeculativeDecoder(bb, PACProposer(nodes, width, depth), rule or ExactAcceptance(), s,
-                              pac_paths(nodes, width, depth))
+                              pac_paths(nodes, width, depth), mode=mode)
 
 
 # --------------------------------------------------------------------------------------------- the tree
@@ -96,11 +97,8 @@ def test_sjd_pac_is_lossless_compiled(setup):
     """``eval.compile=step``: the tree is static, the siblings' draws (Gumbel-top-K without replacement) and the
     continuation's uniforms come from one block of noise per step, the step compiles as one graph, and the exact
     rule stays lossless, in a mixed batch too."""
-    from hawkspec.decoding.static import make_runner
-
     bb, dists = setup
-    dec = pac(bb, 16, 3, 3)
-    dec.runner = make_runner("step")
+    dec = pac(bb, 16, 3, 3, mode=ExecutionMode("step"))
     codes = dec.generate(PROMPTS * (N_SAMPLES // 2), torch.Generator().manual_seed(321)).codes.flatten(1)
     for i, (grids, probs) in enumerate(dists):
         assert chi_square(codes[i::2], grids, probs) > ALPHA, PROMPTS[i]

@@ -19,6 +19,7 @@ from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.proposers import HorizontalSource, JacobiProposer, JacobiSource, SpatialProposer, VerticalSource
 from hawkspec.decoding.proposers.jacobi import JacobiDrafts
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.metrics.lossless import chi_square, image_distribution
 from hawkspec.testing import compose, peaky, random_backbone, random_heads, the_decoder
@@ -38,10 +39,10 @@ def setup():
     return bb, [image_distribution(bb, prompt, SAMPLING) for prompt in PROMPTS]
 
 
-def spatial(bb, lane=2, window=1, rule=None, s=SAMPLING):
+def spatial(bb, lane=2, window=1, rule=None, s=SAMPLING, mode=EAGER):
     """A short chain, so the lane drafts where it does not reach."""
     return SpeculativeDecoder(bb, JacobiProposer(lane=lane), rule or ExactAcceptance(), s,
-                              paths_from_budget(window, window, 1))
+                              paths_from_budget(window, window, 1), mode=mode)
 
 
 def test_spatial_jacobi_is_lossless(setup):
@@ -157,12 +158,9 @@ def test_presets_and_a_lane_too_wide():
 @pytest.mark.slow
 def test_lane_runs_inside_a_compiled_step():
     """The lane has a fixed width, so the whole step (tree + lane) compiles: greedy still equals AR."""
-    from hawkspec.decoding.static import make_runner
-
     bb = random_backbone("tiny", rows=3, cols=4, num_codes=32, seed=0)
     s = SamplingConfig(temperature=0, top_k=None, cfg_scale=2.0)
     prompts = ["a large red circle in the center", "a small blue square on the left"]
-    dec = spatial(bb, lane=2, window=2, rule=GreedyAcceptance(), s=s)
-    dec.runner = make_runner("step", False)
+    dec = spatial(bb, lane=2, window=2, rule=GreedyAcceptance(), s=s, mode=ExecutionMode("step"))
     out = dec.generate(prompts, torch.Generator().manual_seed(0))
     assert torch.equal(out.tokens, ar_generate(bb, prompts, s).tokens)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
-from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.ar import ARDecoder, ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.proposers import JacobiProposer
 from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig, Uniforms, sample
-from hawkspec.decoding.static import Persistent, StepRunner, make_runner
+from hawkspec.decoding.static import ExecutionMode, Persistent, StepRunner
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.testing import peaky, random_backbone, random_heads
 
@@ -68,29 +68,30 @@ def test_replay_memory_decodes_like_eager_and_never_moves(bb):
     """``persist_every_step`` does after every step what a CUDA-graph recording does (state into the persistent
     memory): greedy Hawk still equals AR, across two batches, and no tensor a step touches changes address."""
     eager = ar_generate(bb, PROMPTS, GREEDY).tokens
+    kept = ExecutionMode(persist_every_step=True)
     dec = SpeculativeDecoder(bb, hawk(random_heads(bb), vsd=1), GreedyAcceptance(), GREEDY,
-                             paths_from_budget(6, 3, 2))
-    dec.runner = StepRunner(persist_every_step=True)
+                             paths_from_budget(6, 3, 2), mode=kept)
     for _ in range(2):
         assert torch.equal(dec.generate(PROMPTS, torch.Generator().manual_seed(0)).tokens, eager)
     addresses = {p: t.data_ptr() for p, t in dec.runner.persist.tensors.items()}
-    assert any(p.startswith("run.state.cache.layers[0].keys") for p in addresses)
+    assert any(p.startswith("kv.cache.layers[0].keys") for p in addresses)
+    assert {"state.tokens", "state.n", "state.hidden", "state.stats.steps"} <= set(addresses)
     assert any(p.startswith("proposer.") for p in addresses)
     dec.generate(PROMPTS[::-1], torch.Generator().manual_seed(1))
     assert {p: t.data_ptr() for p, t in dec.runner.persist.tensors.items()} == addresses
-    ar_runner = StepRunner(persist_every_step=True)
+    ar = ARDecoder(bb, GREEDY, mode=kept)
     for _ in range(2):
-        assert torch.equal(ar_generate(bb, PROMPTS, GREEDY, runner=ar_runner).tokens, eager)
+        assert torch.equal(ar.generate(PROMPTS).tokens, eager)
 
 
 def test_sampled_steps_with_uniform_buffers_are_reproducible(bb):
     s = SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
     # sampled drafts on a branching tree: siblings tried in order against the residual (the bounded tries walk)
-    dec = SpeculativeDecoder(bb, hawk(random_heads(bb), draft="sample", vsd=1), ExactAcceptance(), s,
-                             paths_from_budget(6, 3, 2))
+    heads = random_heads(bb)
     runs = []
     for _ in range(2):
-        dec.runner = StepRunner(persist_every_step=True)
+        dec = SpeculativeDecoder(bb, hawk(heads, draft="sample", vsd=1), ExactAcceptance(), s,
+                                 paths_from_budget(6, 3, 2), mode=ExecutionMode(persist_every_step=True))
         runs.append(dec.generate(PROMPTS, torch.Generator().manual_seed(5)).codes)
     assert torch.equal(runs[0], runs[1])
 
@@ -98,20 +99,19 @@ def test_sampled_steps_with_uniform_buffers_are_reproducible(bb):
 def test_bad_modes_are_refused_naming_the_keys():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="eval.cuda_graphs"):
-            StepRunner(cuda_graphs=True)
+            ExecutionMode(cuda_graphs=True)
     with pytest.raises(ValueError, match="eval.compile"):
-        make_runner("everything")
+        ExecutionMode("everything")
 
 
 def test_compiled_steps_decide_like_eager(bb):
     """AR and Medusa with every step compiled as one graph (``fullgraph``: a graph break fails) equal greedy AR
     eager token for token; a second batch reuses the graphs."""
     eager = ar_generate(bb, PROMPTS, GREEDY).tokens
-    runner = make_runner("step")
-    assert torch.equal(ar_generate(bb, PROMPTS, GREEDY, runner=runner).tokens, eager)
+    assert torch.equal(ARDecoder(bb, GREEDY, mode=ExecutionMode("step")).generate(PROMPTS).tokens, eager)
     medusa = proposer_from_config("medusa", {"horizontal": random_heads(bb)})
-    dec = SpeculativeDecoder(bb, medusa, GreedyAcceptance(), GREEDY, paths_from_budget(6, 3, 2))
-    dec.runner = make_runner("step")
+    dec = SpeculativeDecoder(bb, medusa, GreedyAcceptance(), GREEDY, paths_from_budget(6, 3, 2),
+                             mode=ExecutionMode("step"))
     for _ in range(2):
         assert torch.equal(dec.generate(PROMPTS, torch.Generator().manual_seed(0)).tokens, eager)
 
@@ -131,11 +131,10 @@ def test_compiled_steps_are_lossless(method):
     def decoder(rule, s):
         if method.startswith("hawk"):
             draft = "sample" if method == "hawk_sampled" and not s.greedy else "topk"
-            dec = SpeculativeDecoder(small, hawk(heads, draft=draft, vsd=1), rule, s, paths_from_budget(6, 3, 3))
-        else:
-            dec = SpeculativeDecoder(small, JacobiProposer(), rule, s, paths_from_budget(6, 6, 1))
-        dec.runner = make_runner("step")
-        return dec
+            return SpeculativeDecoder(small, hawk(heads, draft=draft, vsd=1), rule, s, paths_from_budget(6, 3, 3),
+                                      mode=ExecutionMode("step"))
+        return SpeculativeDecoder(small, JacobiProposer(), rule, s, paths_from_budget(6, 6, 1),
+                                  mode=ExecutionMode("step"))
 
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
     grids, probs = image_distribution(small, PROMPTS[0], s)
@@ -155,7 +154,7 @@ def test_each_runner_and_step_kind_compiles_a_code_object_of_its_own():
     def step(x, rng):
         x.add_(1)
 
-    a, b = StepRunner(compile_step=True), StepRunner(compile_step=True)
+    a, b = StepRunner(ExecutionMode("step")), StepRunner(ExecutionMode("step"))
     codes = [r._body(k, step)._torchdynamo_orig_callable.__code__ for r in (a, b) for k in ("ar", "eol")]
     assert len({id(c) for c in codes}) == 4
     assert a._body("ar", step) is a._body("ar", step)  # compiled once per runner and key

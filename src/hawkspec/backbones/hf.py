@@ -168,6 +168,8 @@ class HFBackbone(Backbone):
         eager. Applies to every decoder on this backbone alike, AR included (compiled vs compiled)."""
         if mode not in ("none", "forward"):
             raise ValueError(f"compile must be none or forward, got {mode!r}")
+        if mode == "forward" and self.__dict__.get("_compiled") is not None:  # every decoder's runner asks: once
+            return self
         self.__dict__["_compiled"] = torch.compile(self.transformer, dynamic=False) if mode == "forward" else None
         return self
 

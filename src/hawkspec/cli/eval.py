@@ -27,7 +27,7 @@ from hawkspec.data.render import save_grid
 from hawkspec.decoding.acceptance import DECISION_SEMANTICS
 from hawkspec.decoding.build import build_decoder
 from hawkspec.decoding.sampling import SamplingConfig
-from hawkspec.decoding.static import make_runner
+from hawkspec.decoding.static import ExecutionMode
 from hawkspec.determinism import pin_threads, thread_settings
 from hawkspec.evaluation import Evaluation, noise_floor_seed, score_quality
 from hawkspec.metrics.quality import QUALITY_KEYS, QualitySettings
@@ -320,7 +320,6 @@ def evaluate(cfg: DictConfig) -> dict:
     if undecoded_why:
         quality = None
     decoders, skipped = build_decoders(cfg, backbone, names)
-    _apply_execution_mode(backbone, decoders, e)
     if not e.get("store"):
         return evaluate_here(cfg, backbone, decoders, prompt_set, quality,
                              {"skipped_decoders": skipped, "prompt_shortfall": shortfall}, undecoded_why)
@@ -342,14 +341,16 @@ def undecodable(backbone: Backbone) -> str | None:
 
 def build_decoders(cfg: DictConfig, backbone: Backbone, names: list[str]) -> tuple[dict, dict]:
     """Every decoder of the run, bound to ``backbone``; with ``eval.missing_drafter=skip`` (``decoders=all``), those
-    whose drafter is not trained here are skipped, loudly: ``(decoders, {skipped name: why})``."""
+    whose drafter is not trained here are skipped, loudly: ``(decoders, {skipped name: why})``. All are built in
+    the run's one execution mode (``eval.compile``, ``eval.cuda_graphs``), AR included."""
     sampling = SamplingConfig(**cfg.sampling).validate(backbone.num_codes)
+    mode = ExecutionMode.from_config(cfg.eval)
     decoders, skipped = {}, {}
     for name in names:
         log.info("Instantiating decoder %s", name)
         try:
             decoders[name] = build_decoder(decoder_config(cfg, name), backbone, sampling, name=name,
-                                           key=f"eval.decoders.{name}")
+                                           key=f"eval.decoders.{name}", mode=mode)
         except FileNotFoundError as err:
             if cfg.eval.get("missing_drafter", "error") != "skip":
                 raise
@@ -361,14 +362,6 @@ def build_decoders(cfg: DictConfig, backbone: Backbone, names: list[str]) -> tup
 def compile_mode(e: DictConfig) -> str:
     """``eval.compile``: none | forward | step."""
     return e.get("compile") or "none"
-
-
-def _apply_execution_mode(backbone: Backbone, decoders: dict, e: DictConfig) -> None:
-    """``eval.compile`` and ``eval.cuda_graphs`` for AR and every decoder alike: the backbone's forwards compiled,
-    or each decoder's whole steps compiled / graph-captured by its runner."""
-    backbone.compile_steps("forward" if compile_mode(e) == "forward" else "none")
-    for dec in decoders.values():
-        dec.runner = make_runner(compile_mode(e), bool(e.get("cuda_graphs", False)))
 
 
 def evaluation_of(cfg: DictConfig, backbone: Backbone, decoders: dict, prompts: list[str]) -> Evaluation:
@@ -389,7 +382,7 @@ def evaluate_here(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_se
     timing = ev.time()
     accounting = None
     if e.get("step_accounting"):  # an untimed pass of its own: the clock synchronises every forward
-        accounting = ev.account(compiled_forward=compile_mode(e) == "step")
+        accounting = ev.account()
     rows = ev.rows(timing.outputs, timing, accounting)
     images_of = write_outputs(cfg, backbone, decoders, rows, timing.outputs, prompts, undecoded_why is None)
     results = {**run_description(cfg, backbone, rows, len(prompts)), **{k: v for k, v in notes.items() if v}}

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from hawkspec.backbones.base import Backbone
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, sample, target_probs
-from hawkspec.decoding.static import ROUND_CAPACITY, StepRunner
+from hawkspec.decoding.static import EAGER, ExecutionMode, StepRunner
 
 
 @dataclass
@@ -33,11 +33,11 @@ class _ARRun:
     ent_sum: torch.Tensor  # () sum of the per-position mean target entropy
 
 
-def _ar_step(backbone: Backbone, run: _ARRun, sampling: SamplingConfig, forced: bool, last: bool,
+def _ar_step(runner: StepRunner, run: _ARRun, sampling: SamplingConfig, forced: bool, last: bool,
              track_entropy: bool, rng) -> None:
     """One body position: sample a code (or take the forced end-of-line token), write it, and forward it unless
     it is the last one. ``forced``/``last``/``track_entropy`` are Python constants: one compiled graph each."""
-    streams = run.state.streams
+    backbone, streams = runner.backbone, run.state.streams
     if forced:
         tok = run.eol
     else:
@@ -51,59 +51,77 @@ def _ar_step(backbone: Backbone, run: _ARRun, sampling: SamplingConfig, forced: 
     run.tokens.index_copy_(1, run.j, tok[:, None])
     run.j += 1
     if not last:
-        run.hidden = backbone.forward(run.state, tok.repeat(streams)[:, None])[:, -1]
+        run.hidden = runner.forward(run.state, tok.repeat(streams)[:, None])[:, -1]
 
 
-@torch.no_grad()
-def ar_generate(
-    backbone: Backbone,
-    prompts: list[str],
-    sampling: SamplingConfig,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    track_entropy: bool = False,
-    runner: StepRunner | None = None,
-) -> GenerationOutput:
-    """Sample one image per prompt, one token per forward pass.
+class ARDecoder:
+    """Plain AR sampling behind the decoder interface (lossless by definition), one token per forward pass.
 
     Args:
         backbone: The frozen model.
-        prompts: B captions.
         sampling: CFG scale, temperature, top-k.
-        generator: Seeds the draws (same generator state -> same images).
-        progress: Show a progress bar over image tokens.
-        track_entropy: Also return the mean target entropy over sampled positions.
-        runner: Compiled / graph-captured steps (:func:`hawkspec.decoding.static.make_runner`); None: eager.
+        name: The row name in results.
+        mode: How its steps run (``eval.compile``, ``eval.cuda_graphs``), as every decoder of the run.
     """
-    if not prompts:
-        raise ValueError("prompts is empty: give at least one prompt")
-    sampling.validate(backbone.num_codes)
-    grid = backbone.grid
-    B, L = len(prompts), grid.length
-    state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=L,
-                                     round_to=1 if runner is None else ROUND_CAPACITY, generator=generator)
-    device = hidden.device
-    zero = torch.zeros(1, dtype=torch.long, device=device)
-    run = _ARRun(
-        state=state, hidden=hidden.contiguous(), eol=torch.full((B,), backbone.eol_token_id if grid.eol else 0, device=device),
-        tokens=torch.zeros((B, L), dtype=torch.long, device=device),
-        codes=torch.zeros((B, grid.num_codes), dtype=torch.long, device=device),
-        j=zero, n_code=zero.clone(), ent_sum=torch.zeros((), device=device),
-    )
-    roots = {"ar": run}
-    if runner is not None:
+
+    lossless = True
+
+    def __init__(self, backbone: Backbone, sampling: SamplingConfig, name: str = "ar", mode: ExecutionMode = EAGER):
+        self.backbone, self.sampling, self.name = backbone, sampling, name
+        self.runner = StepRunner(mode, backbone)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "proposer": None, "acceptance": "ar", "lossless": True}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
+                 track_entropy: bool = False) -> GenerationOutput:
+        """Sample one image per prompt.
+
+        Args:
+            prompts: B captions.
+            generator: Seeds the draws (same generator state -> same images).
+            progress: Show a progress bar over image tokens.
+            track_entropy: Also return the mean target entropy over sampled positions.
+        """
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt")
+        backbone, sampling, runner = self.backbone, self.sampling, self.runner
+        sampling.validate(backbone.num_codes)
+        grid = backbone.grid
+        B, L = len(prompts), grid.length
+        state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=L,
+                                         round_to=runner.mode.capacity_round, generator=generator)
+        device = hidden.device
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        run = _ARRun(
+            state=state, hidden=hidden.contiguous(),
+            eol=torch.full((B,), backbone.eol_token_id if grid.eol else 0, device=device),
+            tokens=torch.zeros((B, L), dtype=torch.long, device=device),
+            codes=torch.zeros((B, grid.num_codes), dtype=torch.long, device=device),
+            j=zero, n_code=zero.clone(), ent_sum=torch.zeros((), device=device),
+        )
+        roots = {"ar": run}
         runner.begin(roots)
-    forced = grid.forced_mask().tolist()
-    for j in tqdm(range(L), disable=not progress, desc="AR", leave=False):
-        args = (backbone, run, sampling, forced[j], j == L - 1, track_entropy)
-        if runner is None or j == L - 1:
-            _ar_step(*args, generator)
-        else:
-            runner.step(("ar", forced[j], track_entropy), _ar_step, args, roots, generator)
-    return GenerationOutput(
-        codes=run.codes.view(B, grid.rows, grid.cols),
-        tokens=run.tokens,
-        forwards=L,
-        forwards_per_image=torch.full((B,), L),
-        mean_entropy=float(run.ent_sum) / grid.num_codes if track_entropy else None,
-    )
+        forced = grid.forced_mask().tolist()
+        for j in tqdm(range(L), disable=not progress, desc="AR", leave=False):
+            args = (runner, run, sampling, forced[j], j == L - 1, track_entropy)
+            if j == L - 1:  # once per image, no forward: not worth a compiled variant of its own
+                _ar_step(*args, generator)
+            else:
+                runner.step(("ar", forced[j], track_entropy), _ar_step, args, roots, generator)
+        return GenerationOutput(
+            codes=run.codes.view(B, grid.rows, grid.cols),
+            tokens=run.tokens,
+            forwards=L,
+            forwards_per_image=torch.full((B,), L),
+            mean_entropy=float(run.ent_sum) / grid.num_codes if track_entropy else None,
+        )
+
+
+def ar_generate(backbone: Backbone, prompts: list[str], sampling: SamplingConfig,
+                generator: torch.Generator | None = None, progress: bool = False,
+                track_entropy: bool = False) -> GenerationOutput:
+    """Eager AR sampling of one image per prompt (:meth:`ARDecoder.generate`; for compiled or graph-captured
+    steps build an :class:`ARDecoder` with its mode, which keeps what it compiled from call to call)."""
+    return ARDecoder(backbone, sampling).generate(prompts, generator, progress, track_entropy)

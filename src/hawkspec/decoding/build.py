@@ -32,7 +32,6 @@ built, so ``eval.decoders=all`` skips a preset whose checkpoint is missing (a Fi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -40,31 +39,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hawkspec.backbones.base import Backbone
-from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.ar import ARDecoder
 from hawkspec.decoding.engine import SpeculativeDecoder
-from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.proposers.config import build_proposer, interpolated_key
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import EAGER, ExecutionMode
 from hawkspec.decoding.tree import normalize_paths, paths_from_budget
 
 log = logging.getLogger("hawkspec")
-
-
-@dataclass
-class ARDecoder:
-    """Plain AR sampling behind the decoder interface (lossless by definition)."""
-
-    backbone: Backbone
-    sampling: SamplingConfig
-    name: str = "ar"
-    lossless: bool = True
-    runner: object = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
-
-    def generate(self, prompts, generator=None, progress=False, track_entropy=False) -> GenerationOutput:
-        return ar_generate(self.backbone, prompts, self.sampling, generator, progress, track_entropy, self.runner)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "proposer": None, "acceptance": "ar", "lossless": True}
 
 
 class NamedDecoder(SpeculativeDecoder):
@@ -94,7 +76,7 @@ def tree_paths(tree: DictConfig) -> list[tuple[int, ...]]:
 
 
 def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, name: str | None = None,
-                  key: str | None = None):
+                  key: str | None = None, mode: ExecutionMode = EAGER):
     """The decoder described by a decoder config node, bound to ``backbone``.
 
     Args:
@@ -102,14 +84,16 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig,
             (``eval.decoders.hawk`` -> ``hawk``).
         key: Where the node sits in the run config (every error names keys below it); None: the node's own path
             (``eval.decoders.hawk``), or ``decoder`` for a node made on its own.
+        mode: How its steps run (``eval.compile``, ``eval.cuda_graphs``: :meth:`ExecutionMode.from_config`); every
+            decoder of a run gets the same, AR included.
     """
     own = cfg._get_full_key(None) if isinstance(cfg, DictConfig) else ""
     key = key or own or "decoder"
     name = name or cfg.get("name") or key.rsplit(".", 1)[-1]
     if cfg.get("rows") is not None:  # rows in flight (ZipAR): a schedule of multi-row forwards, no proposer
-        return rows_decoder(cfg.rows, backbone, sampling, name, f"{key}.rows")
+        return rows_decoder(cfg.rows, backbone, sampling, name, f"{key}.rows", mode)
     if cfg.get("proposer") is None:
-        return ARDecoder(backbone, sampling, name=name)
+        return ARDecoder(backbone, sampling, name=name, mode=mode)
     # every source loads its checkpoint from its own `path`; its errors name `<key>.proposer.sources.<name>...`
     # or the decoder-level key its path interpolates (source_keys)
     proposer = build_proposer(cfg.proposer, f"{key}.proposer")
@@ -117,11 +101,12 @@ def build_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig,
     return NamedDecoder(
         name, backbone, proposer, acceptance, sampling, tree_paths(cfg.tree),
         max_tree_nodes=int(cfg.tree.get("max_nodes", 256)),
-        dynamic_nodes=None if cfg.tree.get("dynamic") is None else int(cfg.tree.dynamic),
+        dynamic_nodes=None if cfg.tree.get("dynamic") is None else int(cfg.tree.dynamic), mode=mode,
     )
 
 
-def rows_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, name: str, key: str):
+def rows_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, name: str, key: str,
+                 mode: ExecutionMode = EAGER):
     """The rows-in-flight decoder of a ``rows:`` node (``method: zipar | pjd``); errors name ``<key>.<field>``."""
     from hawkspec.decoding.rows import PJDDecoder, RowsDecoder
 
@@ -130,8 +115,9 @@ def rows_decoder(cfg: DictConfig, backbone: Backbone, sampling: SamplingConfig, 
         raise ValueError(f"{key}.method={method!r}: the rows-in-flight methods are ['zipar', 'pjd']")
     try:
         if method == "pjd":
-            return PJDDecoder(backbone, sampling, int(cfg.window), int(cfg.open_at), float(cfg.reuse), name=name)
-        return RowsDecoder(backbone, sampling, int(cfg.window), cfg.get("schedule"), name=name)
+            return PJDDecoder(backbone, sampling, int(cfg.window), int(cfg.open_at), float(cfg.reuse), name=name,
+                              mode=mode)
+        return RowsDecoder(backbone, sampling, int(cfg.window), cfg.get("schedule"), name=name, mode=mode)
     except ValueError as err:
         raise ValueError(f"{key}: {err}") from err
 

@@ -1,27 +1,35 @@
-"""The speculative decoding engine: propose -> tree -> one forward -> verify -> commit. Method-agnostic.
+"""The speculative decoding engine: locate -> propose -> tree -> one forward -> walk -> commit. Method-agnostic.
 
 One step, for a batch of images at different body positions (each row ``b`` has committed ``n[b]`` body
-tokens; the last one, the *root*, is committed but not yet forwarded):
+tokens; the last one, the *root*, is committed but not yet forwarded), reads as :meth:`SpeculativeDecoder.step`:
 
-1. The proposer fills candidate pools for the next codes from the hidden state at the last forwarded token.
-2. Each row's tree topology (rank paths with forced end-of-line tokens spliced in, :mod:`.tree`) is gathered
-   and its nodes take their tokens from the pools.
-3. One backbone forward over every row's tree (both CFG streams, 4-D tree mask, depth position ids).
-4. Walk each tree from the root: children are tried in order with the acceptance rule against the residual
-   target; an accepted child is descended into. The bonus token is drawn from the last residual.
-5. Commit the accepted path and the bonus; compact the KV cache to root + accepted path; the next drafts
-   come from the hidden state at the last accepted node — no extra forward.
+1. :meth:`~SpeculativeDecoder.locate`: each row's root and tree topology (a :class:`~hawkspec.decoding.state.Step`).
+2. :meth:`~SpeculativeDecoder.propose`: the proposer fills candidate pools for the next codes from the hidden
+   state at the last forwarded token.
+3. :meth:`~SpeculativeDecoder.build_tree`: each row's tree topology (rank paths with forced end-of-line tokens
+   spliced in, :mod:`.tree`) is gathered and its nodes take their tokens from the pools (a
+   :class:`~hawkspec.decoding.state.Tree`; EAGLE-2's dynamic trees keep a subtree, :meth:`Tree.select`).
+4. :meth:`~SpeculativeDecoder.forward_tree`: one backbone forward over every row's tree (both CFG streams, 4-D
+   tree mask, depth position ids).
+5. The walk chosen at construction (:func:`hawkspec.decoding.walks.choose_walk`): each tree is walked from the
+   root; children are tried with the acceptance rule against the residual target; an accepted child is descended
+   into. The bonus token is drawn from the last residual (a :class:`~hawkspec.decoding.state.Verdict`).
+6. Commit, in three stages: :meth:`~SpeculativeDecoder.write_tokens` (the accepted path and the bonus, counters),
+   :meth:`~SpeculativeDecoder.notify_proposer` (what it observes), :meth:`~SpeculativeDecoder.advance_cache`
+   (the KV cache compacted to root + accepted path; the next drafts come from the hidden state at the last
+   accepted node -- no extra forward).
 
-The first token of every image is sampled exactly from the prefill's distribution, like AR.
+The first token of every image is sampled exactly from the prefill's distribution, like AR. Per-call constants
+live in a frozen :class:`~hawkspec.decoding.state.Batch`, the tensors a step updates in a
+:class:`~hawkspec.decoding.state.DecodeState`; every step runs through the decoder's
+:class:`~hawkspec.decoding.static.StepRunner` (eager, compiled or replayed: one loop, the mode given at build time).
 
-Rows in flight (spatial Jacobi): a proposer with a lane (``Proposer.lane_width``) gets ``M`` more nodes in step 3's
+Rows in flight (spatial Jacobi): a proposer with a lane (``Proposer.lane_width``) gets ``M`` more nodes in step 4's
 forward, one row below the root, that see the committed tokens and each other but no tree node; their targets go
-to the proposer with the tree's (step 5) and never to the walk.
+to the proposer with the tree's (step 6) and never to the walk.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -30,19 +38,11 @@ from hawkspec.backbones.base import Backbone
 from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.proposers.base import Pools, Proposer
-from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs, uniform
-from hawkspec.decoding.static import ROUND_CAPACITY
+from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs
+from hawkspec.decoding.state import Batch, DecodeState, Forward, Outcome, Step, StepStats, Tree
+from hawkspec.decoding.static import EAGER, ExecutionMode, StepRunner
 from hawkspec.decoding.tree import TopologyTable, select_subtree
-from hawkspec.decoding.walks import walk_longest, walk_longest_row
-
-
-@dataclass
-class StepStats:
-    """Per-step counters kept while decoding (for metrics)."""
-
-    steps: torch.Tensor  # (B,) tree forwards each row took part in while active
-    accepted: torch.Tensor  # (B,) draft tokens accepted (forced excluded)
-    committed: torch.Tensor  # (B,) body tokens committed by tree steps (forced and bonus included)
+from hawkspec.decoding.walks import choose_walk
 
 
 class SpeculativeDecoder:
@@ -61,11 +61,13 @@ class SpeculativeDecoder:
             (:func:`~hawkspec.decoding.tree.select_subtree`; needs a proposer that fills ``Pools.logp`` with
             top-k drafts). The choice depends on the deterministic drafts only, so the exact rule stays lossless
             (sampled drafts are refused: picking siblings by their value would bias them). None: the whole tree.
+        mode: How steps run (``eval.compile``, ``eval.cuda_graphs``): the decoder's :attr:`runner` is made from it.
     """
 
     def __init__(
         self, backbone: Backbone, proposer: Proposer, acceptance: AcceptanceRule, sampling: SamplingConfig,
         paths: list[tuple[int, ...]], max_tree_nodes: int = 256, dynamic_nodes: int | None = None,
+        mode: ExecutionMode = EAGER,
     ):
         sampling.validate(backbone.num_codes)
         self.backbone, self.proposer, self.acceptance, self.sampling = backbone, proposer, acceptance, sampling
@@ -81,7 +83,7 @@ class SpeculativeDecoder:
             raise ValueError(f"decoder.tree.dynamic={dynamic_nodes} must be between 2 and the tree's {T} nodes "
                              "(raise decoder.tree.budget for a larger superset tree)")
         self.dynamic_nodes = dynamic_nodes
-        self.runner = None  # a hawkspec.decoding.static.StepRunner: compiled / graph-captured steps
+        self.runner = StepRunner(mode, backbone)
         self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
         self.lane = int(getattr(proposer, "lane_width", 0))  # rows in flight: lane nodes after the tree
         self.path_width = min(self.forward_nodes, self.table.max_depth + 1)  # the longest accepted path, root included
@@ -91,9 +93,15 @@ class SpeculativeDecoder:
         ) and self.table.max_depth == T - 1
         device = backbone.code_token_ids.device
         self.table.to(device)
-        if self.lane:  # the lane's causal block, made once (each step masks it by the nodes that exist)
+        self.walk = choose_walk(acceptance, self.table, self.path_width, self.is_chain, mode.static)
+        # constants of every step, made once (their memory never moves: recorded graphs read them)
+        self._eye = {n: torch.eye(n, dtype=torch.bool, device=device) for n in {T, self.forward_nodes, self.lane}}
+        self._arA = torch.arange(self.path_width, device=device)
+        self._aranges: dict[int, torch.Tensor] = {}  # arange(B) per batch size
+        self._forced_body = torch.cat([backbone.grid.forced_mask().to(device),
+                                       torch.zeros(1, dtype=torch.bool, device=device)])
+        if self.lane:  # the lane's causal block (each step masks it by the nodes that exist)
             self._lane_tril = torch.ones(self.lane, self.lane, dtype=torch.bool, device=device).tril()
-            self._lane_eye = torch.eye(self.lane, dtype=torch.bool, device=device)
         proposer.bind(backbone, sampling)
         acceptance.bind(backbone)
         # body offset of each code depth j in each topology (-1 if absent): (n_topos, J)
@@ -104,91 +112,6 @@ class SpeculativeDecoder:
                 sel = (t.code_depth == j) & ~t.forced & (t.depth > 0)
                 if sel.any():
                     self.code_offset[i, j] = t.depth[sel][0]
-
-    def _walk_draw(self, y, t: "_Tree", active, arT):
-        """Point-mass trees (:meth:`AcceptanceRule.draw`): y (B, T) is the target's draw at every node. A node
-        is accepted iff its token equals its parent's draw (forced nodes always) and so is every ancestor; the
-        deepest accepted node ends the path and its draw is the bonus token. No loop over levels.
-        ``t.anc`` (B, T, T) is each row's ancestor-or-self mask, ``arT`` = arange(T)."""
-        tab = self.table
-        T = y.shape[1]
-        match = t.node_ok & (t.forced | (t.cand == y.gather(1, t.parent.clamp(min=0))))
-        match[:, 0] = True
-        on_path = ~(t.anc & ~match.unsqueeze(1)).any(-1)  # every ancestor-or-self matches
-        on_path &= active.unsqueeze(1) | (arT == 0)
-        key = torch.where(on_path, t.depth, T + tab.max_depth + 1)  # siblings never both match
-        path = torch.argsort(key, dim=1)[:, : self.path_width]
-        n_path = on_path.sum(1)
-        cur = path.gather(1, (n_path - 1).unsqueeze(1)).squeeze(1)
-        return cur, path, n_path, y.gather(1, cur.unsqueeze(1)).squeeze(1)
-
-    def _walk_tries(self, p, cand, pools, code_depth, rank, forced, node_ok, children, active, generator):
-        """General trees: try the children of the current node in order with the acceptance rule against the
-        residual; descend into the first accepted one. Returns the final residuals for the bonus draw.
-
-        Every (level, child) slot is tried for every row at once and the rows that were not really trying it are
-        masked out (each row's uniform for a slot is drawn up front, so masking changes no decision). Eager, the
-        loops stop as soon as no row is left trying (one read-back per slot); under a compiled or graph-captured
-        step they run their bounded length and read nothing back."""
-        tab = self.table
-        B, dev = p.shape[0], p.device
-        ar = torch.arange(B, device=dev)
-        cur = torch.zeros(B, dtype=torch.long, device=dev)
-        path = torch.zeros((B, self.path_width), dtype=torch.long, device=dev)
-        n_path = torch.ones(B, dtype=torch.long, device=dev)
-        alive = active.clone()
-        r = p[ar, cur]
-        u = uniform((B, tab.max_depth, tab.num_children), generator, dev)
-        eager = self.runner is None
-        for level in range(tab.max_depth):
-            moved = torch.zeros(B, dtype=torch.bool, device=dev)
-            for i in range(tab.num_children):
-                child = children[ar, cur, i]
-                child_c = child.clamp(min=0)
-                trying = alive & ~moved & (child >= 0) & node_ok[ar, child_c]
-                if eager and not trying.any():  # children are packed first: nobody tries a later one either
-                    break
-                acc = trying & forced[ar, child_c]  # forced tokens are accepted without a test
-                test = trying & ~acc
-                q = None if pools.q is None else pools.q[ar, code_depth[ar, child_c], rank[ar, child_c]]
-                ok, r_new = self.acceptance.try_candidate(r, cand[ar, child_c].clamp(min=0), q, u[:, level, i])
-                acc |= test & ok
-                r = torch.where((test & ~ok).unsqueeze(-1), r_new, r)
-                cur = torch.where(acc, child_c, cur)
-                moved |= acc
-            if eager and not moved.any():
-                break
-            slot = n_path.clamp(max=self.path_width - 1).unsqueeze(1)
-            path.scatter_(1, slot, torch.where(moved, cur, path.gather(1, slot).squeeze(1)).unsqueeze(1))
-            n_path += moved.long()
-            r = torch.where(moved.unsqueeze(-1), p[ar, cur], r)
-            alive &= moved
-        return cur, path, n_path, r
-
-    def _walk_chain(self, p, cand, pools, slot, forced, node_ok, active, ar, arA, generator):
-        """Chains (SJD's window: every node has at most one child, node i + 1 under node i): each node is tried
-        against its parent's untouched target, so every test runs at once and the path is the run of leading
-        acceptances. Same decisions and residuals as :meth:`_walk_tries`, without a loop over levels.
-        ``slot`` (B, T) is each node's flat index into the (J, P) pool; ``ar``, ``arA`` = arange(B), arange(A)."""
-        B, T, K = p.shape
-        x = cand[:, 1:]  # (B, T-1) node i+1 judged by node i's target
-        r = p[:, :-1]
-        q = None
-        if pools.q is not None:
-            q = pools.q.flatten(1, 2).gather(1, slot[:, 1:, None].expand(-1, -1, K)).reshape(-1, K)
-        u = uniform((B, T - 1), generator, p.device)
-        ok, r_new = self.acceptance.try_candidate(r.reshape(-1, K), x.clamp(min=0).reshape(-1), q, u.reshape(-1))
-        tried = node_ok[:, 1:] & active[:, None]
-        acc = tried & (forced[:, 1:] | ok.view(B, T - 1))
-        n_acc = acc.long().cumprod(1).sum(1)  # (B,) leading acceptances
-        n_path = n_acc + 1
-        path = torch.where(arA < n_path[:, None], arA, 0)
-        cur = n_acc
-        # the bonus comes from the residual of the rejected child, or from the target where nothing was tried
-        nxt = cur.clamp(max=T - 2)
-        rejected = (cur < T - 1) & tried.gather(1, nxt[:, None]).squeeze(1)
-        r_final = torch.where(rejected[:, None], r_new.view(B, T - 1, K)[ar, nxt], p[ar, cur])
-        return cur, path, n_path, r_final
 
     @property
     def lossless(self) -> bool:
@@ -208,134 +131,118 @@ class SpeculativeDecoder:
     ) -> GenerationOutput:
         """Sample one image per prompt. Same arguments and output as :func:`hawkspec.decoding.ar.ar_generate`.
 
-        Each step is five named stages: :meth:`propose`, :meth:`build_tree`, :meth:`forward_tree`,
-        :meth:`verify`, :meth:`commit`."""
+        Steps (:meth:`step`) run through :attr:`runner` until every row is done; the state a static runner
+        keeps in place is the :class:`~hawkspec.decoding.state.DecodeState`, its KV state and the proposer's
+        declared :meth:`~hawkspec.decoding.proposers.Proposer.state`."""
         if not prompts:
             raise ValueError("prompts is empty: give at least one prompt")
-        run = self.start(prompts, generator, track_entropy)
-        bar = tqdm(total=run.L * run.B, disable=not progress, desc=self.proposer.name, leave=False)
-        bar.update(run.B)
-        if self.runner is not None:
-            self._static_loop(run, generator, bar)
-        else:
-            while run.active.any():  # the one host sync of a step
-                committed = self.step(run, generator)
-                if progress:  # reading the count waits for the device; skip it when nobody watches
-                    bar.update(int(committed.sum()))
+        batch, state = self.start(prompts, generator, track_entropy)
+        bar = tqdm(total=batch.L * batch.B, disable=not progress, desc=self.proposer.name, leave=False)
+        bar.update(batch.B)
+        roots = {"state": state, "kv": state.kv, "proposer": self.proposer}
+        self.runner.loop(self.step, (batch, state), roots, lambda: (batch.L - state.n).clamp(min=0),
+                         self.path_width, generator, bar)
         bar.close()
-        return self.finish(run)
+        return self.finish(batch, state)
 
-    def step(self, run: "_Run", generator) -> torch.Tensor:
-        """One step over every row (rows already done take part without committing anything): the five stages.
-        Returns (B,) the body tokens committed per row; ``run.active`` (set by :meth:`start` and :meth:`commit`)
-        says which rows still decode."""
-        pools = self.propose(run, generator)
-        tree = self.build_tree(run, pools)
-        h, p = self.forward_tree(run, tree)  # the tree's nodes (the lane's targets wait in tree.lane_p)
-        verdict = self.verify(run, tree, p, generator)
-        run.committed = self.commit(run, tree, verdict, h, p, generator)
-        return run.committed
-
-    def _static_loop(self, run: "_Run", generator, bar) -> None:
-        """Steps through :attr:`runner` (compiled and/or replayed from a CUDA graph). The host reads the
-        committed counts only between stretches of steps: a step commits at most ``path_width`` tokens per row,
-        so ``ceil(remaining / path_width)`` steps never overshoot the last row's end. The state a step keeps:
-        the run and the proposer's declared :meth:`~hawkspec.decoding.proposers.Proposer.state`."""
-        roots = {"run": run, "proposer": self.proposer}
-        self.runner.begin(roots)
-        done = int(run.B)
-        while True:
-            left = (run.L - run.n).clamp(min=0)
-            remaining, total = torch.stack([left.max(), left.sum()]).tolist()  # one read-back per stretch
-            bar.update(run.L * run.B - total - done)
-            done = run.L * run.B - total
-            if remaining == 0:
-                return
-            for _ in range(-(-remaining // self.path_width)):
-                self.runner.step("tree", self.step, (run,), roots, generator)
+    def step(self, batch: Batch, state: DecodeState, rng) -> torch.Tensor:
+        """One step over every row (rows already done take part without committing anything). Returns (B,) the
+        body tokens committed per row; ``state.active`` says which rows still decode."""
+        at = self.locate(batch, state)
+        pools = self.propose(state, at, rng)
+        tree = self.build_tree(batch, state, at, pools)
+        fwd = self.forward_tree(batch, state, tree)
+        out = Outcome(at, tree, fwd, self.walk(tree, fwd.p, at.active, rng))
+        committed = self.write_tokens(batch, state, out)
+        self.notify_proposer(batch, state, out, rng)
+        self.advance_cache(batch, state, out)
+        return committed
 
     # ------------------------------------------------------------------------------------------- stages
-    def start(self, prompts: list[str], generator, track_entropy: bool = False) -> "_Run":
+    def start(self, prompts: list[str], generator, track_entropy: bool = False) -> tuple[Batch, DecodeState]:
         """Prefill both CFG streams (KV reserved once for the body and the largest tree) and sample the first
         code exactly from the prefill's distribution, as AR does."""
         bb, s, grid = self.backbone, self.sampling, self.backbone.grid
         B, L = len(prompts), grid.length
-        state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes + self.lane,
-                                   round_to=1 if self.runner is None else ROUND_CAPACITY, generator=generator)
+        kv, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + self.forward_nodes + self.lane,
+                                round_to=self.runner.mode.capacity_round, generator=generator)
         dev = hidden.device
-        run = _Run(B=B, L=L, S=state.streams, state=state, device=dev, track_entropy=track_entropy,
-                   eol=bb.eol_token_id if grid.eol else 0, num_nodes=self.forward_nodes,
-                   max_depth=self.path_width - 1)
-        # one spare column (index L) takes the writes of rows/nodes that commit nothing: no nonzero() per step
-        run.tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
-        run.codes = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
-        run.accept_map = torch.zeros((B, L + 1), device=dev)
-        run.forced_body = torch.cat([grid.forced_mask().to(dev), torch.zeros(1, dtype=torch.bool, device=dev)])
-        run.stats = StepStats(*(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3)))
-        p0 = self.acceptance.target(target_probs(combine_cfg(bb.code_logits(hidden), run.S, s.cfg_scale), s))
+        if B not in self._aranges:
+            self._aranges[B] = torch.arange(B, device=dev)
+        batch = Batch(B=B, L=L, S=kv.streams, device=dev, eol=bb.eol_token_id if grid.eol else 0,
+                      forced_body=self._forced_body, ar=self._aranges[B], track_entropy=track_entropy)
+        p0 = self.acceptance.target(target_probs(combine_cfg(bb.code_logits(hidden), batch.S, s.cfg_scale), s))
         first = self.acceptance.bonus(p0, generator)
-        run.codes[:, 0], run.tokens[:, 0] = first, bb.code_token_ids[first]
-        run.n = torch.ones(B, dtype=torch.long, device=dev)
-        run.active = run.n < L
-        # conditional stream after the image-start sequence; contiguous, so every batch has the same strides
-        run.src_hidden = hidden[:B].clone(memory_format=torch.contiguous_format)
-        run.ent_sum = torch.zeros((), device=dev)
-        run.ent_n = torch.zeros((), dtype=torch.long, device=dev)
+        tokens = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        codes = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        codes[:, 0], tokens[:, 0] = first, bb.code_token_ids[first]
+        n = torch.ones(B, dtype=torch.long, device=dev)
+        state = DecodeState(
+            kv=kv, tokens=tokens, codes=codes, accept_map=torch.zeros((B, L + 1), device=dev), n=n, active=n < L,
+            # conditional stream after the image-start sequence; contiguous, so every batch has the same strides
+            hidden=hidden[:B].clone(memory_format=torch.contiguous_format),
+            stats=StepStats(*(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))),
+            ent_sum=torch.zeros((), device=dev), ent_n=torch.zeros((), dtype=torch.long, device=dev))
         self.proposer.start(B, dev)
-        return run
+        return batch, state
 
-    def propose(self, run: "_Run", generator) -> Pools:
-        """Stage 1: the proposer's candidate pools for the next code depths of every row, (B, J, P), from the
-        hidden state at each row's last forwarded token (``run.src_hidden``, (B, d))."""
-        tab = self.table
-        run.root_pos = (run.n - 1).clamp(max=run.L - 1)  # (B,) the last committed body position
-        run.topo = tab.lookup(run.root_pos)  # (B,) each row's tree topology (forced tokens spliced in)
-        offset = self.code_offset[run.topo]  # (B, J)
-        code_pos = torch.where(offset >= 0, run.root_pos[:, None] + offset, -1)
-        return self.proposer.propose(run.src_hidden, run.root_pos, code_pos, max(tab.pool_sizes), generator)
+    def locate(self, batch: Batch, state: DecodeState) -> Step:
+        """Stage 1: each row's root (the last committed body position), its tree topology (forced tokens spliced
+        in) and the body position of every speculated code depth."""
+        root_pos = (state.n - 1).clamp(max=batch.L - 1)
+        topo = self.table.lookup(root_pos)
+        offset = self.code_offset[topo]  # (B, J)
+        code_pos = torch.where(offset >= 0, root_pos[:, None] + offset, -1)
+        return Step(root_pos=root_pos, topo=topo, code_pos=code_pos, active=state.active)
 
-    def build_tree(self, run: "_Run", pools: Pools) -> "_Tree":
-        """Stage 2: every row's tree -- node tokens from the pools (forced end-of-line tokens in place), the
+    def propose(self, state: DecodeState, at: Step, rng) -> Pools:
+        """Stage 2: the proposer's candidate pools for the next code depths of every row, (B, J, P), from the
+        hidden state at each row's last forwarded token (``state.hidden``, (B, d))."""
+        return self.proposer.propose(state.hidden, at.root_pos, at.code_pos, max(self.table.pool_sizes), rng)
+
+    def build_tree(self, batch: Batch, state: DecodeState, at: Step, pools: Pools) -> Tree:
+        """Stage 3: every row's tree -- node tokens from the pools (forced end-of-line tokens in place), the
         4-D mask of ancestors among the valid nodes, depth position offsets. All (B, T) or (B, T, T)."""
-        tab, topo, ar = self.table, run.topo, run.ar
-        t = _Tree(pools=pools, depth=tab.depth[topo], code_depth=tab.code_depth[topo], rank=tab.rank[topo],
-                  forced=tab.forced[topo], anc=tab.mask[topo], parent=tab.parent[topo], children=tab.children[topo])
-        t.slot = t.code_depth * pools.tokens.shape[-1] + t.rank  # each node's flat index into the (J, P) pool
-        t.cand = pools.tokens.flatten(1).gather(1, t.slot)  # code of each node, -1 none
-        t.cand[:, 0] = run.codes[ar, run.root_pos]
-        t.node_ok = tab.valid[topo] & (t.forced | (t.cand >= 0)) & run.active[:, None]
-        t.node_ok[:, 0] = True
+        tab, topo, ar = self.table, at.topo, batch.ar
+        code_depth, rank, forced = tab.code_depth[topo], tab.rank[topo], tab.forced[topo]
+        slot = code_depth * pools.tokens.shape[-1] + rank  # each node's flat index into the (J, P) pool
+        cand = pools.tokens.flatten(1).gather(1, slot)  # code of each node, -1 none
+        cand[:, 0] = state.codes[ar, at.root_pos]
+        node_ok = tab.valid[topo] & (forced | (cand >= 0)) & at.active[:, None]
+        node_ok[:, 0] = True
+        node_tok = torch.where(forced, batch.eol, self.backbone.code_token_ids[cand.clamp(min=0)])
+        node_tok[:, 0] = state.tokens[ar, at.root_pos]
+        anc = tab.mask[topo]
+        tree = Tree(pools=pools, depth=tab.depth[topo], code_depth=code_depth, rank=rank, forced=forced, anc=anc,
+                    parent=tab.parent[topo], children=tab.children[topo], slot=slot, cand=cand, node_ok=node_ok,
+                    node_tok=node_tok, mask=(anc & node_ok.unsqueeze(1)) | self._eye[tab.num_nodes])
         if self.dynamic_nodes:
-            t = self._dynamic_subtree(t)
-        t.node_tok = torch.where(t.forced, run.eol, self.backbone.code_token_ids[t.cand.clamp(min=0)])
-        t.node_tok[:, 0] = run.tokens[ar, run.root_pos]
-        t.mask = (t.anc & t.node_ok.unsqueeze(1)) | run.eye
+            tree = tree.select(self._dynamic_selection(tree), self._eye[self.forward_nodes])
         if self.lane:
-            self._add_lane(run, t)
-        return t
+            tree = self._add_lane(batch, state, at, tree)
+        return tree
 
-    def _add_lane(self, run: "_Run", t: "_Tree") -> None:
+    def _add_lane(self, batch: Batch, state: DecodeState, at: Step, tree: Tree) -> Tree:
         """Rows in flight (spatial Jacobi): append the proposer's lane -- nodes one row below the root -- to the
         block. A lane node sees the root and the lane nodes before it, never the tree's drafts (row-causal); no tree
         node sees the lane, so the tree's targets are those of the tree alone. (B, T + M) tokens and depths."""
-        B, T, M, dev = run.B, t.node_tok.shape[1], self.lane, run.device
-        pos, code = self.proposer.lane(run.root_pos, run.codes[:, : run.L])  # (B, M) each
-        ok = (pos >= 0) & run.active[:, None]
-        t.lane_pos = torch.where(ok, pos, -1)
-        tok = torch.where(code >= 0, self.backbone.code_token_ids[code.clamp(min=0)], run.eol)
-        block_tok = torch.cat([t.node_tok, tok], dim=1)
-        block_depth = torch.cat([t.depth, torch.where(ok, pos - run.root_pos[:, None], 0)], dim=1)
+        B, T, M, dev = batch.B, tree.node_tok.shape[1], self.lane, batch.device
+        pos, code = self.proposer.lane(at.root_pos, state.codes[:, : batch.L])  # (B, M) each
+        ok = (pos >= 0) & at.active[:, None]
+        tok = torch.where(code >= 0, self.backbone.code_token_ids[code.clamp(min=0)], batch.eol)
+        block_tok = torch.cat([tree.node_tok, tok], dim=1)
+        block_depth = torch.cat([tree.depth, torch.where(ok, pos - at.root_pos[:, None], 0)], dim=1)
         mask = torch.zeros((B, T + M, T + M), dtype=torch.bool, device=dev)
-        mask[:, :T, :T] = t.mask
-        mask[:, T:, T:] = (self._lane_tril & ok[:, None, :]) | self._lane_eye
+        mask[:, :T, :T] = tree.mask
+        mask[:, T:, T:] = (self._lane_tril & ok[:, None, :]) | self._eye[M]
         mask[:, T:, 0] = ok  # the root: committed, forwarded in this block
-        t.block = (block_tok, mask, block_depth)
+        return tree.with_lane((block_tok, mask, block_depth), torch.where(ok, pos, -1))
 
-    def _dynamic_subtree(self, t: "_Tree") -> "_Tree":
-        """Keep each row's ``dynamic_nodes`` best nodes (by cumulative draft log-probability) of the superset tree,
-        renumbered in order; parents, children and ancestor masks follow. (B, T) -> (B, n)."""
-        logp = t.pools.logp
-        if t.pools.q is not None:  # choosing among i.i.d. sampled siblings by their value would bias them
+    def _dynamic_selection(self, tree: Tree) -> torch.Tensor:
+        """Each row's ``dynamic_nodes`` best nodes (by cumulative draft log-probability) of the superset tree,
+        (B, n) in increasing order (:func:`~hawkspec.decoding.tree.select_subtree`)."""
+        logp = tree.pools.logp
+        if tree.pools.q is not None:  # choosing among i.i.d. sampled siblings by their value would bias them
             raise ValueError(f"decoder.tree.dynamic ranks deterministic (top-k) drafts, but the {self.proposer.name!r} "
                              "proposer's are sampled; sampled drafts chosen by their own probability would no longer "
                              "be draws from q, and the exact rule would stop being lossless: draft top-k "
@@ -344,205 +251,99 @@ class SpeculativeDecoder:
         if logp is None:
             raise ValueError(f"decoder.tree.dynamic needs drafts with scores (Pools.logp); the "
                              f"{self.proposer.name!r} proposer gives none: set decoder.tree.dynamic=null")
-        node_lp = torch.where(t.forced, 0.0, logp.flatten(1).gather(1, t.slot).float())
+        node_lp = torch.where(tree.forced, 0.0, logp.flatten(1).gather(1, tree.slot).float())
         node_lp[:, 0] = 0.0
-        sel = select_subtree(node_lp, t.node_ok, t.anc, self.dynamic_nodes)  # (B, n)
-        B, n, T = sel.shape[0], sel.shape[1], t.cand.shape[1]
-        inv = torch.full((B, T), -1, dtype=torch.long, device=sel.device)
-        inv.scatter_(1, sel, torch.arange(n, device=sel.device).expand(B, n))
-        renum = lambda old: torch.where(old >= 0, inv.gather(1, old.clamp(min=0).flatten(1)).view(old.shape), -1)  # noqa: E731
-        pick = lambda x: x.gather(1, sel)  # noqa: E731
-        children = renum(t.children.gather(1, sel.unsqueeze(-1).expand(-1, -1, t.children.shape[-1])))
-        children = children.gather(-1, torch.argsort((children < 0).to(torch.int8), dim=-1, stable=True))
-        anc = t.anc.gather(1, sel.unsqueeze(-1).expand(-1, -1, T)).gather(2, sel.unsqueeze(1).expand(-1, n, -1))
-        sub = _Tree(pools=t.pools, depth=pick(t.depth), code_depth=pick(t.code_depth), rank=pick(t.rank),
-                    forced=pick(t.forced), anc=anc, parent=renum(pick(t.parent)), children=children)
-        sub.slot, sub.cand, sub.node_ok = pick(t.slot), pick(t.cand), pick(t.node_ok)
-        return sub
+        return select_subtree(node_lp, tree.node_ok, tree.anc, self.dynamic_nodes)
 
-    def forward_tree(self, run: "_Run", tree: "_Tree") -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 3: one backbone forward over every row's tree, both CFG streams. Returns the hidden states
-        (S*B, T, d) and the verification target at every node (B, T, K): AR's target (CFG, top-k,
-        temperature), then the acceptance rule's view of it."""
-        bb, s, S = self.backbone, self.sampling, run.S
-        tok, mask, depth = tree.block if tree.block is not None else (tree.node_tok, tree.mask, tree.depth)
-        h = bb.forward(run.state, tok.repeat(S, 1), tree_mask=mask.repeat(S, 1, 1), depth=depth.repeat(S, 1))
+    def forward_tree(self, batch: Batch, state: DecodeState, tree: Tree) -> Forward:
+        """Stage 4: one backbone forward over every row's tree, both CFG streams: the hidden states (S*B, T, d)
+        and the verification target at every node (B, T, K): AR's target (CFG, top-k, temperature), then the
+        acceptance rule's view of it. The lane's targets (its drafts' q) are kept apart."""
+        bb, s, S = self.backbone, self.sampling, batch.S
+        tok, mask, depth = tree.forwarded
+        h = self.runner.forward(state.kv, tok.repeat(S, 1), tree_mask=mask.repeat(S, 1, 1), depth=depth.repeat(S, 1))
         p = target_probs(combine_cfg(bb.code_logits(h), S, s.cfg_scale), s)  # (B, T, K)
-        if self.lane:  # the lane's targets are its drafts' q, the tree's verify
+        lane_p = None
+        if self.lane:
             T = h.shape[1] - self.lane
-            h, p, tree.lane_p = h[:, :T], p[:, :T], p[:, T:]
-        if run.track_entropy:  # on the device: no read-back in the step
-            run.ent_sum += torch.where(run.active, entropy(p[:, 0]), 0.0).sum()
-            run.ent_n += run.active.sum()
-        return h, self.acceptance.target(p)
+            h, p, lane_p = h[:, :T], p[:, :T], p[:, T:]
+        if batch.track_entropy:  # on the device: no read-back in the step
+            state.ent_sum += torch.where(state.active, entropy(p[:, 0]), 0.0).sum()
+            state.ent_n += state.active.sum()
+        return Forward(h=h, p=self.acceptance.target(p), lane_p=lane_p)
 
-    def verify(self, run: "_Run", tree: "_Tree", p: torch.Tensor, generator) -> "_Verdict":
-        """Stage 4: walk every row's tree from the root with the acceptance rule; the accepted path and the
-        bonus token. The walk is chosen by what the rule and tree allow (same decisions either way):
-
-        * independent rules (Medusa's typical): every node judged on its own, the longest accepted path;
-        * ``longest_row`` rules (SJD-PAC as released): every node tried against its sibling-reduced residual,
-          the longest accepted row (:func:`~hawkspec.decoding.walks.walk_longest_row`; lossy);
-        * point-mass trees under a rule with the shortcut: one draw per node (:meth:`_walk_draw`);
-        * chains: every node against its parent's untouched target at once (:meth:`_walk_chain`);
-        * otherwise children tried in order against the residual (:meth:`_walk_tries`).
-        """
-        t, tab, rule, active = tree, self.table, self.acceptance, run.active
-        shortcut = not rule.independent and t.pools.q is None and rule.point_mass_shortcut
-        shortcut = shortcut and not rule.longest_row
-        y = rule.draw(p, generator) if shortcut else None  # None: the rule declines the shortcut
-        if rule.independent:
-            cur, path, n_path, bonus = walk_longest(rule, p, t.cand, t.forced, t.node_ok, t.parent,
-                                                    t.anc, t.depth, active, tab.max_depth, generator)
-        elif rule.longest_row:
-            q = None
-            if t.pools.q is not None:
-                K = p.shape[-1]
-                q = t.pools.q.flatten(1, 2).gather(1, t.slot[..., None].expand(-1, -1, K))  # (B, T, K)
-            full = tab.max_code_depth if getattr(rule, "full_row_bonus", "target") == "uniform" else None
-            cur, path, n_path, r = walk_longest_row(rule, p, t.cand, q, t.forced, t.node_ok, t.children, t.anc,
-                                                    t.depth, active, self.path_width, full, generator)
-            bonus = rule.bonus(r, generator)
-        elif y is not None:
-            cur, path, n_path, bonus = self._walk_draw(y, t, active, run.arT)
-        else:
-            if self.is_chain:
-                walk = self._walk_chain(p, t.cand, t.pools, t.slot, t.forced, t.node_ok, active, run.ar, run.arA,
-                                        generator)
-            else:
-                walk = self._walk_tries(p, t.cand, t.pools, t.code_depth, t.rank, t.forced, t.node_ok,
-                                        t.children, active, generator)
-            cur, path, n_path, r = walk
-            bonus = rule.bonus(r, generator)
-        return _Verdict(cur=cur, path=path, n_path=n_path, bonus=bonus)
-
-    def commit(self, run: "_Run", tree: "_Tree", v: "_Verdict", h: torch.Tensor, p: torch.Tensor,
-               generator) -> torch.Tensor:
-        """Stage 5: write the accepted path (the root was committed last step) and the bonus token, count,
-        compact the KV cache to root + accepted path, and hand the proposer what it observes. The next drafts
-        come from the hidden state at the last accepted node -- no extra forward. Returns (B,) the body tokens
-        committed per row."""
-        t, bb, active, L, B, S = tree, self.backbone, run.active, run.L, run.B, run.S
-        path_ok = run.arA < v.n_path[:, None]  # (B, A)
-        pos = run.root_pos[:, None] + t.depth.gather(1, v.path)  # (B, A) body positions
+    def write_tokens(self, batch: Batch, state: DecodeState, out: Outcome) -> torch.Tensor:
+        """Stage 6a: write the accepted path (the root was committed last step) and the bonus token, count, and
+        advance the lengths and the active rows. Returns (B,) the body tokens committed per row."""
+        t, v, active, L = out.tree, out.verdict, out.at.active, batch.L
+        root_pos = out.at.root_pos
+        path_ok = self._arA < v.n_path[:, None]  # (B, A)
+        pos = root_pos[:, None] + t.depth.gather(1, v.path)  # (B, A) body positions
         commit = path_ok & active[:, None]
         commit[:, 0] = False
         path_forced = t.forced.gather(1, v.path)
-        last_pos = run.root_pos + t.depth.gather(1, v.cur[:, None]).squeeze(1)
+        last_pos = root_pos + t.depth.gather(1, v.cur[:, None]).squeeze(1)
         bonus_pos = last_pos + 1
         need = active & (bonus_pos < L)
-        bonus_forced = run.forced_body[bonus_pos]
+        bonus_forced = batch.forced_body[bonus_pos]
         where_to = torch.cat([torch.where(commit, pos, L), torch.where(need, bonus_pos, L)[:, None]], dim=1)
-        run.tokens.scatter_(1, where_to, torch.cat(
-            [t.node_tok.gather(1, v.path), torch.where(bonus_forced, run.eol, bb.code_token_ids[v.bonus])[:, None]],
-            dim=1))
-        run.codes.scatter_(1, where_to, torch.cat(
+        state.tokens.scatter_(1, where_to, torch.cat(
+            [t.node_tok.gather(1, v.path),
+             torch.where(bonus_forced, batch.eol, self.backbone.code_token_ids[v.bonus])[:, None]], dim=1))
+        state.codes.scatter_(1, where_to, torch.cat(
             [torch.where(path_forced, -1, t.cand.gather(1, v.path)), torch.where(bonus_forced, -1, v.bonus)[:, None]],
             dim=1))
-        run.accept_map.scatter_(1, where_to[:, :-1], 1.0)
-
-        n_new = torch.where(need, bonus_pos + 1, torch.where(active, last_pos + 1, run.n))
-        committed = n_new - run.n
-        run.stats.steps += active.long()
-        run.stats.committed += committed
-        run.stats.accepted += (commit & ~path_forced).sum(1)
-        run.n = n_new
-        run.active = n_new < L  # the next step's rows (the commit's own writes above used this step's)
-
-        if self.proposer.wants_tree_outputs:
-            node_pos = torch.where(t.node_ok & active[:, None], run.root_pos[:, None] + t.depth, -1)
-            if self.lane:  # the tree's nodes first: where both predict a position, the tree's draft is kept
-                p, node_pos = torch.cat([p, t.lane_p], dim=1), torch.cat([node_pos, t.lane_pos], dim=1)
-            self.proposer.observe_tree(p, node_pos, run.codes[:, :L], generator, chain=self.is_chain and not self.lane)
-        count = torch.where(active, v.n_path, 0)
-        bb.compact(run.state, v.path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
-        h_cond = h[:B]
-        if self.proposer.wants_accepted_hidden:
-            acc_hidden = h_cond.gather(1, v.path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
-            self.proposer.observe(acc_hidden, torch.where(path_ok & active[:, None], pos, -1), count)
-        run.src_hidden = torch.where(active[:, None], h_cond[run.ar, v.cur], run.src_hidden)
+        state.accept_map.scatter_(1, where_to[:, :-1], 1.0)
+        n_new = torch.where(need, bonus_pos + 1, torch.where(active, last_pos + 1, state.n))
+        committed = n_new - state.n
+        state.stats.steps += active.long()
+        state.stats.committed += committed
+        state.stats.accepted += (commit & ~path_forced).sum(1)
+        state.n = n_new
+        state.active = n_new < L  # the next step's rows (this step's stay in out.at.active)
         return committed
 
-    def finish(self, run: "_Run") -> GenerationOutput:
+    def notify_proposer(self, batch: Batch, state: DecodeState, out: Outcome, rng) -> None:
+        """Stage 6b: hand the proposer what it observes -- the target at every node (and the lane's) with the
+        committed codes, and the hidden states along the accepted path."""
+        t, v, active, root_pos = out.tree, out.verdict, out.at.active, out.at.root_pos
+        if self.proposer.wants_tree_outputs:
+            p = out.fwd.p
+            node_pos = torch.where(t.node_ok & active[:, None], root_pos[:, None] + t.depth, -1)
+            if self.lane:  # the tree's nodes first: where both predict a position, the tree's draft is kept
+                p, node_pos = torch.cat([p, out.fwd.lane_p], dim=1), torch.cat([node_pos, t.lane_pos], dim=1)
+            self.proposer.observe_tree(p, node_pos, state.codes[:, : batch.L], rng,
+                                       chain=self.is_chain and not self.lane)
+        if self.proposer.wants_accepted_hidden:
+            h_cond = out.fwd.h[: batch.B]
+            acc_hidden = h_cond.gather(1, v.path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
+            pos = root_pos[:, None] + t.depth.gather(1, v.path)
+            path_ok = self._arA < v.n_path[:, None]
+            self.proposer.observe(acc_hidden, torch.where(path_ok & active[:, None], pos, -1),
+                                  torch.where(active, v.n_path, 0))
+
+    def advance_cache(self, batch: Batch, state: DecodeState, out: Outcome) -> None:
+        """Stage 6c: compact the KV cache to root + accepted path (a chain's path is already in place) and carry
+        the hidden state at the last accepted node to the next step's drafts."""
+        v, active, S = out.verdict, out.at.active, batch.S
+        count = torch.where(active, v.n_path, 0)
+        self.backbone.compact(state.kv, v.path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
+        h_cond = out.fwd.h[: batch.B]
+        state.hidden = torch.where(active[:, None], h_cond[batch.ar, v.cur], state.hidden)
+
+    def finish(self, batch: Batch, state: DecodeState) -> GenerationOutput:
         """The codes, tokens and counters of the batch."""
-        grid, B = self.backbone.grid, run.B
-        code_positions = grid.code_positions().to(run.device)
-        stats = run.stats
+        grid, B = self.backbone.grid, batch.B
+        code_positions = grid.code_positions().to(batch.device)
+        stats = state.stats
         forwards = 1 + stats.steps
         return GenerationOutput(
-            codes=run.codes[:, code_positions].view(B, grid.rows, grid.cols),
-            tokens=run.tokens[:, : run.L],
+            codes=state.codes[:, code_positions].view(B, grid.rows, grid.cols),
+            tokens=state.tokens[:, : batch.L],
             forwards=int(forwards.max()),
             forwards_per_image=forwards.cpu(),
             accepted_tokens=stats.accepted.cpu(),
-            accept_map=run.accept_map[:, code_positions].view(B, grid.rows, grid.cols).cpu(),
-            mean_entropy=float(run.ent_sum) / max(int(run.ent_n), 1) if run.track_entropy else None,
+            accept_map=state.accept_map[:, code_positions].view(B, grid.rows, grid.cols).cpu(),
+            mean_entropy=float(state.ent_sum) / max(int(state.ent_n), 1) if batch.track_entropy else None,
             extras={"committed": stats.committed.cpu(), "steps": stats.steps.cpu()},
         )
-
-
-@dataclass
-class _Run:
-    """What one :meth:`SpeculativeDecoder.generate` call carries from step to step (B rows, body length L)."""
-
-    B: int
-    L: int
-    S: int  # CFG streams
-    state: object  # the backbone's KVState
-    device: torch.device
-    eol: int
-    num_nodes: int
-    max_depth: int
-    track_entropy: bool = False
-    tokens: torch.Tensor | None = None  # (B, L+1) committed input ids, -1 not yet
-    codes: torch.Tensor | None = None  # (B, L+1) committed codes, -1 forced / not yet
-    accept_map: torch.Tensor | None = None  # (B, L+1) 1.0 where a draft was accepted
-    forced_body: torch.Tensor | None = None  # (L+1,) forced positions
-    stats: StepStats | None = None
-    n: torch.Tensor | None = None  # (B,) committed body tokens
-    src_hidden: torch.Tensor | None = None  # (B, d) hidden state at each row's last forwarded token
-    active: torch.Tensor | None = None  # (B,) rows still decoding
-    root_pos: torch.Tensor | None = None  # (B,) this step's root body position
-    topo: torch.Tensor | None = None  # (B,) this step's topology index
-    ent_sum: torch.Tensor | None = None  # () target entropy summed over the roots of active rows
-    ent_n: torch.Tensor | None = None
-    committed: torch.Tensor | None = None  # (B,) tokens the last step committed
-
-    def __post_init__(self):
-        dev = self.device
-        self.ar = torch.arange(self.B, device=dev)
-        self.arT = torch.arange(self.num_nodes, device=dev)
-        self.arA = torch.arange(self.max_depth + 1, device=dev)
-        self.eye = torch.eye(self.num_nodes, dtype=torch.bool, device=dev)
-
-
-@dataclass
-class _Tree:
-    """One step's trees, (B, T) per node unless noted."""
-
-    pools: Pools
-    depth: torch.Tensor  # position offset from the root
-    code_depth: torch.Tensor  # which pool depth the node draws from
-    rank: torch.Tensor  # which pool entry
-    forced: torch.Tensor  # forced end-of-line node
-    anc: torch.Tensor  # (B, T, T) ancestors-or-self in the topology
-    parent: torch.Tensor  # parent node, -1 for the root
-    children: torch.Tensor  # (B, T, C) child nodes in verification order, -1 padded
-    slot: torch.Tensor | None = None  # flat index into the (J, P) pool
-    cand: torch.Tensor | None = None  # the node's code, -1 none
-    node_ok: torch.Tensor | None = None  # node takes part (valid, has a candidate, row active)
-    node_tok: torch.Tensor | None = None  # the node's input id
-    mask: torch.Tensor | None = None  # (B, T, T) the tree attention mask
-    block: tuple | None = None  # with a lane: what is forwarded, tokens (B, T + M), mask and depths
-    lane_pos: torch.Tensor | None = None  # (B, M) body positions of the lane nodes, -1 none (rows in flight)
-    lane_p: torch.Tensor | None = None  # (B, M, K) the target at each lane node (its prediction's q)
-
-
-@dataclass
-class _Verdict:
-    """The outcome of :meth:`SpeculativeDecoder.verify`, per row."""
-
-    cur: torch.Tensor  # (B,) the last accepted node
-    path: torch.Tensor  # (B, A) accepted nodes from the root, padded
-    n_path: torch.Tensor  # (B,) nodes on the path, root included
-    bonus: torch.Tensor  # (B,) the bonus code drawn at ``cur``

@@ -45,7 +45,8 @@ class Decoder(Protocol):
     Attributes:
         name: The row name in results (the preset's, or its key in ``eval.decoders``).
         lossless: Whether its images are distributed exactly as AR's.
-        runner: Compiled / graph-captured steps (:class:`hawkspec.decoding.static.StepRunner`), None: eager.
+        runner: Runs its steps in the execution mode it was built with (:class:`hawkspec.decoding.static.StepRunner`,
+            eager, compiled or graph-captured); every backbone forward goes through ``runner.forward``.
     """
 
     name: str

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from hawkspec.backbones.base import Backbone, ImageGrid
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, one_hot, sample, target_probs, uniform
+from hawkspec.decoding.static import EAGER, ExecutionMode, StepRunner
 
 log = logging.getLogger("hawkspec")
 
@@ -154,12 +155,17 @@ def _llamagen(grid: ImageGrid, window: int) -> list[RowsForward]:
     return out
 
 
-def _check_call(name: str, runner, prompts: list[str]) -> None:
-    """What every rows-in-flight decoder refuses: a step runner (its blocks change size) and no prompts."""
-    if runner is not None:
+def _runner(name: str, mode: ExecutionMode, backbone: Backbone) -> StepRunner:
+    """The runner of a rows-in-flight decoder; refused for static steps (its blocks change size from forward to
+    forward), naming the keys."""
+    if mode.static:
         raise ValueError(f"{name}: rows-in-flight decoders run their forwards eagerly or compiled "
                          "(eval.compile=none|forward); whole compiled steps and CUDA graphs "
                          "(eval.compile=step, eval.cuda_graphs) are not supported for them")
+    return StepRunner(mode, backbone)
+
+
+def _check_call(prompts: list[str]) -> None:
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
 
@@ -187,17 +193,18 @@ class RowsDecoder:
         window: ZipAR's window (``backbone.tuning.zipar.window``).
         schedule: ``lumina`` / ``llamagen``; None: the one written for the backbone's layout.
         name: The row name in results.
+        mode: How its forwards run (``eval.compile=none|forward``).
     """
 
     lossless = False
 
     def __init__(self, backbone: Backbone, sampling: SamplingConfig, window: int, schedule: str | None = None,
-                 name: str = "zipar"):
+                 name: str = "zipar", mode: ExecutionMode = EAGER):
         self.backbone, self.sampling, self.name = backbone, sampling, name
         self.window = int(window)
         self.schedule_name = schedule or ("lumina" if backbone.grid.eol else "llamagen")
         self.schedule = zipar_schedule(backbone.grid, self.window, self.schedule_name)
-        self.runner = None
+        self.runner = _runner(name, mode, backbone)
         self._fed = sum(len(f.feed) for f in self.schedule[1:])  # KV slots the image needs past the prompt
         emitted = sorted(e for f in self.schedule for e in f.emit if e is not None)
         if emitted != backbone.grid.code_positions().tolist():  # every code exactly once, or a schedule bug
@@ -216,7 +223,7 @@ class RowsDecoder:
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
                  track_entropy: bool = False) -> GenerationOutput:
-        _check_call(self.name, self.runner, prompts)
+        _check_call(prompts)
         bb, grid, sampling = self.backbone, self.backbone.grid, self.sampling
         B, L = len(prompts), grid.length
         state, hidden = bb.prefill(bb.encode(prompts), cfg=sampling.use_cfg, reserve=self._fed, generator=generator)
@@ -232,7 +239,7 @@ class RowsDecoder:
             if k == 0:  # the prefill's output samples body position 0
                 h = hidden[:, None]
             else:
-                h = bb.forward(state, tokens[:, source].repeat(streams, 1), positions=base[:, None] + feed)
+                h = self.runner.forward(state, tokens[:, source].repeat(streams, 1), positions=base[:, None] + feed)
             probs = target_probs(combine_cfg(bb.code_logits(h[:, sel]), streams, sampling.cfg_scale), sampling)
             if track_entropy:
                 ent_sum += entropy(probs).mean(0).sum()
@@ -317,7 +324,7 @@ class PJDDecoder:
     lossless = False
 
     def __init__(self, backbone: Backbone, sampling: SamplingConfig, window: int = 8, open_at: int = 9,
-                 reuse: float = 0.5, name: str = "pjd"):
+                 reuse: float = 0.5, name: str = "pjd", mode: ExecutionMode = EAGER):
         grid = backbone.grid
         if not grid.eol:
             raise ValueError("pjd: the official code opens a row with the end-of-line token; this backbone's grid "
@@ -327,7 +334,7 @@ class PJDDecoder:
                              f"{grid.tokens_per_row} tokens (backbone.tuning.pjd)")
         self.backbone, self.sampling, self.name = backbone, sampling, name
         self.window, self.open_at, self.reuse = int(window), int(open_at), float(reuse)
-        self.runner = None
+        self.runner = _runner(name, mode, backbone)
 
     def describe(self) -> dict:
         return {"name": self.name, "proposer": None, "acceptance": "pjd (SJD test; lower rows residual-free)",
@@ -338,7 +345,7 @@ class PJDDecoder:
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress: bool = False,
                  track_entropy: bool = False) -> GenerationOutput:
-        _check_call(self.name, self.runner, prompts)
+        _check_call(prompts)
         bb, grid, s = self.backbone, self.backbone.grid, self.sampling
         B, L, W, K = len(prompts), grid.length, grid.tokens_per_row, bb.num_codes
         state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + grid.rows * self.window + 1,
@@ -393,7 +400,7 @@ class PJDDecoder:
             # i sees j: raster-causal, and j in i's row or a committed token (a row's first node)
             mask = (fpos[None, :] <= fpos[:, None]) & ((rows_t[None, :] == rows_t[:, None]) | first_t[None, :])
             ids = tokens[:, fpos]
-            h = bb.forward(state, ids.repeat(S, 1), tree_mask=mask, positions=base[:, None] + fpos)
+            h = self.runner.forward(state, ids.repeat(S, 1), tree_mask=mask, positions=base[:, None] + fpos)
             p = target(h)  # (B, T, K)
             keep = [0] if finished_last is not None else []
             finished_last, done_now = None, []

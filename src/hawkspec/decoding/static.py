@@ -16,14 +16,19 @@ batch's start, a tensor rebound to a new tensor is copied into the one first see
 name points back at it. A proposer declares its per-batch tensors (:meth:`~hawkspec.decoding.proposers.Proposer.state`
 and ``set_state``); the run's plain dataclasses are walked attribute by attribute.
 
-Both apply to AR and to every decoder alike (compiled vs compiled, graphs vs graphs).
+Both apply to AR and to every decoder alike (compiled vs compiled, graphs vs graphs). The mode is an
+:class:`ExecutionMode`, given when a decoder is built (``build_decoder(..., mode=)``); every decoder owns a
+:class:`StepRunner` made from it, which runs its steps (eagerly too: one loop for every mode), installs compiled
+forwards, and times the backbone forwards for step accounting (:meth:`StepRunner.accounting`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import types
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -140,32 +145,76 @@ class Persistent:
         return same
 
 
+@dataclass(frozen=True)
+class ExecutionMode:
+    """How a decoder's steps run: ``eval.compile`` and ``eval.cuda_graphs``, fixed when the decoder is built.
+
+    Attributes:
+        compile: ``none`` (eager), ``forward`` (the backbone's forwards compiled, the rest of the step eager) or
+            ``step`` (every step compiled as one graph).
+        cuda_graphs: Record each step once as a CUDA graph and replay it (CUDA only).
+        persist_every_step: Move the state into the persistent memory after every step, as recording does,
+            without recording (what CPU tests use to check that a replayed step would see the right memory).
+    """
+
+    compile: str = "none"
+    cuda_graphs: bool = False
+    persist_every_step: bool = False
+
+    def __post_init__(self):
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"eval.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.cuda_graphs and not torch.cuda.is_available():
+            raise ValueError("eval.cuda_graphs=true needs a CUDA device (device=cuda): set eval.cuda_graphs=false")
+
+    @classmethod
+    def from_config(cls, e) -> "ExecutionMode":
+        """The mode an ``eval`` config node asks for (``eval.compile``, ``eval.cuda_graphs``)."""
+        return cls(str(e.get("compile") or "none"), bool(e.get("cuda_graphs", False)))
+
+    @property
+    def static(self) -> bool:
+        """Steps of static shape that never read the device back (compiled, recorded, or persisted as if)."""
+        return self.compile == "step" or self.cuda_graphs or self.persist_every_step
+
+    @property
+    def capacity_round(self) -> int:
+        """KV capacities are rounded up to a multiple of this (:data:`ROUND_CAPACITY` for static steps)."""
+        return ROUND_CAPACITY if self.static else 1
+
+
+EAGER = ExecutionMode()
+
+
 class StepRunner:
-    """Runs decoding steps eagerly with counted random draws, compiled, and/or replayed from CUDA graphs.
+    """Runs a decoder's steps in its :class:`ExecutionMode`: eagerly, compiled, and/or replayed from CUDA graphs.
 
     A step is ``fn(*args, rng)``: it reads and updates the state reachable from ``roots`` and draws every random
-    number from ``rng`` (through :func:`~hawkspec.decoding.sampling.uniform`). Steps are keyed (AR has one for
-    code positions and one for end-of-line tokens); each key's first step runs eagerly and counts its uniforms,
-    its second runs for real (compiling, on a side stream when recording) and records the CUDA graph, and the
-    rest are replays after one in-place fill of the uniform buffer.
+    number from ``rng``. Eager (``mode.static`` false), ``rng`` is the caller's generator and the step runs as
+    written. Static steps are keyed (AR has one for code positions and one for end-of-line tokens); each key's first
+    step runs eagerly and counts its uniforms (:class:`~hawkspec.decoding.sampling.Uniforms`), its second runs for
+    real (compiling, on a side stream when recording) and records the CUDA graph, and the rest are replays after
+    one in-place fill of the uniform buffer.
 
     A recorded graph replays what the step did when it was recorded, whatever Python state says later, so with
     graphs the first step of every batch runs eagerly (a proposer's "nothing cached yet" branch, say) and the
     state it leaves is moved into the persistent memory before the replays go on.
 
+    The decoders call the backbone's forward through :meth:`forward`, so step accounting
+    (:meth:`accounting`) times them without replacing anything.
+
     Args:
-        compile_step: ``torch.compile`` the step (one graph, ``fullgraph=True``).
-        cuda_graphs: Record and replay the step as a CUDA graph (CUDA only).
-        persist_every_step: Move the state into the persistent memory after every step, as recording does,
-            without recording (what CPU tests use to check that a replayed step would see the right memory).
+        mode: How steps run.
+        backbone: The backbone whose forwards the steps call; ``mode.compile == "forward"`` compiles them
+            (:meth:`~hawkspec.backbones.base.Backbone.compile_steps`, shared by every decoder on the backbone).
     """
 
-    def __init__(self, compile_step: bool = False, cuda_graphs: bool = False, persist_every_step: bool = False):
-        if cuda_graphs and not torch.cuda.is_available():
-            raise ValueError("eval.cuda_graphs=true needs a CUDA device (device=cuda): set eval.cuda_graphs=false")
-        self.compile_step, self.cuda_graphs = compile_step, cuda_graphs
-        self.persist_every_step = persist_every_step or cuda_graphs
+    def __init__(self, mode: ExecutionMode = EAGER, backbone=None):
+        self.mode, self.backbone = mode, backbone
+        if mode.compile == "forward":
+            backbone.compile_steps("forward")
         self.persist = Persistent()
+        self.clock = None  # a ForwardClock while accounting
         self._eager_next: set = set()
         self.n_uniforms: dict[object, int] = {}
         self.buffers: dict[object, torch.Tensor] = {}
@@ -173,23 +222,50 @@ class StepRunner:
         self._compiled: dict[object, Callable] = {}
 
     @property
-    def mode(self) -> str:
-        return ("step" if self.compile_step else "eager") + (" + CUDA graphs" if self.cuda_graphs else "")
+    def static(self) -> bool:
+        """Whether steps run static (no read-back inside a step: walks run their bounded length)."""
+        return self.mode.static and self.clock is None
+
+    def forward(self, state, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The backbone's :meth:`~hawkspec.backbones.base.Backbone.forward`, timed while :meth:`accounting`."""
+        if self.clock is None:
+            return self.backbone.forward(state, input_ids, **kwargs)
+        return self.clock.time(self.backbone.forward, state, input_ids, **kwargs)
+
+    @contextlib.contextmanager
+    def accounting(self, clock):
+        """Step accounting: while inside, steps run eagerly (a clock cannot stop inside a compiled or recorded step)
+        and every backbone forward is timed by ``clock`` (:class:`~hawkspec.metrics.accounting.ForwardClock`);
+        under ``compile=step`` the forwards are compiled, so their times are those of the compiled step's."""
+        compiled = self.mode.compile == "step"
+        if compiled:
+            self.backbone.compile_steps("forward")
+        self.clock = clock
+        try:
+            yield clock
+        finally:
+            self.clock = None
+            if compiled:
+                self.backbone.compile_steps("none")
 
     def begin(self, roots: dict[str, object]) -> None:
         """A new batch has started: move its state into the persistent memory (recorded graphs stay valid when
         every shape matches the last batch's; otherwise they are recorded again)."""
-        if not (self.persist_every_step and self.persist.tensors):
+        if not (self.static and self._persists and self.persist.tensors):
             return
         if not self.persist.adopt(roots):
             self.graphs.clear()
         self._eager_next = set(self.n_uniforms)
 
+    @property
+    def _persists(self) -> bool:
+        return self.mode.persist_every_step or self.mode.cuda_graphs
+
     def _body(self, key, fn: Callable) -> Callable:
         def body(args, buf):
             fn(*args, Uniforms(buf))
 
-        if not self.compile_step:
+        if self.mode.compile != "step":
             return body
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
@@ -213,6 +289,9 @@ class StepRunner:
 
     def step(self, key, fn: Callable, args: tuple, roots: dict[str, object], generator) -> None:
         """Run one step of kind ``key``."""
+        if not self.static:
+            fn(*args, generator)
+            return
         if key not in self.n_uniforms or key in self._eager_next:  # eager, counting the draws
             counter = Uniforms(None, generator)
             fn(*args, counter)
@@ -222,14 +301,14 @@ class StepRunner:
                 self.n_uniforms[key] = counter.taken
                 device = next((t.device for _, _, t in _root_tensors(roots)), torch.device("cpu"))
                 self.buffers[key] = torch.zeros(max(counter.taken, 1), device=device)
-            if self.persist_every_step:
+            if self._persists:
                 self.persist.adopt(roots)
             return
         body = self._body(key, fn)
         buf = self._fill(key, generator)
-        if not self.cuda_graphs:
+        if not self.mode.cuda_graphs:
             self._call(body, args, buf)
-            if self.persist_every_step:
+            if self._persists:
                 self.persist.adopt(roots)
             return
         graph = self.graphs.get(key)
@@ -250,12 +329,21 @@ class StepRunner:
         self.graphs[key] = graph
         log.info("recorded a CUDA graph for decoding step %r (%d uniforms)", key, self.n_uniforms[key])
 
-
-def make_runner(compile: str = "none", cuda_graphs: bool = False) -> StepRunner | None:
-    """The runner for ``eval.compile`` / ``eval.cuda_graphs``, or None for plain eager (or forward-compiled)
-    steps."""
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"eval.compile must be one of {COMPILE_MODES}, got {compile!r}")
-    if compile != "step" and not cuda_graphs:
-        return None
-    return StepRunner(compile_step=compile == "step", cuda_graphs=bool(cuda_graphs))
+    def loop(self, step: Callable, args: tuple, roots: dict[str, object], left: Callable[[], torch.Tensor],
+             most: int, generator, bar=None) -> None:
+        """Run ``step(*args, rng)`` until no row has anything ``left()`` ((B,) body tokens still to commit), in
+        every mode alike. The host reads ``left()`` only between stretches of steps: a step commits at least one
+        and at most ``most`` tokens per row, so ``ceil(max(left) / most)`` steps never overshoot the last row's end
+        (and run exactly the steps that a check before every step would)."""
+        self.begin(roots)
+        done = None
+        while True:
+            rest = left()
+            remaining, total = torch.stack([rest.max(), rest.sum()]).tolist()  # one read-back per stretch
+            if bar is not None and done is not None:
+                bar.update(done - total)
+            done = total
+            if remaining == 0:
+                return
+            for _ in range(-(-remaining // most)):
+                self.step("step", step, args, roots, generator)

@@ -1,8 +1,9 @@
 """Step accounting: where a decoder's time goes, inside backbone forwards and outside them.
 
-:class:`ForwardClock` times every backbone forward of a pass; :func:`step_accounting` runs one untimed pass per
-decoder under it (the metrics built on it -- ``seconds_per_forward``, ``forward_share``, ``efficiency`` -- are
-defined in :mod:`hawkspec.metrics.speed`).
+:class:`ForwardClock` times the backbone forwards a decoder's runner makes while it is accounting
+(:meth:`hawkspec.decoding.static.StepRunner.accounting`); :func:`step_accounting` runs one untimed pass per decoder
+under it (the metrics built on it -- ``seconds_per_forward``, ``forward_share``, ``efficiency`` -- are defined in
+:mod:`hawkspec.metrics.speed`).
 """
 
 from __future__ import annotations
@@ -14,68 +15,55 @@ import torch
 
 
 class ForwardClock:
-    """Times every :meth:`Backbone.forward` call of ``backbone`` while active (a context manager).
+    """Seconds spent in, and calls of, the backbone forwards it is handed (:meth:`time`).
 
-    The backbone's ``forward`` is wrapped on the instance; on CUDA each call is synchronised before and after,
-    which is why step accounting runs in a pass of its own, never in the timed passes.
+    On CUDA each call is synchronised before and after, which is why step accounting runs in a pass of its own,
+    never in the timed passes.
     """
 
-    def __init__(self, backbone):
-        self.backbone, self.seconds, self.calls = backbone, 0.0, 0
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
 
-    def __enter__(self) -> "ForwardClock":
-        inner = self.backbone.forward
-        cuda = self.backbone.code_token_ids.is_cuda
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
 
-        def timed(*args, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = inner(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
-            return out
-
-        self.backbone.forward = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        del self.backbone.forward  # the class's method again
+    def time(self, forward: Callable, *args, **kwargs):
+        """``forward(*args, **kwargs)``, timed."""
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
 
 
-def step_accounting(decoders: Mapping[str, object], backbone, batches: list[list[str]],
-                    generator: Callable[[int], torch.Generator],
-                    compiled_forward: bool = False) -> dict[str, dict[str, float]]:
-    """One untimed pass per decoder with a :class:`ForwardClock`: seconds in backbone forwards and outside them.
+def step_accounting(decoders: Mapping[str, object], batches: list[list[str]],
+                    generator: Callable[[int], torch.Generator]) -> dict[str, dict[str, float]]:
+    """One untimed pass per decoder with a :class:`ForwardClock` on its runner: seconds in backbone forwards and
+    outside them.
 
-    A clock cannot stop inside a compiled or graph-captured step, so the pass runs each decoder's steps without
-    its runner; ``compiled_forward`` (``eval.compile=step``) compiles the backbone's forwards for it, so the
-    forward times are those of compiled forwards, as inside the compiled steps.
+    A clock cannot stop inside a compiled or graph-captured step, so while accounting a runner runs its steps
+    eagerly; under ``eval.compile=step`` with compiled forwards, so the forward times are those of compiled
+    forwards, as inside the compiled steps (a first batch compiles them outside the clock).
 
     Returns, per decoder: ``seconds`` (the pass), ``forward_seconds``, ``forwards`` (calls, prefill excluded)
     and ``seconds_per_forward``.
     """
     out = {}
-    if compiled_forward:
-        backbone.compile_steps("forward")
-    try:
-        for name, dec in decoders.items():
-            runner, dec.runner = getattr(dec, "runner", None), None
-            try:
-                if compiled_forward and batches:  # compile outside the clock
-                    dec.generate(batches[0], generator(0))
-                with ForwardClock(backbone) as clock:
-                    t0 = time.perf_counter()
-                    for i, batch in enumerate(batches):
-                        dec.generate(batch, generator(i))
-                    total = time.perf_counter() - t0
-            finally:
-                dec.runner = runner
-            out[name] = {"seconds": total, "forward_seconds": clock.seconds, "forwards": clock.calls,
-                         "seconds_per_forward": clock.seconds / max(clock.calls, 1)}
-    finally:
-        if compiled_forward:
-            backbone.compile_steps("none")
+    for name, dec in decoders.items():
+        clock = ForwardClock()
+        with dec.runner.accounting(clock):
+            if dec.runner.mode.compile == "step" and batches:  # compile the forwards first, uncounted
+                dec.generate(batches[0], generator(0))
+                clock.reset()
+            t0 = time.perf_counter()
+            for i, batch in enumerate(batches):
+                dec.generate(batch, generator(i))
+            total = time.perf_counter() - t0
+        out[name] = {"seconds": total, "forward_seconds": clock.seconds, "forwards": clock.calls,
+                     "seconds_per_forward": clock.seconds / max(clock.calls, 1)}
     return out

@@ -13,7 +13,6 @@ only labels it.
 from __future__ import annotations
 
 import abc
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +35,10 @@ class Pools:
     logp: torch.Tensor | None = None
 
 
-@functools.lru_cache(maxsize=32)
-def _lower_mask(C: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
-
-
 def _earlier(C: int, device: torch.device) -> torch.Tensor:
-    """The (C, C) mask [i, j]: j < i. Cached in eager mode; a compiled step builds it as a constant instead of
-    tracing through the cache (which dynamo warns about)."""
-    return (_lower_mask.__wrapped__ if torch.compiler.is_compiling() else _lower_mask)(C, device)
+    """The (C, C) mask [i, j]: j < i (two small ops, the same eager and traced)."""
+    ar = torch.arange(C, device=device)
+    return ar[None, :] < ar[:, None]
 
 
 def dedupe_first(tokens: torch.Tensor, size: int) -> torch.Tensor:
