@@ -91,3 +91,60 @@ def test_every_module_the_readme_runs_exists(path):
     import importlib.util
 
     assert importlib.util.find_spec(path) is not None, path
+
+
+ONE_STEP = {  # what "One step, file by file" walks through: (file under src/hawkspec/decoding, names)
+    "engine.py": ["SpeculativeDecoder.step", "SpeculativeDecoder.locate", "SpeculativeDecoder.propose",
+                  "SpeculativeDecoder.build_tree", "SpeculativeDecoder.forward_tree", "SpeculativeDecoder.write_tokens",
+                  "SpeculativeDecoder.notify_proposer", "SpeculativeDecoder.advance_cache"],
+    "state.py": ["Batch", "DecodeState", "Step", "Tree", "Forward", "Verdict", "Outcome"],
+    "walks.py": ["choose_walk", "TriesWalk", "PointMassWalk"],
+    "static.py": ["StepRunner.loop", "StepRunner.step"],
+}
+
+
+def _spans(path: Path) -> dict[str, int]:
+    """Lines of every top-level class / function and every method (``Class.method``) of a module."""
+    import ast
+
+    out = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            out[node.name] = node.end_lineno - node.lineno + 1
+            for sub in getattr(node, "body", []):
+                if isinstance(sub, ast.FunctionDef):
+                    out[f"{node.name}.{sub.name}"] = sub.end_lineno - sub.lineno + 1
+    return out
+
+
+def test_the_one_step_section_counts_the_lines_a_step_takes():
+    folder = ROOT / "src" / "hawkspec" / "decoding"
+    total = sum(_spans(folder / f)[name] for f, names in ONE_STEP.items() for name in names)
+    said = re.search(r"\*\*(\d+) lines in (\d+) files\*\*", README)
+    assert said, "README: the 'One step, file by file' section states '**N lines in M files**'"
+    assert (int(said.group(1)), int(said.group(2))) == (total, len(ONE_STEP)), f"a step is {total} lines now"
+
+
+def test_a_step_and_every_stage_take_at_most_four_arguments():
+    import inspect
+
+    from hawkspec.decoding import walks
+    from hawkspec.decoding.engine import SpeculativeDecoder
+
+    for name in ONE_STEP["engine.py"]:
+        fn = getattr(SpeculativeDecoder, name.split(".")[1])
+        args = [p for p in inspect.signature(fn).parameters if p != "self"]
+        assert len(args) <= 4, (name, args)
+    for cls in (walks.LongestWalk, walks.LongestRowWalk, walks.TriesWalk, walks.ChainWalk, walks.PointMassWalk):
+        assert list(inspect.signature(cls.__call__).parameters) == ["self", "tree", "p", "active", "rng"], cls
+
+
+def test_no_decoder_branches_on_a_missing_runner_and_eval_glue_stays_short():
+    import ast
+
+    src = ROOT / "src" / "hawkspec"
+    offenders = [str(p) for p in src.rglob("*.py") if re.search(r"runner is (not )?None", p.read_text())]
+    assert not offenders, offenders
+    tree = ast.parse((src / "cli" / "eval.py").read_text())
+    longest = max((n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
+    assert longest[0] < 50, longest

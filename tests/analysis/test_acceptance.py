@@ -85,7 +85,6 @@ def test_recorded_drafts_are_the_pools(bb, heads):
     proposer = hawk(heads)
     dec = decoder(bb, proposer)
     rec = SourceRecorder(proposer)
-    dec.proposer = rec
     seen = []
     inner_propose = proposer.propose
 
@@ -96,10 +95,10 @@ def test_recorded_drafts_are_the_pools(bb, heads):
 
     proposer.propose = spy
     try:
-        dec.generate(PROMPTS, torch.Generator().manual_seed(2))
+        with dec.observed(rec):
+            dec.generate(PROMPTS, torch.Generator().manual_seed(2))
     finally:
         del proposer.propose
-        dec.proposer = proposer
     code_pos, pool, v = seen[-1]
     for b in range(len(PROMPTS)):
         for j in range(code_pos.shape[1]):

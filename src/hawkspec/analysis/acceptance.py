@@ -35,9 +35,9 @@ def vertical_source(proposer) -> VerticalSource | None:
 
 
 class SourceRecorder:
-    """Wraps a decoder's proposer and records, per body position, the candidates of the last step that
-    proposed it (see the module docstring). Everything else is the wrapped proposer's own behaviour: the
-    recorder draws nothing from the decoding generator, so the images are the same as without it."""
+    """Observes a decoder (:meth:`~hawkspec.decoding.engine.SpeculativeDecoder.observed`) and records, per body
+    position, the candidates of the last step that proposed it (see the module docstring). It reads the proposer's
+    cache and heads and draws nothing from the decoding generator, so the images are the same as without it."""
 
     def __init__(self, proposer):
         self.vertical_source = vertical_source(proposer)
@@ -47,11 +47,7 @@ class SourceRecorder:
         self.horizontal_source = proposer.source_of(HorizontalSource)
         self.inner = proposer
 
-    def __getattr__(self, name):  # the engine's view of the proposer: everything not recorded here
-        return getattr(self.inner, name)
-
     def start(self, batch_size: int, device: torch.device) -> None:
-        self.inner.start(batch_size, device)
         L = self.inner.backbone.grid.length
         self.vertical = None
         self.horizontal = None
@@ -66,13 +62,13 @@ class SourceRecorder:
         where = torch.where(code_pos >= 0, code_pos, L1 - 1)
         table[torch.arange(B, device=tokens.device)[:, None], where] = tokens
 
-    def propose(self, src_hidden, root_pos, code_pos, pool_size, generator):
-        inner, h = self.inner, self.horizontal_source
+    def before_propose(self, src_hidden: torch.Tensor, at, pool_size: int) -> None:
+        """The vertical drafts of every position this step proposes, and the horizontal heads' top-P there."""
+        h, code_pos = self.horizontal_source, at.code_pos
         self._store("vertical", code_pos, self.vertical_source.vertical_drafts(code_pos))
         if h is not None and h.draft == "topk":
-            h_tok, _ = h.pool(src_hidden, root_pos, code_pos, pool_size, None)
+            h_tok, _ = h.pool(src_hidden, at.root_pos, code_pos, pool_size, None)
             self._store("horizontal", code_pos, h_tok)
-        return inner.propose(src_hidden, root_pos, code_pos, pool_size, generator)
 
     def sources(self, out: GenerationOutput) -> dict[str, torch.Tensor]:
         """(B, rows, cols) bool maps of the last batch: ``vertical`` (accepted and equal to a vertical draft),
@@ -144,16 +140,12 @@ class AcceptanceMaps:
 def decode_with_sources(decoder, prompts: Sequence[str], generator: torch.Generator | None = None
                         ) -> tuple[GenerationOutput, dict]:
     """``decoder.generate(prompts)`` and, when its proposer keeps vertical drafts, the source maps
-    (:meth:`SourceRecorder.sources`; else ``{}``). The decoder is left as it was."""
+    (:meth:`SourceRecorder.sources`; else ``{}``), recorded by an observer of the decoder."""
     proposer = getattr(decoder, "proposer", None)
     if proposer is None or vertical_source(proposer) is None:
         return decoder.generate(list(prompts), generator), {}
-    recorder = SourceRecorder(proposer)
-    decoder.proposer = recorder
-    try:
+    with decoder.observed(SourceRecorder(proposer)) as recorder:
         out = decoder.generate(list(prompts), generator)
-    finally:
-        decoder.proposer = proposer
     return out, recorder.sources(out)
 
 

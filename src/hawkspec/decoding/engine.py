@@ -31,6 +31,8 @@ to the proposer with the tree's (step 6) and never to the walk.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -84,6 +86,7 @@ class SpeculativeDecoder:
                              "(raise decoder.tree.budget for a larger superset tree)")
         self.dynamic_nodes = dynamic_nodes
         self.runner = StepRunner(mode, backbone)
+        self.observers: list = []  # instrumentation (:meth:`observed`): told where each step proposes, change nothing
         self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
         self.lane = int(getattr(proposer, "lane_width", 0))  # rows in flight: lane nodes after the tree
         self.path_width = min(self.forward_nodes, self.table.max_depth + 1)  # the longest accepted path, root included
@@ -123,6 +126,18 @@ class SpeculativeDecoder:
             "lossless": self.lossless, "tree_nodes": self.table.num_nodes, "tree_paths": len(self.table.paths),
         }
 
+    @contextlib.contextmanager
+    def observed(self, observer):
+        """Instrument the decoder while inside: ``observer.start(B, device)`` at every batch's start and
+        ``observer.before_propose(hidden, at, pool_size)`` before every proposal (the acceptance maps' source
+        attribution, :class:`hawkspec.analysis.acceptance.SourceRecorder`). An observer draws nothing from the
+        decoding generator, so the images are the same."""
+        self.observers.append(observer)
+        try:
+            yield observer
+        finally:
+            self.observers.remove(observer)
+
     # ------------------------------------------------------------------------------------------- the loop
     @torch.no_grad()
     def generate(
@@ -149,6 +164,8 @@ class SpeculativeDecoder:
         """One step over every row (rows already done take part without committing anything). Returns (B,) the
         body tokens committed per row; ``state.active`` says which rows still decode."""
         at = self.locate(batch, state)
+        for observer in self.observers:
+            observer.before_propose(state.hidden, at, max(self.table.pool_sizes))
         pools = self.propose(state, at, rng)
         tree = self.build_tree(batch, state, at, pools)
         fwd = self.forward_tree(batch, state, tree)
@@ -184,6 +201,8 @@ class SpeculativeDecoder:
             stats=StepStats(*(torch.zeros(B, dtype=torch.long, device=dev) for _ in range(3))),
             ent_sum=torch.zeros((), device=dev), ent_n=torch.zeros((), dtype=torch.long, device=dev))
         self.proposer.start(B, dev)
+        for observer in self.observers:
+            observer.start(B, dev)
         return batch, state
 
     def locate(self, batch: Batch, state: DecodeState) -> Step:
