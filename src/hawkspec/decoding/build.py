@@ -24,8 +24,9 @@ from its ``_target_``; a source with a checkpoint reads its own ``path``, so one
         eagle: {_target_: hawkspec.decoding.proposers.sources.EagleSource, path: ${....eagle_path}}
       order: [vertical, eagle]
 
-A missing or mismatched checkpoint names the key to set: the decoder-level key a source's ``path`` interpolates
-(``decoder.eagle_path``), else ``decoder.proposer.sources.<name>.path``. Checkpoints load when the decoder is
+A missing or mismatched checkpoint names the key to set, below the node's place in the run config (``key``; in a
+run, ``eval.decoders.<name>``): the decoder-level key a source's ``path`` interpolates (``eval.decoders.<name>.eagle_path``),
+else ``eval.decoders.<name>.proposer.sources.<source>.path``. Checkpoints load when the decoder is
 built, so ``eval.decoders=all`` skips a preset whose checkpoint is missing (a FileNotFoundError).
 """
 
