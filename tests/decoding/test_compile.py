@@ -7,11 +7,12 @@ import torch
 
 from hawkspec.backbones.hf_reference import hf_generate
 from hawkspec.decoding.acceptance import ExactAcceptance, GreedyAcceptance
-from hawkspec.decoding.ar import ar_generate
+from hawkspec.decoding.ar import ARDecoder, ar_generate
 from hawkspec.decoding.engine import SpeculativeDecoder
 from hawkspec.decoding.proposers import JacobiProposer
 from hawkspec.decoding.proposers.config import proposer_from_config
 from hawkspec.decoding.sampling import SamplingConfig
+from hawkspec.decoding.static import ExecutionMode
 from hawkspec.decoding.tree import paths_from_budget
 from hawkspec.testing import peaky, random_backbone, random_heads
 
@@ -30,14 +31,16 @@ def test_compiled_decoding_equals_eager():
     s = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=2.0)
     heads = random_heads(bb)
     eager = ar_generate(bb, PROMPTS, s).tokens
-    decoders = [SpeculativeDecoder(bb, hawk(heads, vsd=1), GreedyAcceptance(), s, paths_from_budget(6, 3, 2)),
-                SpeculativeDecoder(bb, JacobiProposer(), GreedyAcceptance(), s, paths_from_budget(6, 6, 1))]
-    bb.compile_steps("forward")
-    assert torch.equal(ar_generate(bb, PROMPTS, s).tokens, eager)
+    forward = ExecutionMode("forward")
+    decoders = [SpeculativeDecoder(bb, hawk(heads, vsd=1), GreedyAcceptance(), s, paths_from_budget(6, 3, 2),
+                                   mode=forward),
+                SpeculativeDecoder(bb, JacobiProposer(), GreedyAcceptance(), s, paths_from_budget(6, 6, 1), mode=forward)]
+    assert torch.equal(ARDecoder(bb, s, mode=forward).generate(PROMPTS).tokens, eager)
     for dec in decoders:
         assert torch.equal(dec.generate(PROMPTS, torch.Generator().manual_seed(0)).tokens, eager)
     s1 = SamplingConfig(temperature=0.0, top_k=0, cfg_scale=1.0)
-    assert torch.equal(ar_generate(bb, PROMPTS, s1).tokens, hf_generate(bb, PROMPTS, s1, compile="forward"))
+    ar = ARDecoder(bb, s1, mode=forward)
+    assert torch.equal(ar.generate(PROMPTS).tokens, hf_generate(bb, PROMPTS, s1, compile="forward"))
 
 
 def test_exact_rule_is_lossless_compiled():
@@ -47,8 +50,7 @@ def test_exact_rule_is_lossless_compiled():
     s = SamplingConfig(temperature=1.0, top_k=3, cfg_scale=2.0)
     heads = random_heads(bb, scale=0.3)
     grids, probs = image_distribution(bb, PROMPTS[0], s)
-    bb.compile_steps("forward")
     dec = SpeculativeDecoder(bb, hawk(heads, draft="sample", vsd=1), ExactAcceptance(), s,
-                             paths_from_budget(6, 3, 3))
+                             paths_from_budget(6, 3, 3), mode=ExecutionMode("forward"))
     samples = dec.generate([PROMPTS[0]] * 3000, torch.Generator().manual_seed(123)).codes.flatten(1)
     assert chi_square(samples, grids, probs) > 1e-3

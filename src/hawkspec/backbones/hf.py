@@ -90,9 +90,6 @@ class HFBackbone(Backbone):
     pad_token_id: int
     DEFAULT_TREE_ROOM = 64
     """KV slots beyond the body that :meth:`prefill` reserves when the caller does not say (decoders say)."""
-    COMPILED_ROUND_TO = 64
-    """With compiled forwards (:meth:`compile_steps`) the capacity is rounded up to a multiple of this, so batches
-    whose prompts differ a little share one graph instead of recompiling (and hitting torch's recompile limit)."""
 
     @property
     @abc.abstractmethod
@@ -196,8 +193,6 @@ class HFBackbone(Backbone):
         N, P = mask.shape
         if reserve is None:  # a whole image and a tree of up to DEFAULT_TREE_ROOM nodes
             reserve = self.grid.length + self.DEFAULT_TREE_ROOM
-        if self.__dict__.get("_compiled") is not None:  # compiled forwards: few capacities, few graphs
-            round_to = max(round_to, self.COMPILED_ROUND_TO)
         capacity = -(-(P + max(int(reserve), 1)) // round_to) * round_to
         key_mask = torch.zeros((N, capacity), dtype=torch.bool, device=self.device)
         key_mask[:, :P] = mask.bool()

@@ -23,7 +23,7 @@ from hawkspec.decoding.static import EAGER, ExecutionMode, StepRunner
 class _ARRun:
     """What one AR call carries from token to token (all on the device, updated in place or rebound)."""
 
-    state: object  # the backbone's KVState
+    kv: object  # the backbone's KVState
     hidden: torch.Tensor  # (N, d) the state that predicts the next token
     tokens: torch.Tensor  # (B, L) input ids written so far
     codes: torch.Tensor  # (B, C) codes sampled so far
@@ -32,12 +32,20 @@ class _ARRun:
     n_code: torch.Tensor  # (1,) the next code index
     ent_sum: torch.Tensor  # () sum of the per-position mean target entropy
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors a step reads and writes (what a static runner pins; the KV state is pinned on its own)."""
+        return {name: getattr(self, name) for name in ("hidden", "tokens", "codes", "eol", "j", "n_code", "ent_sum")}
+
+    def set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            setattr(self, name, t)
+
 
 def _ar_step(runner: StepRunner, run: _ARRun, sampling: SamplingConfig, forced: bool, last: bool,
              track_entropy: bool, rng) -> None:
     """One body position: sample a code (or take the forced end-of-line token), write it, and forward it unless
     it is the last one. ``forced``/``last``/``track_entropy`` are Python constants: one compiled graph each."""
-    backbone, streams = runner.backbone, run.state.streams
+    backbone, streams = runner.backbone, run.kv.streams
     if forced:
         tok = run.eol
     else:
@@ -51,7 +59,7 @@ def _ar_step(runner: StepRunner, run: _ARRun, sampling: SamplingConfig, forced: 
     run.tokens.index_copy_(1, run.j, tok[:, None])
     run.j += 1
     if not last:
-        run.hidden = runner.forward(run.state, tok.repeat(streams)[:, None])[:, -1]
+        run.hidden = runner.forward(run.kv, tok.repeat(streams)[:, None])[:, -1]
 
 
 class ARDecoder:
@@ -90,18 +98,18 @@ class ARDecoder:
         sampling.validate(backbone.num_codes)
         grid = backbone.grid
         B, L = len(prompts), grid.length
-        state, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=L,
+        kv, hidden = backbone.prefill(backbone.encode(prompts), cfg=sampling.use_cfg, reserve=L,
                                          round_to=runner.mode.capacity_round, generator=generator)
         device = hidden.device
         zero = torch.zeros(1, dtype=torch.long, device=device)
         run = _ARRun(
-            state=state, hidden=hidden.contiguous(),
+            kv=kv, hidden=hidden.contiguous(),
             eol=torch.full((B,), backbone.eol_token_id if grid.eol else 0, device=device),
             tokens=torch.zeros((B, L), dtype=torch.long, device=device),
             codes=torch.zeros((B, grid.num_codes), dtype=torch.long, device=device),
             j=zero, n_code=zero.clone(), ent_sum=torch.zeros((), device=device),
         )
-        roots = {"ar": run}
+        roots = {"ar": run, "kv": kv}
         runner.begin(roots)
         forced = grid.forced_mask().tolist()
         for j in tqdm(range(L), disable=not progress, desc="AR", leave=False):

@@ -226,7 +226,8 @@ class RowsDecoder:
         _check_call(prompts)
         bb, grid, sampling = self.backbone, self.backbone.grid, self.sampling
         B, L = len(prompts), grid.length
-        state, hidden = bb.prefill(bb.encode(prompts), cfg=sampling.use_cfg, reserve=self._fed, generator=generator)
+        state, hidden = bb.prefill(bb.encode(prompts), cfg=sampling.use_cfg, reserve=self._fed,
+                                   round_to=self.runner.mode.capacity_round, generator=generator)
         device, streams = hidden.device, state.streams
         base = state.next_pos.clone()  # (N,) the position id of body position 0
         tokens = torch.zeros((B, L), dtype=torch.long, device=device)
@@ -349,7 +350,7 @@ class PJDDecoder:
         bb, grid, s = self.backbone, self.backbone.grid, self.sampling
         B, L, W, K = len(prompts), grid.length, grid.tokens_per_row, bb.num_codes
         state, hidden = bb.prefill(bb.encode(prompts), cfg=s.use_cfg, reserve=L + grid.rows * self.window + 1,
-                                   generator=generator)
+                                   round_to=self.runner.mode.capacity_round, generator=generator)
         dev, S = hidden.device, state.streams
         base = state.next_pos.clone()
         tokens = torch.zeros((B, L), dtype=torch.long, device=dev)

@@ -14,7 +14,8 @@ step to step and from batch to batch. :class:`Persistent` keeps that promise for
 its KV state and cache, the proposer) without asking them to write in place: after each recorded step and each
 batch's start, a tensor rebound to a new tensor is copied into the one first seen under the same name, and the
 name points back at it. A proposer declares its per-batch tensors (:meth:`~hawkspec.decoding.proposers.Proposer.state`
-and ``set_state``); the run's plain dataclasses are walked attribute by attribute.
+and ``set_state``), as do the engine's :class:`~hawkspec.decoding.state.DecodeState` and AR's run; the backbone's
+KV state, which no decoder owns, is walked attribute by attribute.
 
 Both apply to AR and to every decoder alike (compiled vs compiled, graphs vs graphs). The mode is an
 :class:`ExecutionMode`, given when a decoder is built (``build_decoder(..., mode=)``); every decoder owns a
@@ -44,8 +45,9 @@ RECOMPILE_LIMIT = 64
 inlines (every decoder's ``step``, AR's step) are shared, and each batch shape and first-step variant is one more
 guarded entry: a runner raises torch's default limit of 8 to this so a long run never falls back to eager."""
 ROUND_CAPACITY = 64
-"""KV capacities are rounded up to a multiple of this under a static runner, so batches whose prompts differ a
-little reuse one compiled graph / one CUDA graph."""
+"""KV capacities are rounded up to a multiple of this when forwards or steps are compiled or recorded
+(:attr:`ExecutionMode.capacity_round`), so batches whose prompts differ a little reuse one compiled graph / one
+CUDA graph instead of recompiling (and hitting torch's recompile limit)."""
 
 
 def _tensor_attrs(obj, path: str, seen: set, depth: int = 0) -> Iterator[tuple[str, object, str, torch.Tensor]]:
@@ -79,7 +81,7 @@ def _declares_state(obj) -> bool:
 
 def _root_tensors(roots: dict[str, object]) -> list[tuple[str, Callable, torch.Tensor]]:
     """(name, rebind, tensor) for every tensor under ``roots``: a root that declares its state (a proposer:
-    ``state()`` -> named tensors, ``set_state``) by its declaration, any other (the run's dataclasses) by its
+    ``state()`` -> named tensors, ``set_state``) by its declaration, any other (the backbone's KV state) by its
     attributes. ``rebind(t)`` points the name at ``t``."""
     out = []
     for key, root in roots.items():
@@ -179,8 +181,9 @@ class ExecutionMode:
 
     @property
     def capacity_round(self) -> int:
-        """KV capacities are rounded up to a multiple of this (:data:`ROUND_CAPACITY` for static steps)."""
-        return ROUND_CAPACITY if self.static else 1
+        """KV capacities are rounded up to a multiple of this: :data:`ROUND_CAPACITY` whenever something is compiled
+        or recorded (batches whose prompts differ a little share one graph), else 1."""
+        return ROUND_CAPACITY if self.static or self.compile == "forward" else 1
 
 
 EAGER = ExecutionMode()
