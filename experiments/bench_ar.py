@@ -4,10 +4,11 @@ Same model, prompts, batch and sampling settings (no CFG: ``generate`` has no CF
 ``repeats`` timed passes in which the two take turns on every batch (:class:`hawkspec.evaluation.Evaluation`, batch
 ``b`` seeded ``batch_generator(seed, b)``); medians reported with the spread of the passes, and a warning when they
 spread or the machine was busy. Writes ``results.json`` and prints a table.
+The modes are ``hawkspec-eval``'s (:class:`~hawkspec.decoding.static.ExecutionMode`, the same two keys):
 ``compile=none`` compares eager with eager (ours: the static cache; theirs: ``cache_implementation="static"``),
-``compile=forward`` compiled with compiled (``HFBackbone.compile_steps`` vs transformers' own compile of ``generate``),
-``compile=graphs`` (CUDA) CUDA graphs with CUDA graphs (ours: each step recorded and replayed, ``eval.cuda_graphs``;
-theirs: ``generate`` compiled with ``mode="reduce-overhead"``, which also compiles the kernels with inductor).
+``compile=forward`` compiled with compiled (our forwards compiled vs transformers' own compile of ``generate``),
+``cuda_graphs=true`` (CUDA) CUDA graphs with CUDA graphs (ours: each step recorded and replayed; theirs:
+``generate`` compiled with ``mode="reduce-overhead"``, which also compiles the kernels with inductor).
 
     python experiments/bench_ar.py num_prompts=8 batch_size=8 repeats=5 out=outputs/bench/ar_vs_generate.json
     python experiments/bench_ar.py compile=forward out=outputs/bench/ar_vs_generate_compiled.json
@@ -32,17 +33,18 @@ from hawkspec.decoding.static import ExecutionMode
 from hawkspec.evaluation import Evaluation
 
 DEFAULTS = {"num_prompts": 8, "batch_size": 8, "repeats": 5, "top_k": 128, "temperature": 1.0, "seed": 0,
-            "backbone_path": None, "device": "cpu", "compile": "none", "out": "outputs/bench/ar_vs_generate.json"}
+            "backbone_path": None, "device": "cpu", "compile": "none", "cuda_graphs": False,
+            "out": "outputs/bench/ar_vs_generate.json"}
 
 
 def main() -> dict:
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:]))
-    if cfg.compile not in ("none", "forward", "graphs"):
-        raise ValueError(f"compile must be none, forward or graphs, got {cfg.compile!r}")
+    if cfg.compile not in ("none", "forward") or (cfg.cuda_graphs and cfg.compile != "none"):
+        raise ValueError(f"compile must be none or forward (cuda_graphs=true with compile=none), got "
+                         f"compile={cfg.compile!r} cuda_graphs={cfg.cuda_graphs}")
     bb = TinyBackbone.from_pretrained(cfg.backbone_path).to(cfg.device).eval()
-    # the same vocabulary as eval.compile / eval.cuda_graphs: forwards compiled, or steps replayed from CUDA graphs
-    mode = ExecutionMode("forward" if cfg.compile == "forward" else "none", cuda_graphs=cfg.compile == "graphs")
-    theirs_mode = {"none": "static", "forward": "forward", "graphs": "graphs"}[cfg.compile]
+    mode = ExecutionMode(cfg.compile, cuda_graphs=bool(cfg.cuda_graphs))  # eval.compile / eval.cuda_graphs
+    theirs_mode = "graphs" if cfg.cuda_graphs else {"none": "static", "forward": "forward"}[cfg.compile]
     ds = ProceduralDataset(cfg.num_prompts, seed=1234)
     prompts = [ds[i]["caption"] for i in range(cfg.num_prompts)]
     s = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, cfg_scale=1.0)
@@ -63,7 +65,7 @@ def main() -> dict:
     result = {
         "backbone": bb.name, "revision": bb.revision, "num_prompts": len(prompts), "batch_size": cfg.batch_size,
         "device": cfg.device if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-        "threads": torch.get_num_threads(), "compile": cfg.compile, "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
+        "threads": torch.get_num_threads(), "compile": cfg.compile, "cuda_graphs": bool(cfg.cuda_graphs), "sampling": {"temperature": s.temperature, "top_k": s.top_k, "cfg_scale": 1.0},
         "seed": cfg.seed, "seconds_per_image": med, "all_runs": times,
         "pass_spread": {k: timing.spread(k) for k in times}, "timing": timing.describe(),
         "ratio_ours_over_generate": med["hawkspec_ar"] / med["transformers_generate"],

@@ -33,5 +33,5 @@ step "verify cost tiny" python3 experiments/verify_cost.py device=cuda graphs=tr
   out=$O/verify_cost_tiny
 step "eager" $EVAL "eval.decoders=$D" eval.step_accounting=true hydra.run.dir=$O/eager
 [ -n "${SKIP_AR:-}" ] || step "AR vs generate, eager" python3 experiments/bench_ar.py device=cuda num_prompts=$N batch_size=1 out=$O/ar_vs_generate.json
-[ -n "${SKIP_GRAPHS_AR:-}" ] || step "AR vs generate, CUDA graphs" python3 experiments/bench_ar.py device=cuda compile=graphs \
+[ -n "${SKIP_GRAPHS_AR:-}" ] || step "AR vs generate, CUDA graphs" python3 experiments/bench_ar.py device=cuda cuda_graphs=true \
   num_prompts=$N batch_size=1 out=$O/ar_vs_generate_graphs.json

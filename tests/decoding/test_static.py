@@ -160,3 +160,27 @@ def test_each_runner_and_step_kind_compiles_a_code_object_of_its_own():
     assert a._body("ar", step) is a._body("ar", step)  # compiled once per runner and key
     own = _own_code(lambda x, y=2: x * y, "k")
     assert own(3) == 6 and "[" in own.__qualname__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["gsd", "lantern"])
+def test_lossy_rules_compile_as_whole_steps(bb, rule):
+    """GSD's grouped test and LANTERN's relaxed one (lossy, labelled so) compile as one graph each
+    (``fullgraph``) with sampled and top-k drafts, and decide as the same static step run eagerly
+    (``persist_every_step``: the same counted uniforms)."""
+    from hawkspec.decoding.acceptance import GroupedAcceptance, LanternAcceptance
+
+    s = SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
+    heads = random_heads(bb)
+
+    def make():
+        if rule == "gsd":
+            return GroupedAcceptance(group=3, prob_threshold=None, embed_threshold=2.25, embed_metric="squared",
+                                     window="official", floor=False)
+        return LanternAcceptance(k=4, delta=0.1)
+
+    for draft in ("sample", "topk"):
+        codes = [SpeculativeDecoder(bb, hawk(heads, draft=draft, vsd=1), make(), s, paths_from_budget(6, 3, 2),
+                                    mode=mode).generate(PROMPTS, torch.Generator().manual_seed(5)).codes
+                 for mode in (ExecutionMode(persist_every_step=True), ExecutionMode("step"))]
+        assert torch.equal(codes[0], codes[1]), draft
