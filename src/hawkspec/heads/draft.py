@@ -121,29 +121,37 @@ class DraftHeads(nn.Module):
 
     def _features(self, hidden: torch.Tensor, blocks) -> torch.Tensor:
         """(..., d) -> (..., H, d): the ResBlock stacks of ``blocks`` run together (one batched matmul per
-        layer instead of one small matmul per head: the decoding loop calls this every step)."""
-        lead, d, H = hidden.shape[:-1], hidden.shape[-1], len(blocks)
-        # heads on the batch dim of a bmm: (H, M, d) @ (H, d, d) -- no per-row copy of the weights, which a
-        # broadcast (..., H, 1, d) @ (H, d, d) matmul would make
-        x = hidden.reshape(1, -1, d).expand(H, -1, d)
-        for layer in range(self.config.num_layers):
-            wt, b = self._stacked(blocks, layer)  # (H, d_in, d_out), (H, d)
-            x = x + nn.functional.silu(torch.baddbmm(b.unsqueeze(1), x, wt))
-        return x.transpose(0, 1).reshape(*lead, H, d)
+        layer instead of one small matmul per head). Stacks the weights on every call, so autograd reaches them
+        (training); decoding runs :meth:`frozen`'s stacks, made once."""
+        layers = [self._stack(blocks, layer) for layer in range(self.config.num_layers)]
+        return _run_stacks(hidden, layers)
 
-    def _stacked(self, blocks, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights of ``blocks`` at ``layer`` stacked per head. Without autograd (decoding) the stack is
-        cached and rebuilt when a weight changed (in-place updates bump ``_version``) or moved (``.to``)."""
+    def _stack(self, blocks, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of ``blocks`` at ``layer`` stacked per head: (H, d_in, d_out) and (H, 1, d). Without autograd
+        the transposed weights are made contiguous, the layout :meth:`frozen` keeps (one layout, one result)."""
         params = [p for blk in blocks for p in (blk[layer].linear.weight, blk[layer].linear.bias)]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled step stacks in its graph
-            return torch.stack(params[0::2]).transpose(-1, -2), torch.stack(params[1::2])
-        key = tuple((p.data_ptr(), p.device, p.dtype, p._version) for p in params)
-        cache = self.__dict__.setdefault("_stack_cache", {})
-        if key not in cache:
-            cache[key] = (torch.stack(params[0::2]).transpose(-1, -2).contiguous(), torch.stack(params[1::2]))
-            if len(cache) > 16:  # stale versions of a module being trained and evaluated in turn
-                cache.pop(next(iter(cache)))
-        return cache[key]
+        wt = torch.stack(params[0::2]).transpose(-1, -2)
+        return (wt if torch.is_grad_enabled() else wt.contiguous()), torch.stack(params[1::2]).unsqueeze(1)
+
+    def _weights_key(self) -> tuple:
+        """What the stacked weights depend on: each parameter's memory, device, dtype and version (in-place updates,
+        an optimizer step, bump ``_version``; ``.to`` moves the memory)."""
+        return tuple((p.data_ptr(), p.device, p.dtype, p._version) for p in self.blocks.parameters())
+
+    def frozen(self) -> "FrozenHeads":
+        """The heads' weights stacked for decoding (:class:`FrozenHeads`), made once per version of the weights:
+        a decoder takes it when it binds and asks again per batch, so every step reads stacks made before it
+        (eager, compiled or replayed alike) and a module trained between batches is never decoded stale."""
+        key = self._weights_key()
+        cached = self.__dict__.get("_frozen")
+        if cached is None or cached.key != key:
+            with torch.no_grad():
+                n = self.config.num_horizontal
+                layers = [self._stack(self.blocks, layer) for layer in range(self.config.num_layers)]
+                cached = FrozenHeads(key=key, code_head=self.code_head, every=tuple(layers),
+                                     horizontal=tuple((wt[:n], b[:n]) for wt, b in layers))
+            self.__dict__["_frozen"] = cached
+        return cached
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., H, d): every head's ResBlock output (horizontal first, then vertical)."""
@@ -185,6 +193,55 @@ class DraftHeads(nn.Module):
                        "Train heads for this backbone (hawkspec-cache, hawkspec-train) or set the matching backbone.")
         heads = cls.for_backbone(HeadsConfig(**meta["heads"]), backbone)
         return load_drafter_weights(heads, path, "the draft heads", "hawkspec-train", key)
+
+
+def _run_stacks(hidden: torch.Tensor, layers) -> torch.Tensor:
+    """(..., d) -> (..., H, d) through per-layer stacked ResBlock weights ``layers`` [(wt (H, d, d), b (H, 1, d))]."""
+    lead, d, H = hidden.shape[:-1], hidden.shape[-1], layers[0][0].shape[0]
+    return _run_stacks_hm(hidden, layers).transpose(0, 1).reshape(*lead, H, d)
+
+
+def _run_stacks_hm(hidden: torch.Tensor, layers) -> torch.Tensor:
+    """(..., d) -> (H, M, d), heads first (M = the rows of ``hidden``): the layout the batched matmul leaves."""
+    d, H = hidden.shape[-1], layers[0][0].shape[0]
+    # heads on the batch dim of a bmm: (H, M, d) @ (H, d, d) -- no per-row copy of the weights, which a
+    # broadcast (..., H, 1, d) @ (H, d, d) matmul would make
+    x = hidden.reshape(1, -1, d).expand(H, -1, d)
+    for wt, b in layers:
+        x = x + nn.functional.silu(torch.baddbmm(b, x, wt))
+    return x
+
+
+@dataclass(frozen=True)
+class FrozenHeads:
+    """:class:`DraftHeads` as a decoding step reads them (:meth:`DraftHeads.frozen`): every layer's weights stacked
+    per head once -- for all heads and for the horizontal ones -- so a step stacks nothing and checks nothing (no
+    autograd: decoding only). The same layout as :meth:`DraftHeads.features` without autograd: the same results.
+
+    Attributes:
+        key: The weights' version it was made from (:meth:`DraftHeads._weights_key`).
+        code_head: The heads' frozen code head.
+        every, horizontal: Per layer ``(wt (H, d, d), b (H, 1, d))`` of all heads (horizontal first) and of heads
+            1..n.
+    """
+
+    key: tuple
+    code_head: nn.Module
+    every: tuple
+    horizontal: tuple
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., H, d), as :meth:`DraftHeads.features`."""
+        return _run_stacks(hidden, self.every)
+
+    def features_by_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (H, M, d): every head's ResBlock output, heads first, ``hidden``'s rows flattened (no copy
+        into the (..., H, d) layout: a caller that picks rows picks them here)."""
+        return _run_stacks_hm(hidden, self.every)
+
+    def horizontal_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., n, K), as :meth:`DraftHeads.horizontal`."""
+        return self.code_head(_run_stacks(hidden, self.horizontal))
 
 
 # --------------------------------------------------------------------------------------------- drafter checkpoints

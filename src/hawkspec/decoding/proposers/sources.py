@@ -30,6 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from hawkspec.backbones.base import check_identity
 from hawkspec.decoding.proposers.base import DRAFTS, Pools, Proposer, check_choice
@@ -57,7 +58,17 @@ class HeadsSource(DraftSource):
             masses) or ``sample`` (i.i.d. draws from the head's distribution under the target's
             top-k/temperature, each with its q).
         key, path_key: Its config node and its checkpoint's key (see :class:`~hawkspec.decoding.proposers.Proposer`).
+
+    Steps draft with :attr:`frozen` (:meth:`DraftHeads.frozen`: the heads' weights stacked once), taken at bind and
+    again per batch (the same object unless the weights changed in between).
+
+    Attributes:
+        scores: Whether its pools carry ``Pools.logp`` (what only a dynamic tree reads); a driver that never reads
+            them may set it False before the first batch (a composed proposer's :attr:`SpatialProposer.scores`
+            sets its sources') and the step skips their work. Decisions are the same either way.
     """
+
+    scores: bool = True
 
     def __init__(self, heads: DraftHeads | None = None, path: str | None = None, draft: str = "topk",
                  key: str | None = None, path_key: str | None = None):
@@ -71,6 +82,16 @@ class HeadsSource(DraftSource):
         check_identity(self.heads.identity, backbone, "the draft heads",
                        f"Train heads for this backbone or set `{self.checkpoint_key}` to matching heads.")
         self.heads.to(next(iter(backbone.buffers())).device)
+        self.frozen = self.heads.frozen()
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        self.frozen = self.heads.frozen()
+        # (B, 1) the row index of a (B, J) lookup: one tensor per batch size for the source's life, so its memory
+        # never moves from batch to batch (nothing a recorded step would have to pin)
+        index = self.__dict__.setdefault("_row_index", {})
+        if (batch_size, device) not in index:
+            index[batch_size, device] = torch.arange(batch_size, device=device)[:, None]
+        self._bidx = index[batch_size, device]
 
     def _candidates(self, logits: torch.Tensor, ok: torch.Tensor, size: int, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (..., K), ok (...) -> tokens (..., size) and q (..., size, K) or None."""
@@ -91,6 +112,7 @@ class HorizontalSource(HeadsSource):
     state_names = ("next_logits",)
 
     def start(self, batch_size: int, device: torch.device) -> None:
+        super().start(batch_size, device)
         self.next_logits = None  # the heads' logits at the next src_hidden, when a VerticalSource made them
 
     def pool(self, src_hidden, root_pos, code_pos, size, generator, logits=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,21 +120,30 @@ class HorizontalSource(HeadsSource):
         ``logits`` (B, n, K) when the caller already has them."""
         n = self.heads.config.num_horizontal
         if logits is None:
-            logits = self.heads.horizontal(src_hidden)  # (B, n, K)
+            logits = self.frozen.horizontal_logits(src_hidden)  # (B, n, K)
         k = code_pos - root_pos[:, None]  # (B, J) head index (1-based) drafting each position
         ok = (code_pos >= 0) & (k >= 1) & (k <= n)
         per_pos = logits.gather(1, (k.clamp(1, n) - 1).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, J, K)
         return self._candidates(per_pos, ok, size, generator)
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
-        logits = self.next_logits if self.next_logits is not None else self.heads.horizontal(src_hidden)
+        logits = self.next_logits if self.next_logits is not None else self.frozen.horizontal_logits(src_hidden)
         self.next_logits = None
-        tokens, q = self.pool(src_hidden, root_pos, code_pos, pool_size, generator, logits)
         n = logits.shape[1]
-        k = (code_pos - root_pos[:, None]).clamp(1, n) - 1  # (B, J) the head of each position
-        logq = torch.log_softmax(logits.float(), -1).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        logp = logq.gather(-1, tokens.clamp(min=0))  # (B, J, P) what a dynamic tree ranks by
-        return Pools(tokens, q, logp)
+        if self.draft == "sample":  # i.i.d. draws per position (the generator's draws follow the (B, J) layout)
+            tokens, q = self.pool(src_hidden, root_pos, code_pos, pool_size, generator, logits)
+            k = (code_pos - root_pos[:, None]).clamp(1, n) - 1  # (B, J) the head of each position
+            logq = torch.log_softmax(logits.float(), -1).gather(1, k.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            return Pools(tokens, q, logq.gather(-1, tokens.clamp(min=0)) if self.scores else None)
+        # top-k: each head's candidates once (B, n, P), padded with a row of none before head 1 and after head n;
+        # position j takes row k = its head (k <= 0: past the image, code_pos = -1; k > n: past the heads' reach)
+        top = logits.topk(pool_size, dim=-1).indices
+        k = (code_pos - root_pos[:, None]).clamp(0, n + 1)  # (B, J)
+        tokens = nn.functional.pad(top, (0, 0, 1, 1), value=-1)[self._bidx, k]
+        if not self.scores:
+            return Pools(tokens)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, top)  # what a dynamic tree ranks by
+        return Pools(tokens, None, nn.functional.pad(logp, (0, 0, 1, 1))[self._bidx, k])
 
     def describe(self) -> dict:
         return {"kind": self.kind, "draft": self.draft,
@@ -124,9 +155,15 @@ class VerticalSource(HeadsSource):
 
     Every accepted token's hidden state runs through the vertical heads; head d's draft for the token d rows
     below (body position ``s + d*W``) waits in the *speculation cache*, keyed by that position, until decoding
-    speculates it. The cache is a ring buffer over ``(vsd + 1) * W`` positions: a target is never more than
-    ``vsd * W`` ahead of the committed text. Candidates: the cached drafts of each position, ``vsd * m`` wide
-    (head 1's m candidates first), -1 where the cache holds none.
+    speculates it. Candidates: the cached drafts of each position, ``vsd * m`` wide (head 1's m candidates first),
+    -1 where the cache holds none.
+
+    The cache has a slot per body position a head can target (``R = L + vsd*W + 2``: the image, the rows below
+    it, a read-only slot of none last), so a step writes and reads without a test: every position is accepted
+    once, so each (position, head) slot is written at most once per batch, and a step speculates only code
+    positions of the image, never the forced tokens or the rows below the image that heads also reach (their
+    drafts are written and never read). Padded path entries (position -1) write below the image; a speculated
+    position of -1 (past the image end) reads the last slot, never written: none.
 
     Args:
         heads, path, draft, key, path_key: See :class:`HeadsSource` (heads with vertical heads: ``heads=hawk``).
@@ -140,7 +177,7 @@ class VerticalSource(HeadsSource):
 
     kind = "vertical"
     wants_accepted_hidden = True
-    state_names = ("ring_tok", "ring_pos", "ring_lp", "ring_q", "_ar", "_brow", "_vcol")
+    state_names = ("ring_tok", "ring_lp", "ring_q", "_heads_idx", "_rows")
 
     def __init__(self, heads: DraftHeads | None = None, path: str | None = None, draft: str = "topk",
                  vsd: int | None = None, candidates: int = 1, key: str | None = None, path_key: str | None = None):
@@ -166,76 +203,92 @@ class VerticalSource(HeadsSource):
         super().bind(backbone, sampling, owner)
         self._set_vsd()
         grid = backbone.grid
-        self.W = grid.tokens_per_row
-        self.R = (self.vsd + 1) * self.W
+        self.W, self.L = grid.tokens_per_row, grid.length
+        self.R = self.L + self.vsd * self.W + 2  # see the class docstring
         dev = self.heads.device
         self._down = torch.arange(1, self.vsd + 1, device=dev) * self.W  # (vsd,) offset of vertical head d
-        # a target is cached iff it lies in the image and is not a forced token: one lookup, any target
-        forced = grid.forced_mask().to(dev)
-        self._cacheable = torch.cat([~forced, forced.new_zeros(self.vsd * self.W + 1)])
+        self._slot_pos = torch.arange(self.R, device=dev)[:, None]  # (R, 1) the position each slot holds
+        self._vcol = torch.arange(self.vsd, device=dev).view(1, 1, self.vsd)  # (1, 1, vsd) head of a write
+        # (L + 1, vsd) the slot of each head's target from each body position p (p + d*W); position -1 (padded
+        # path entries) reads the last row, slots L + d*W: below the image, where no position is ever read
+        self._slot_of = torch.arange(self.L + 1, device=dev)[:, None] + self._down
 
     def link(self, owner) -> None:
         self.share = [s for s in owner.sources.values() if isinstance(s, HorizontalSource) and s.heads is self.heads]
 
     def start(self, batch_size: int, device: torch.device) -> None:
+        super().start(batch_size, device)
         B, R, V, m = batch_size, self.R, self.vsd, self.m
-        # one extra slot (index R) absorbs the writes of invalid targets, so filling needs no nonzero()
-        self.ring_tok = torch.full((B, R + 1, V, m), -1, dtype=torch.long, device=device)
-        self.ring_pos = torch.full((B, R + 1, V), -1, dtype=torch.long, device=device)
-        self.ring_lp = torch.zeros((B, R + 1, V, m), device=device)
+        self.ring_tok = torch.full((B, R, V, m), -1, dtype=torch.long, device=device)
+        self.ring_lp = torch.zeros((B, R, V, m), device=device)
         K = self.heads.num_codes
-        self.ring_q = torch.zeros((B, R + 1, V, K), device=device) if self.draft == "sample" else None
-        self._ar = torch.arange(B, device=device)
-        self._brow, self._vcol = self._ar.view(B, 1, 1), torch.arange(V, device=device).view(1, 1, V)
+        self.ring_q = torch.zeros((B, R, V, K), device=device) if self.draft == "sample" else None
+        self._ar, self._brow = self._bidx.view(B), self._bidx.view(B, 1, 1)
+        self._heads_idx = self._rows = None  # the feature rows the LM head reads (_feature_rows): at the first observe
         self._generator = None
+
+    @property
+    def ring_pos(self) -> torch.Tensor:
+        """(B, R, vsd) the body position of each slot's draft of each head, -1 where it holds none (a slot holds only
+        its own position's)."""
+        return torch.where(self.ring_tok[..., 0] >= 0, self._slot_pos, -1)
+
+    def _feature_rows(self, A: int) -> None:
+        """Which of the heads' (H, B*A, d) features the LM head reads, (B, n + A*vsd) head and row indices: the
+        horizontal heads 1..n at each row's last accepted token, then the vertical heads 1..vsd at every accepted
+        token. The rows depend on the accepted count c = 0..A (the last token is c - 1; none accepted: 0), so
+        they are one table, (B, A + 1, n + A*vsd), looked up by count. Made at a batch's first observe (A: the
+        engine's path width)."""
+        n, V, dev = self.heads.config.num_horizontal, self.vsd, self._bidx.device
+        B = self._bidx.shape[0]
+        self._heads_idx = torch.cat([torch.arange(n, device=dev), n + torch.arange(V, device=dev).repeat(A)])[None]
+        token = torch.cat([torch.zeros(n, dtype=torch.long, device=dev),
+                           torch.arange(A, device=dev).repeat_interleave(V)])
+        last = (torch.arange(A + 1, device=dev) - 1).clamp(min=0)[:, None] * (self._heads_idx < n)  # (A + 1, n + A*V)
+        self._rows = (self._bidx[:, :, None] * A + token + last).contiguous()  # (B, A + 1, n + A*V)
 
     def observe(self, hidden: torch.Tensor, positions: torch.Tensor, count: torch.Tensor) -> None:
         """Fill the speculation cache from every accepted token: hidden (B, A, d), positions (B, A)."""
         n, vsd = self.heads.config.num_horizontal, self.vsd
         B, A = positions.shape
-        feats = self.heads.features(hidden)  # (B, A, n + V, d) every head's ResBlocks, one batched call
-        last = (count - 1).clamp(min=0)
+        if self._rows is None or self._rows.shape[1:] != (A + 1, n + A * vsd):
+            self._feature_rows(A)
+        feats = self.frozen.features_by_head(hidden)  # (H, B*A, d) every head's ResBlocks, one batched call
         # the LM-head matmul is the costly part: only the rows needed (horizontal heads at the last token,
-        # vertical heads at every token), in one call
-        rows = torch.cat([feats[self._ar, last, :n], feats[:, :, n : n + vsd].flatten(1, 2)], dim=1)
-        logits = self.heads.code_head(rows)  # (B, n + A * vsd, K)
+        # vertical heads at every token), gathered in one index and scored in one call
+        rows = feats[self._heads_idx, self._rows[self._ar, count]]  # (B, n + A*vsd, d)
+        logits = self.frozen.code_head(rows)  # (B, n + A * vsd, K)
         for s in self.share:
             s.next_logits = logits[:, :n]  # (B, n, K)
-        target = positions.unsqueeze(-1) + self._down  # (B, A, vsd)
-        ok = (positions >= 0).unsqueeze(-1) & self._cacheable[target.clamp(min=0)]
         v_logits = logits[:, n:].view(B, A, vsd, -1)
-        tokens, q = self._candidates(v_logits, ok, self.m, None if self.draft == "topk" else self._generator)
-        lp = torch.log_softmax(v_logits.float(), -1).gather(-1, tokens.clamp(min=0))  # (B, A, vsd, m)
-        slot = torch.where(ok, target % self.R, self.R)  # (B, A, vsd); invalid -> the spare slot
+        if self.draft == "topk":
+            tokens, q = v_logits.topk(self.m, dim=-1).indices, None  # (B, A, vsd, m)
+        else:  # i.i.d. draws, as HeadsSource._candidates draws them
+            q = target_probs(v_logits, self.sampling)
+            tokens = sample(q.unsqueeze(-2).expand(*q.shape[:-1], self.m, q.shape[-1]), self._generator)
+        slot = self._slot_of[positions]  # (B, A, vsd)
         b, v = self._brow, self._vcol
         self.ring_tok[b, slot, v] = tokens
-        self.ring_pos[b, slot, v] = torch.where(ok, target, -1)
-        self.ring_lp[b, slot, v] = lp
+        if self.scores:
+            self.ring_lp[b, slot, v] = torch.log_softmax(v_logits.float(), -1).gather(-1, tokens)  # (B, A, vsd, m)
         if q is not None:
-            self.ring_q[b, slot, v] = q[..., 0, :]
+            self.ring_q[b, slot, v] = q
 
-    def vertical_drafts(self, code_pos: torch.Tensor, slot: torch.Tensor | None = None,
-                        bidx: torch.Tensor | None = None) -> torch.Tensor:
+    def vertical_drafts(self, code_pos: torch.Tensor) -> torch.Tensor:
         """(B, J, vsd * m) the cache's drafts for body positions ``code_pos`` (B, J), -1 where it holds none: what
         the pool merges, and what :mod:`hawkspec.analysis.acceptance` reads to tell which accepted tokens a
         vertical head drafted."""
-        if slot is None:
-            slot = code_pos.clamp(min=0) % self.R
-            bidx = torch.arange(code_pos.shape[0], device=code_pos.device)[:, None]
-        hit = (self.ring_pos[bidx, slot] == code_pos.unsqueeze(-1)) & (code_pos.unsqueeze(-1) >= 0)  # (B, J, vsd)
-        return torch.where(hit.unsqueeze(-1), self.ring_tok[bidx, slot], -1).flatten(2)
+        return self.ring_tok[self._bidx, code_pos].flatten(2)  # code_pos -1: the last slot, never written
 
     def propose(self, src_hidden, root_pos, code_pos, pool_size, generator) -> Pools:
         self._generator = generator  # the next observe draws sampled vertical drafts with it
-        B, J = code_pos.shape
-        slot = code_pos.clamp(min=0) % self.R  # (B, J)
-        bidx = torch.arange(B, device=code_pos.device)[:, None]
-        tokens = self.vertical_drafts(code_pos, slot, bidx)  # (B, J, vsd*m)
-        logp = self.ring_lp[bidx, slot].flatten(2)
+        tokens = self.vertical_drafts(code_pos)  # (B, J, vsd*m)
+        logp = self.ring_lp[self._bidx, code_pos].flatten(2) if self.scores else None
         q = None
         if self.draft == "sample":
+            B, J = code_pos.shape
             K = self.ring_q.shape[-1]
-            q = self.ring_q[bidx, slot].unsqueeze(-2).expand(B, J, self.vsd, self.m, K).flatten(2, 3)
+            q = self.ring_q[self._bidx, code_pos].unsqueeze(-2).expand(B, J, self.vsd, self.m, K).flatten(2, 3)
         return Pools(tokens, q, logp)
 
     def describe(self) -> dict:

@@ -42,11 +42,12 @@ are theirs, named ``<source>.<name>``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hawkspec.decoding.proposers.base import Pools, Proposer, _earlier
+from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.proposers.sources import HorizontalSource, VerticalSource
 from hawkspec.decoding.sampling import one_hot
 
@@ -122,6 +123,7 @@ class SpatialProposer(Proposer):
         self._concat = self.priority + [n for g in self.groups for n in g if n not in self.priority]
         # no interleaving and the concatenation already in verification order: the members need no sort
         self._presorted = all(len(g) == 1 for g in self.groups) and self._concat == [g[0] for g in self.groups]
+        self._cols: _Columns | None = None  # the merge's constants (_columns)
 
     # ----------------------------------------------------------------------------------------- plumbing
     @property
@@ -135,6 +137,17 @@ class SpatialProposer(Proposer):
     @property
     def lane_width(self) -> int:
         return sum(s.lane_width for s in self.sources.values())
+
+    @property
+    def scores(self) -> bool:
+        """Whether its pools carry ``Pools.logp``: every source's ``scores`` (see
+        :class:`~hawkspec.decoding.proposers.sources.HeadsSource`); setting it sets theirs."""
+        return all(getattr(s, "scores", True) for s in self.sources.values())
+
+    @scores.setter
+    def scores(self, value: bool) -> None:
+        for s in self.sources.values():
+            s.scores = bool(value)
 
     def lane(self, root_pos, codes):
         lanes = [s for s in self.sources.values() if s.lane_width]
@@ -201,56 +214,58 @@ class SpatialProposer(Proposer):
             return next(iter(cands.values()))
         return self.merge(cands, pool_size)
 
-    def _columns(self, widths: tuple, points: tuple, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per column of the concatenated candidates (C,): point mass?, competing?, and its place in the
-        verification order (group, then rank and source within an interleaved group). Cached per shape."""
-        memo = (widths, points, dev)
-        cache = {} if torch.compiler.is_compiling() else self.__dict__.setdefault("_column_cache", {})
-        if memo not in cache:  # (a compiled step builds them in its graph: constants folded there)
-            names = self._concat
-            where = {n: (g, i, len(grp)) for g, grp in enumerate(self.groups) for i, n in enumerate(grp)}
-            point = torch.cat([torch.full((w,), pt, device=dev) for pt, w in zip(points, widths)])
-            compete = torch.cat([torch.full((w,), n in self.priority, device=dev) for n, w in zip(names, widths)])
-            occ = torch.cat([where[n][0] * _BIG + torch.arange(w, device=dev) * where[n][2] + where[n][1]
-                             for n, w in zip(names, widths)])
-            cache[memo] = (point, compete, occ)
-        return cache[memo]
+    def _columns(self, parts: list[Pools], size: int) -> "_Columns":
+        """The merge's constants for these sources' offers (:class:`_Columns`), made when their shape is new: once
+        per decoder and batch size, at the first step (eager in every execution mode: a static runner runs the
+        first step of each kind eagerly), so the steps after it -- eager, compiled or replayed -- only read them."""
+        tok = parts[0].tokens
+        memo = (tuple(p.tokens.shape[-1] for p in parts), tuple(p.q is None for p in parts), size, tok.shape[:-1],
+                tok.device)
+        cols = self._cols
+        if cols is None or cols.memo != memo:
+            cols = self._cols = _Columns.make(memo, self._concat, self.groups, self.priority)
+        return cols
 
     def merge(self, cands: dict[str, Pools], size: int) -> Pools:
-        """The spatial pool (B, J, size) of the sources' candidates (see the module docstring)."""
-        names = self._concat
-        parts = [cands[n] for n in names]
-        widths = [p.tokens.shape[-1] for p in parts]
-        tok = torch.cat([p.tokens for p in parts], dim=-1)  # (B, J, C): the competing sources first
-        dev, C = tok.device, tok.shape[-1]
-        point, compete, occ = self._columns(tuple(widths), tuple(p.q is None for p in parts), dev)
+        """The spatial pool (B, J, size) of the sources' candidates (see the module docstring).
+
+        The candidates are concatenated after ``size`` columns of none (-1): a none equals the first, so one test
+        drops both the nones and the repeated point masses, and the dropped columns come after the members in
+        column order, the nones first, so the pool's slots left without a member take a none."""
+        parts = [cands[n] for n in self._concat]
+        cols = self._columns(parts, size)
+        tok = torch.cat([cols.none, *(p.tokens for p in parts)], dim=-1)  # (B, J, size + C): competing sources first
         # a point mass equal to an earlier point mass adds nothing; sampled drafts are i.i.d. and all stay
-        same = (tok.unsqueeze(-1) == tok.unsqueeze(-2)) & (point[:, None] & point[None, :])  # (B, J, C, C)
-        keep = ~(same & _earlier(C, dev)).any(-1) & (tok >= 0)
-        # members: the first `size` competing survivors, and every survivor of a source outside `priority`
-        keep &= ~compete | ((keep & compete).cumsum(-1) <= size)
-        if self._presorted:  # every survivor's key grows with its column: the members in column order
-            col = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :size]
+        eq = tok.unsqueeze(-1) == tok.unsqueeze(-2)  # (B, J, size + C, size + C)
+        drop = (eq & cols.pair).any(-1)
+        if self._presorted:
+            # every survivor's key grows with its column: the members in column order. Competing sources come
+            # first, so the first `size` survivors are the first `size` competing ones whenever there are that
+            # many, and the members' cut (below) changes nothing the pool keeps
+            col = torch.argsort(drop, dim=-1, stable=True)[..., :size]
         else:
-            key = torch.minimum(occ, torch.where(same, occ, _NONE).amin(-1))  # a point mass ranks at its best offer
+            # members: the first `size` competing survivors, and every survivor of a source outside `priority`
+            keep = ~drop
+            if cols.all_compete:
+                keep &= keep.cumsum(-1) <= size
+            else:
+                keep &= ~cols.compete | ((keep & cols.compete).cumsum(-1) <= size)
+            same = eq if cols.all_point else eq & cols.point_pair
+            # a point mass ranks at its best offer
+            key = torch.minimum(cols.occ, torch.where(same, cols.occ, _NONE).amin(-1))
             key = torch.where(keep, key, _NONE)
-            col = torch.argsort(key, dim=-1, stable=True)[..., :size]  # (B, J, <= size) columns, verification order
-        tokens = torch.where(keep, tok, -1).gather(-1, col)
+            col = torch.argsort(key, dim=-1, stable=True)[..., :size]  # (B, J, size) columns, verification order
+        tokens = tok.gather(-1, col)
         q = logp = None
         if any(p.q is not None for p in parts):
             ref = next(p.q for p in parts if p.q is not None)
             K = ref.shape[-1]
-            q = torch.cat([p.q if p.q is not None else one_hot(p.tokens.clamp(min=0), K, ref.dtype)
-                           for p in parts], dim=2).gather(2, col.unsqueeze(-1).expand(-1, -1, -1, K))
+            qs = [p.q if p.q is not None else one_hot(p.tokens.clamp(min=0), K, ref.dtype) for p in parts]
+            none = qs[0][..., :1, :].expand(-1, -1, size, -1)  # (a none's q is never read)
+            q = torch.cat([none, *qs], dim=2).gather(2, col.unsqueeze(-1).expand(-1, -1, -1, K))
         if all(p.logp is not None for p in parts):
-            logp = torch.cat([p.logp.float() for p in parts], dim=-1).gather(-1, col)
-        if C < size:  # fewer offers than slots: the rest stay empty
-            pad = size - C
-            tokens = torch.cat([tokens, tokens.new_full((*tokens.shape[:-1], pad), -1)], dim=-1)
-            if q is not None:
-                q = torch.cat([q, q[..., :1, :].expand(-1, -1, pad, -1)], dim=2)
-            if logp is not None:
-                logp = torch.cat([logp, logp.new_zeros((*logp.shape[:-1], pad))], dim=-1)
+            scores = [p.logp if p.logp.dtype == torch.float32 else p.logp.float() for p in parts]
+            logp = torch.cat([cols.none_lp, *scores], dim=-1).gather(-1, col)
         return Pools(tokens, q, logp)
 
     def describe(self) -> dict:
@@ -260,3 +275,50 @@ class SpatialProposer(Proposer):
         if len(drafts) == 1:  # the decision semantics tables read it
             out["draft"] = drafts.pop()
         return out
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The merge's constants for one shape of the sources' offers (``memo``: their widths, which of them are point
+    masses, the pool size P, the (B, J) batch and the device), over its P + C columns: P columns of none, then the
+    sources' in concatenation order.
+
+    Attributes:
+        none, none_lp: (B, J, P) the none columns' tokens (-1) and scores (0).
+        pair: (P + C, P + C) [i, j]: an equal token at column j drops column i -- j is column 0 (a none), or an
+            earlier column and both are point masses.
+        point_pair: (P + C, P + C) both columns are point masses.
+        compete: (P + C,) the column's source is in ``priority``.
+        occ: (P + C,) the column's place in the verification order (group, then rank and source within an
+            interleaved group); the nones last.
+        all_point, all_compete: Every source's offers are point masses / compete.
+    """
+
+    memo: tuple
+    none: torch.Tensor
+    none_lp: torch.Tensor
+    pair: torch.Tensor
+    point_pair: torch.Tensor
+    compete: torch.Tensor
+    occ: torch.Tensor
+    all_point: bool
+    all_compete: bool
+
+    @classmethod
+    def make(cls, memo: tuple, names: list[str], groups: list[tuple[str, ...]], priority: list[str]) -> "_Columns":
+        widths, points, P, (B, J), dev = memo
+        where = {n: (g, i, len(grp)) for g, grp in enumerate(groups) for i, n in enumerate(grp)}
+        point = torch.cat([torch.ones(P, dtype=torch.bool, device=dev)]
+                          + [torch.full((w,), pt, device=dev) for pt, w in zip(points, widths)])
+        compete = torch.cat([torch.zeros(P, dtype=torch.bool, device=dev)]
+                            + [torch.full((w,), n in priority, device=dev) for n, w in zip(names, widths)])
+        occ = torch.cat([torch.full((P,), _NONE, device=dev)]
+                        + [where[n][0] * _BIG + torch.arange(w, device=dev) * where[n][2] + where[n][1]
+                           for n, w in zip(names, widths)])
+        n_cols = P + int(sum(widths))
+        point_pair = point[:, None] & point[None, :]
+        pair = torch.ones(n_cols, n_cols, dtype=torch.bool, device=dev).tril(-1) & point_pair  # [i, j]: j < i
+        pair[:, 0] = True  # a none is dropped (column 0 drops itself too)
+        return cls(memo=memo, none=torch.full((B, J, P), -1, dtype=torch.long, device=dev),
+                   none_lp=torch.zeros((B, J, P), device=dev), pair=pair, point_pair=point_pair, compete=compete,
+                   occ=occ, all_point=all(points), all_compete=all(n in priority for n in names))
