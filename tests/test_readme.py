@@ -95,7 +95,8 @@ def test_every_module_the_readme_runs_exists(path):
 
 ONE_STEP = {  # what "One step, file by file" walks through: (file under src/hawkspec/decoding, names)
     "engine.py": ["SpeculativeDecoder.step", "SpeculativeDecoder.locate", "SpeculativeDecoder.propose",
-                  "SpeculativeDecoder.build_tree", "SpeculativeDecoder.forward_tree", "SpeculativeDecoder.write_tokens",
+                  "SpeculativeDecoder.build_tree", "SpeculativeDecoder.forward_tree", "SpeculativeDecoder.outcome",
+                  "SpeculativeDecoder.write_tokens",
                   "SpeculativeDecoder.notify_proposer", "SpeculativeDecoder.advance_cache"],
     "state.py": ["Batch", "DecodeState", "Step", "Tree", "Forward", "Verdict", "Outcome"],
     "walks.py": ["choose_walk", "TriesWalk", "PointMassWalk"],

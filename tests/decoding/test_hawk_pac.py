@@ -79,7 +79,7 @@ def test_hawk_pac_is_lossless_in_a_mixed_batch(setup):
 
 @pytest.mark.slow  # compiling the step takes a minute or more on 2 shared cores
 def test_hawk_pac_is_lossless_compiled(setup):
-    """``eval.compile=step``: static draws and shapes (the vertical cache a ring buffer, one block of Gumbel noise
+    """``eval.compile=step``: static draws and shapes (the vertical cache one slot per target position, one block of Gumbel noise
     per step), the step compiles as one graph, and the exact rule stays lossless."""
     bb, heads, [(grids, probs), _] = setup
     dec = hawk_pac(bb, heads, mode=ExecutionMode("step"))
@@ -122,10 +122,11 @@ def test_with_sjd_pacs_fresh_drafts_and_siblings_it_is_sjd_pac():
 def _pools_after(dec, prompts, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        run = dec.start(prompts, torch.Generator().manual_seed(0))
+        batch, state = dec.start(prompts, torch.Generator().manual_seed(0))
         for _ in range(steps):
-            dec.step(run, gen)
-        return run, dec.propose(run, gen)
+            dec.step(batch, state, gen)
+        at = dec.locate(batch, state)
+        return (state, at), dec.propose(state, at, gen)
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2])
@@ -174,12 +175,12 @@ def test_fresh_positions_take_the_heads_q_and_record_it():
     heads = random_heads(bb, scale=0.3, seed=1, num_horizontal=2, vertical=True, vsd=1)
     s = SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
     dec = hawk_pac(bb, heads, 10, 3, 2, s=s)
-    run, pools = _pools_after(dec, ["a red circle"], 0, seed=1)
+    (state, at), pools = _pools_after(dec, ["a red circle"], 0, seed=1)
     prop = dec.proposer
-    pos = run.root_pos[0] + dec.code_offset[run.topo][0]
-    want = target_probs(heads.horizontal(run.src_hidden), s)[0]  # (2, V)
+    pos = at.root_pos[0] + dec.code_offset[at.topo][0]
+    want = target_probs(heads.horizontal(state.hidden), s)[0]  # (2, V)
     for j in range(2):  # heads 1, 2
-        k = int(pos[j] - run.root_pos[0])
+        k = int(pos[j] - at.root_pos[0])
         assert torch.allclose(prop.q[0, pos[j]], want[k - 1], atol=1e-6)
         assert torch.allclose(pools.q[0, j, 0], want[k - 1], atol=1e-6)
         assert ((want[k - 1] > 0)[pools.tokens[0, j]]).all()  # within the heads' top-k

@@ -136,11 +136,12 @@ def test_siblings_are_distinct_and_continue_from_the_forward():
     dec = pac(bb, 10, 3, 2, s=SamplingConfig(temperature=1.0, top_k=0, cfg_scale=2.0))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        run = dec.start(["a red circle"], torch.Generator().manual_seed(0))
-        dec.step(run, gen)
-        pools = dec.propose(run, gen)
+        batch, state = dec.start(["a red circle"], torch.Generator().manual_seed(0))
+        dec.step(batch, state, gen)
+        at = dec.locate(batch, state)
+        pools = dec.propose(state, at, gen)
     prop = dec.proposer
-    pos = run.root_pos[0] + dec.code_offset[run.topo][0]  # (J,) body position of each code depth
+    pos = at.root_pos[0] + dec.code_offset[at.topo][0]  # (J,) body position of each code depth
     tok = pools.tokens[0]  # (J, P)
     live = tok[:, 0] >= 0
     assert live.sum() >= 2

@@ -25,7 +25,8 @@ from hawkspec.decoding.proposers import PACProposer
 from hawkspec.decoding.proposers.base import Pools
 from hawkspec.decoding.proposers.pac import pac_paths, residual_continuation
 from hawkspec.decoding.sampling import SamplingConfig, sample
-from hawkspec.decoding.walks import walk_longest_row
+from hawkspec.decoding.state import Tree
+from hawkspec.decoding.walks import TriesWalk, walk_longest_row
 from hawkspec.metrics.lossless import chi_square, image_distribution
 from hawkspec.testing import build_random_backbone, compose, peaky, the_decoder
 
@@ -85,7 +86,7 @@ def test_path_choice_longest_row_is_biased_and_first_accepted_sibling_is_exact()
     """Departure (1), through the engine's walks on the depth-2 tree of test_sjd_pac.py (K 2: nodes (0) (1) (0,0)
     (0,1) (1,0) (1,1)): the first committed code of :func:`walk_longest_row` follows the released enumeration
     (``first_token(released=True)``, off the target by TV 0.018) and fails against the target; the exact walk
-    (:meth:`SpeculativeDecoder._walk_tries`, first accepted sibling) on the same drafts and uniforms passes."""
+    (:class:`~hawkspec.decoding.walks.TriesWalk`, first accepted sibling) on the same drafts and uniforms passes."""
     bb = build_random_backbone(rows=4, cols=8, num_codes=4, seed=0)
     dec = SpeculativeDecoder(bb, PACProposer(7, 2, 3), ExactAcceptance(), SAMPLING, pac_paths(7, 2, 3))
     tab, N, V = dec.table, N_DRAWS, 4
@@ -111,10 +112,13 @@ def test_path_choice_longest_row_is_biased_and_first_accepted_sibling_is_exact()
         if name == "released":
             cur, path, n_path, r = walk_longest_row(PACReleasedAcceptance(), p, cand, q, forced, ok, tab.children[topo],
                                                     tab.mask[topo], tab.depth[topo], active, dec.path_width, None, g)
-        else:
-            cur, path, n_path, r = dec._walk_tries(p, cand, pools, tab.code_depth[topo], tab.rank[topo], forced, ok,
-                                                   tab.children[topo], active, g)
-        bonus = sample(r, g)
+            bonus = sample(r, g)
+        else:  # the exact rule's walk as the engine calls it: one signature, the bonus drawn from the last residual
+            tree = Tree(pools=pools, depth=tab.depth[topo], code_depth=tab.code_depth[topo], rank=tab.rank[topo],
+                        forced=forced, anc=tab.mask[topo], parent=tab.parent[topo], children=tab.children[topo],
+                        slot=slot, cand=cand, node_ok=ok, node_tok=cand, mask=tab.mask[topo])
+            v = TriesWalk(ExactAcceptance(), tab, dec.path_width, static=False)(tree, p, active, g)
+            path, n_path, bonus = v.path, v.n_path, v.bonus
         firsts[name] = torch.where(n_path > 1, cand.gather(1, path[:, 1:2]).squeeze(1), bonus)
     counts = {k: torch.bincount(v, minlength=V) for k, v in firsts.items()}
     released = first_token(P1, P2, Q1, Q2, 2, released=True)

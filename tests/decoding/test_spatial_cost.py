@@ -226,15 +226,17 @@ def test_a_steady_step_builds_no_constants_and_keeps_its_op_budget(bb):
 
 @pytest.mark.parametrize("draft", ["topk", "sample"])
 def test_pools_without_scores_decide_alike(bb, draft):
-    """``scores = False`` (a driver without a dynamic tree) skips the drafts' log-probabilities, nothing else."""
+    """``scores = False`` (what the engine sets without a dynamic tree) skips the drafts' log-probabilities,
+    nothing else."""
     heads = random_heads(bb, num_horizontal=3, vsd=2)
     s = SamplingConfig(temperature=1.0, top_k=16, cfg_scale=2.0).validate(bb.num_codes)
     outs = []
     for scores in (True, False):
         prop = hawk(heads, draft)
+        dec = SpeculativeDecoder(bb, prop, ExactAcceptance(), s, paths_from_budget(8, 4, 3))
+        assert prop.scores is False  # a static tree reads no scores
         prop.scores = scores
         assert prop.scores is scores
-        dec = SpeculativeDecoder(bb, prop, ExactAcceptance(), s, paths_from_budget(8, 4, 3))
         outs.append(dec.generate(PROMPTS, torch.Generator().manual_seed(2)))
         pools = prop.propose(torch.randn(2, bb.hidden_size), torch.tensor([3, 4]), torch.tensor([[4, 5], [5, -1]]), 3,
                              torch.Generator().manual_seed(0))

@@ -41,7 +41,7 @@ from hawkspec.decoding.acceptance.base import AcceptanceRule
 from hawkspec.decoding.output import GenerationOutput
 from hawkspec.decoding.proposers.base import Pools, Proposer
 from hawkspec.decoding.sampling import SamplingConfig, combine_cfg, entropy, target_probs
-from hawkspec.decoding.state import Batch, DecodeState, Forward, Outcome, Step, StepStats, Tree
+from hawkspec.decoding.state import Batch, DecodeState, Forward, Outcome, Step, StepStats, Tree, Verdict
 from hawkspec.decoding.static import EAGER, ExecutionMode, StepRunner
 from hawkspec.decoding.tree import TopologyTable, select_subtree
 from hawkspec.decoding.walks import choose_walk
@@ -105,6 +105,7 @@ class SpeculativeDecoder:
                                        torch.zeros(1, dtype=torch.bool, device=device)])
         if self.lane:  # the lane's causal block (each step masks it by the nodes that exist)
             self._lane_tril = torch.ones(self.lane, self.lane, dtype=torch.bool, device=device).tril()
+        proposer.scores = dynamic_nodes is not None  # only a dynamic tree reads the drafts' scores
         proposer.bind(backbone, sampling)
         acceptance.bind(backbone)
         # body offset of each code depth j in each topology (-1 if absent): (n_topos, J)
@@ -169,7 +170,7 @@ class SpeculativeDecoder:
         pools = self.propose(state, at, rng)
         tree = self.build_tree(batch, state, at, pools)
         fwd = self.forward_tree(batch, state, tree)
-        out = Outcome(at, tree, fwd, self.walk(tree, fwd.p, at.active, rng))
+        out = self.outcome(at, tree, fwd, self.walk(tree, fwd.p, at.active, rng))
         committed = self.write_tokens(batch, state, out)
         self.notify_proposer(batch, state, out, rng)
         self.advance_cache(batch, state, out)
@@ -291,14 +292,18 @@ class SpeculativeDecoder:
             state.ent_n += state.active.sum()
         return Forward(h=h, p=self.acceptance.target(p), lane_p=lane_p)
 
+    def outcome(self, at: Step, tree: Tree, fwd: Forward, verdict: Verdict) -> Outcome:
+        """What the step decided, with the accepted path's body positions, made once for the commit stages."""
+        path_pos = at.root_pos[:, None] + tree.depth.gather(1, verdict.path)  # (B, A)
+        on_path = self._arA < verdict.n_path[:, None]
+        return Outcome(at, tree, fwd, verdict, path_pos, on_path, torch.where(at.active, verdict.n_path, 0))
+
     def write_tokens(self, batch: Batch, state: DecodeState, out: Outcome) -> torch.Tensor:
         """Stage 6a: write the accepted path (the root was committed last step) and the bonus token, count, and
         advance the lengths and the active rows. Returns (B,) the body tokens committed per row."""
         t, v, active, L = out.tree, out.verdict, out.at.active, batch.L
-        root_pos = out.at.root_pos
-        path_ok = self._arA < v.n_path[:, None]  # (B, A)
-        pos = root_pos[:, None] + t.depth.gather(1, v.path)  # (B, A) body positions
-        commit = path_ok & active[:, None]
+        root_pos, pos = out.at.root_pos, out.path_pos
+        commit = out.on_path & active[:, None]
         commit[:, 0] = False
         path_forced = t.forced.gather(1, v.path)
         last_pos = root_pos + t.depth.gather(1, v.cur[:, None]).squeeze(1)
@@ -334,19 +339,14 @@ class SpeculativeDecoder:
             self.proposer.observe_tree(p, node_pos, state.codes[:, : batch.L], rng,
                                        chain=self.is_chain and not self.lane)
         if self.proposer.wants_accepted_hidden:
-            h_cond = out.fwd.h[: batch.B]
-            acc_hidden = h_cond.gather(1, v.path.unsqueeze(-1).expand(-1, -1, h_cond.shape[-1]))  # (B, A, d)
-            pos = root_pos[:, None] + t.depth.gather(1, v.path)
-            path_ok = self._arA < v.n_path[:, None]
-            self.proposer.observe(acc_hidden, torch.where(path_ok & active[:, None], pos, -1),
-                                  torch.where(active, v.n_path, 0))
+            acc_hidden = out.fwd.h[batch.ar[:, None], v.path]  # (B, A, d) the conditional stream's
+            self.proposer.observe(acc_hidden, torch.where(out.on_path & active[:, None], out.path_pos, -1), out.count)
 
     def advance_cache(self, batch: Batch, state: DecodeState, out: Outcome) -> None:
         """Stage 6c: compact the KV cache to root + accepted path (a chain's path is already in place) and carry
         the hidden state at the last accepted node to the next step's drafts."""
         v, active, S = out.verdict, out.at.active, batch.S
-        count = torch.where(active, v.n_path, 0)
-        self.backbone.compact(state.kv, v.path.repeat(S, 1), count.repeat(S), prefix=self.is_chain)
+        self.backbone.compact(state.kv, v.path.repeat(S, 1), out.count.repeat(S), prefix=self.is_chain)
         h_cond = out.fwd.h[: batch.B]
         state.hidden = torch.where(active[:, None], h_cond[batch.ar, v.cur], state.hidden)
 

@@ -159,9 +159,12 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Outcome:
-    """Everything a step decided: what the commit stages read."""
+    """Everything a step decided: what the commit stages read (the path's positions made once for all three)."""
 
     at: Step
     tree: Tree
     fwd: Forward
     verdict: Verdict
+    path_pos: torch.Tensor  # (B, A) body position of each node on the accepted path
+    on_path: torch.Tensor  # (B, A) the first n_path entries of the path
+    count: torch.Tensor  # (B,) nodes kept per row: n_path for active rows, 0 for the others

@@ -112,6 +112,9 @@ class Proposer(abc.ABC):
     #: Rows in flight (spatial Jacobi): nodes of the row below that every verification forward also runs, after the
     #: tree (:meth:`lane`); their outputs reach :meth:`observe_tree` after the tree's. 0: none.
     lane_width: int = 0
+    scores: bool = True
+    """Whether its pools carry ``Pools.logp`` (the drafts' scores, which only a dynamic tree reads): the engine
+    sets it False when its tree is static, and proposers that can skip computing them do."""
 
     def where(self, sub: str = "") -> str:
         """The config key ``<key>.<sub>`` (``<key>`` when ``sub`` is empty)."""
