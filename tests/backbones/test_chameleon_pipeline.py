@@ -94,7 +94,8 @@ def test_cache_train_eval_with_hawk(lumina_dir, tmp_path):
             "cache.num_samples=8", "cache.val_samples=4", "cache.shard_size=4", "cache.batch_size=4", "cache.topk=4",
             f"cache.out_dir={shards}", f"hydra.run.dir={tmp_path / 'cache_run'}")
     train = ShardManifest.read(shards / "train")
-    assert train.num_samples == 8 and train.source == "images" and train.backbone == "lumina-mgpt-7b-768"
+    assert train.num_samples == 8 and train.source == "images"
+    assert train.backbone == "lumina-mgpt-7b-16"  # the name carries the resolution (backbone.resolution=16)
     assert train.grid == {"rows": 4, "cols": 4, "eol": True} and train.tokens_per_row == 5
     plan = json.loads((shards / "train" / "plan.json").read_text())
     assert plan["images"]["path"] == str(d["pairs"])

@@ -228,7 +228,9 @@ def test_prompt_longer_than_the_context_is_an_error(bb, monkeypatch):
 def _decoder(bb, preset: str, tree: str | None, heads_dir):
     overrides = [f"decoder={preset}", f"decoder/acceptance@eval.decoders.{preset}.acceptance=greedy",
                  f"paths.heads_dir={heads_dir}"]
-    if tree:
+    if tree == "chain":  # a decoder's own tree (conf/decoder/tree/)
+        overrides.append(f"decoder/tree@eval.decoders.{preset}.tree=chain")
+    elif tree:  # the run's tree, every decoder alike (conf/tree/)
         overrides.append(f"tree={tree}")
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=overrides)

@@ -251,7 +251,8 @@ class PointMassWalk(Walk):
     accepted node ends the path and its draw is the bonus token. No loop over levels.
 
     Whether a proposer's drafts are point masses is what its pools say (``Pools.q is None``): a proposer with
-    sampled drafts (Jacobi's, ``draft: sample``) is walked by ``sampled``, the walk it would have otherwise."""
+    sampled drafts (Jacobi's, ``draft: sample``) is walked by ``sampled``, the walk it would have otherwise; so is a
+    rule whose :meth:`~hawkspec.decoding.acceptance.base.AcceptanceRule.draw` declines (returns None)."""
 
     def __init__(self, rule, table, path_width: int, static: bool, sampled: Walk):
         super().__init__(rule, table, path_width, static)
@@ -263,6 +264,8 @@ class PointMassWalk(Walk):
         if t.pools.q is not None:
             return self.sampled(tree, p, active, rng)
         y = self.rule.draw(p, rng)
+        if y is None:  # a rule that declines the shortcut (AcceptanceRule.draw): its children are tried in turn
+            return self.sampled(tree, p, active, rng)
         T = y.shape[1]
         match = t.node_ok & (t.forced | (t.cand == y.gather(1, t.parent.clamp(min=0))))
         match[:, 0] = True
