@@ -359,16 +359,11 @@ def build_decoders(cfg: DictConfig, backbone: Backbone, names: list[str]) -> tup
     return decoders, skipped
 
 
-def compile_mode(e: DictConfig) -> str:
-    """``eval.compile``: none | forward | step."""
-    return e.get("compile") or "none"
-
-
 def evaluation_of(cfg: DictConfig, backbone: Backbone, decoders: dict, prompts: list[str]) -> Evaluation:
     """The run's :class:`~hawkspec.evaluation.Evaluation` (``eval.batch_size``, ``eval.repeats``, the warm-up)."""
     e = cfg.eval
     return Evaluation(backbone, decoders, prompts, seed=cfg.seed, batch_size=e.batch_size, device=cfg.device,
-                      repeats=e.repeats, warmup_batches=warmup_batches(e, compile_mode(e)))
+                      repeats=e.repeats, warmup_batches=warmup_batches(e))
 
 
 def evaluate_here(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_set: list[Prompt],
@@ -394,7 +389,7 @@ def evaluate_here(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_se
     results["prompts"] = prompt_description(cfg, prompt_set)
     results["speed_note"] = ("Speed measured within this one process on one device; decoders take turns per batch, "
                              f"seconds = median of {e.repeats} timed passes; backbone forwards "
-                             + speed_mode(compile_mode(e), bool(e.get("cuda_graphs", False))))
+                             + speed_mode(ExecutionMode.from_config(e)))
     results["timing"] = timing.describe()
     if quality is not None:
         floor = configured_floor_seed(cfg)
@@ -408,11 +403,11 @@ def evaluate_here(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_se
 def run_description(cfg: DictConfig, backbone: Backbone, rows: list[dict], num_prompts: int) -> dict:
     """results.json's head of a one-process run: backbone, prompts, device, batching, execution mode, target, seed,
     the rows, the decision semantics and the thread settings."""
-    e = cfg.eval
+    e, mode = cfg.eval, ExecutionMode.from_config(cfg.eval)
     return {"backbone": backbone.name, "revision": backbone.revision, "num_prompts": num_prompts,
             "device": str(cfg.device) if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-            "batch_size": e.batch_size, "repeats": e.repeats, "compile": compile_mode(e),
-            "cuda_graphs": bool(e.get("cuda_graphs", False)),
+            "batch_size": e.batch_size, "repeats": e.repeats, "compile": mode.compile,
+            "cuda_graphs": mode.cuda_graphs,
             "sampling": OmegaConf.to_container(cfg.sampling), "seed": cfg.seed, "rows": rows,
             "decision_semantics": dict(DECISION_SEMANTICS), "threads": thread_settings()}
 
@@ -460,21 +455,19 @@ def scored_after_speed(cfg: DictConfig, out_dir: Path, results: dict, score) -> 
     return quality
 
 
-def warmup_batches(e: DictConfig, compile_mode: str) -> int:
+def warmup_batches(e: DictConfig) -> int:
     """Untimed batches per decoder: ``eval.warmup_batches``, at least 2 when whole steps are compiled or recorded
     (a batch's first step is its own variant, compiled or recorded on the second batch), so no timed pass
     compiles."""
     n = int(e.warmup_batches)
-    if compile_mode == "step" or e.get("cuda_graphs", False):
-        n = max(n, 2)
-    return n
+    return max(n, 2) if ExecutionMode.from_config(e).static else n
 
 
-def speed_mode(compile_mode: str, cuda_graphs: bool) -> str:
+def speed_mode(mode: ExecutionMode) -> str:
     """How AR and the decoders ran, for results.json's speed note."""
     what = {"none": "eager", "forward": "backbone forwards compiled (torch.compile)",
-            "step": "whole decoding steps compiled (torch.compile, one graph per step)"}[compile_mode]
-    return what + (", replayed from CUDA graphs" if cuda_graphs else "") + ", for AR and every decoder alike."
+            "step": "whole decoding steps compiled (torch.compile, one graph per step)"}[mode.compile]
+    return what + (", replayed from CUDA graphs" if mode.cuda_graphs else "") + ", for AR and every decoder alike."
 
 
 def prompt_description(cfg: DictConfig, prompt_set: list[Prompt]) -> dict:
@@ -553,7 +546,7 @@ def decode_shard(cfg: DictConfig, backbone: Backbone, decoders: dict, prompt_set
     report = eval_shards.run_shard(
         store, prompt_set, decoders, backbone.decode_codes, seed=cfg.seed, batch_size=e.batch_size,
         index=int(e.shard.index), count=int(e.shard.count), device=str(cfg.device),
-        warmup_batches=warmup_batches(e, compile_mode(e)), max_batches=e.shard.get("max_batches"), extra=extra,
+        warmup_batches=warmup_batches(e), max_batches=e.shard.get("max_batches"), extra=extra,
         meta=meta)
     report["resources"] = resources(cfg.device)
     eval_shards.write_shard_report(store, report)

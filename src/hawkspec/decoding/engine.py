@@ -89,6 +89,7 @@ class SpeculativeDecoder:
         self.observers: list = []  # instrumentation (:meth:`observed`): told where each step proposes, change nothing
         self.forward_nodes = dynamic_nodes or T  # nodes per row in every tree forward
         self.lane = int(getattr(proposer, "lane_width", 0))  # rows in flight: lane nodes after the tree
+        self.pool_size = max(self.table.pool_sizes)  # candidates per code depth every proposal asks for
         self.path_width = min(self.forward_nodes, self.table.max_depth + 1)  # the longest accepted path, root included
         # a chain (every node's parent is the node before it): verified without a loop over levels
         self.is_chain = T > 1 and bool(
@@ -166,7 +167,7 @@ class SpeculativeDecoder:
         body tokens committed per row; ``state.active`` says which rows still decode."""
         at = self.locate(batch, state)
         for observer in self.observers:
-            observer.before_propose(state.hidden, at, max(self.table.pool_sizes))
+            observer.before_propose(state.hidden, at, self.pool_size)
         pools = self.propose(state, at, rng)
         tree = self.build_tree(batch, state, at, pools)
         fwd = self.forward_tree(batch, state, tree)
@@ -218,7 +219,7 @@ class SpeculativeDecoder:
     def propose(self, state: DecodeState, at: Step, rng) -> Pools:
         """Stage 2: the proposer's candidate pools for the next code depths of every row, (B, J, P), from the
         hidden state at each row's last forwarded token (``state.hidden``, (B, d))."""
-        return self.proposer.propose(state.hidden, at.root_pos, at.code_pos, max(self.table.pool_sizes), rng)
+        return self.proposer.propose(state.hidden, at.root_pos, at.code_pos, self.pool_size, rng)
 
     def build_tree(self, batch: Batch, state: DecodeState, at: Step, pools: Pools) -> Tree:
         """Stage 3: every row's tree -- node tokens from the pools (forced end-of-line tokens in place), the
